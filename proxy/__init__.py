@@ -1,0 +1,3 @@
+"""Outrigger: a resilience sidecar for outbound HTTP calls."""
+
+__version__ = "0.1.0"

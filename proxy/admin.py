@@ -1,0 +1,96 @@
+"""Admin server: probes, metrics, the active config and runtime status.
+
+Served on its own port (never a proxy port), by default on 127.0.0.1 only.
+``/healthz`` answers while the event loop runs; ``/readyz`` is 200 only once
+every listener is bound and turns 503 the moment draining starts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from proxy.config import to_builtins
+
+if TYPE_CHECKING:
+    from proxy.lifecycle import Sidecar
+
+__all__ = ["build_admin_app", "redact"]
+
+SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+REDACTED = "[redacted]"
+
+
+def redact(config: dict[str, Any]) -> dict[str, Any]:
+    """Hide TLS file paths and matched header values from /config."""
+    for upstream in config.get("upstreams", {}).values():
+        tls = upstream.get("tls") or {}
+        for key in ("ca_file", "cert_file", "key_file"):
+            if tls.get(key):
+                tls[key] = REDACTED
+    for listener in config.get("listeners", []):
+        for route in listener.get("routes", []):
+            headers = (route.get("match") or {}).get("headers")
+            if headers:
+                route["match"]["headers"] = {name: REDACTED for name in headers}
+    tracing = config.get("telemetry", {}).get("tracing", {})
+    if tracing.get("endpoint"):
+        tracing["endpoint"] = tracing["endpoint"].split("@")[-1]  # drop userinfo credentials
+    return config
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, indent=2, default=str), status=status,
+                        content_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    if sidecar.draining:
+        return _json({"status": "draining"}, 503)
+    if not sidecar.ready:
+        return _json({"status": "starting"}, 503)
+    return _json({"status": "ready", "version": sidecar.runtime.version})
+
+
+async def config_view(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    runtime = sidecar.runtime
+    return _json({"version": runtime.version, "source": sidecar.config_path,
+                  "config": redact(to_builtins(runtime.config))})
+
+
+async def status_view(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    data = sidecar.runtime.status()
+    data["ready"] = sidecar.ready and not sidecar.draining
+    data["draining"] = sidecar.draining
+    data["listeners"] = sidecar.listener_status()
+    return _json(data)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(sidecar.metrics.registry)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def build_admin_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application()
+    app[SIDECAR] = sidecar
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/config", config_view)
+    app.router.add_get("/status", status_view)
+    app.router.add_get("/metrics", metrics_view)
+    return app

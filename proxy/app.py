@@ -1,0 +1,192 @@
+"""The one place where config becomes pools, policies, chains and routers.
+
+``build_runtime`` turns a validated ``Config`` into a ``Runtime``: one
+connection pool, breaker and bulkhead per upstream, one policy chain per
+route, one router per listener.  Chains are built here, once, never per
+request.  On hot reload the previous runtime is passed in and stateful
+pieces (pools, breakers, budgets, limiters) are carried over wherever their
+config did not change.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.chain import Policy, build_chain
+from proxy.clock import Clock
+from proxy.config import Config, ListenerConfig, RouteConfig, config_hash
+from proxy.policies.backoff import backoff_from_config
+from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.policies.budget import RetryBudget
+from proxy.policies.bulkhead import Bulkhead
+from proxy.policies.circuit_breaker import CircuitBreakerPolicy
+from proxy.policies.deadline import Deadline
+from proxy.policies.fallback import Fallback
+from proxy.policies.rate_limit import RateLimit
+from proxy.policies.retry import Retry
+from proxy.policies.timeout import AttemptTimeout
+from proxy.routing import Route, Router
+from proxy.telemetry.attempts import AttemptTelemetry
+from proxy.telemetry.metrics import Metrics, UpstreamMetrics
+from proxy.telemetry.tracing import Tracing
+from proxy.upstream import UpstreamCall, UpstreamPool
+
+__all__ = ["Runtime", "build_runtime"]
+
+
+@dataclass(slots=True)
+class UpstreamRuntime:
+    pool: UpstreamPool
+    breaker: CircuitBreaker | None
+    bulkhead: Bulkhead
+    metrics: UpstreamMetrics
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: Config
+    version: str
+    upstreams: dict[str, UpstreamRuntime]
+    routers: dict[str, Router]  # by listener name
+    routes: list[Route] = field(default_factory=list)
+    new_pools: list[UpstreamPool] = field(default_factory=list)  # to start()
+    retired_pools: list[UpstreamPool] = field(default_factory=list)  # to close() after in-flight finish
+
+    def status(self) -> dict[str, Any]:
+        upstreams = {}
+        for name, up in self.upstreams.items():
+            upstreams[name] = {
+                "url": up.pool.config.url,
+                "active": up.bulkhead.active,
+                "pending": up.bulkhead.pending,
+                "circuit_breaker": up.breaker.snapshot() if up.breaker is not None else None,
+            }
+        routes = {}
+        for route in self.routes:
+            entry: dict[str, Any] = {"listener": route.listener, "upstream": route.upstream,
+                                     "inflight": route.metrics.inflight._value.get()}
+            if "rate_limit" in route.status:
+                entry["rate_limit"] = route.status["rate_limit"].snapshot()
+            if "retry" in route.status:
+                entry["retry_budget_remaining"] = round(route.status["retry"].budget.remaining(), 3)
+            if "circuit_breaker" in route.status and route.config.circuit_breaker.scope == "route":
+                entry["circuit_breaker"] = route.status["circuit_breaker"].snapshot()
+            routes[f"{route.listener}/{route.name}"] = entry
+        return {"version": self.version, "upstreams": upstreams, "routes": routes}
+
+
+def _breaker(config: Any, clock: Clock, rng: random.Random, metrics: UpstreamMetrics) -> CircuitBreaker:
+    def on_transition(old: BreakerState, new: BreakerState) -> None:
+        metrics.breaker_transition(old.value, new.value)
+    breaker = CircuitBreaker(config, clock, rng, on_transition)
+    metrics.breaker_state["closed"].set(1)
+    return breaker
+
+
+class _Carry:
+    """Stateful pieces of the previous runtime, reused when their config is unchanged."""
+
+    def __init__(self, previous: Runtime | None) -> None:
+        self.upstreams = previous.upstreams if previous else {}
+        self.routes = {(r.listener, r.name): r for r in previous.routes} if previous else {}
+
+    def route_part(self, key: tuple[str, str], part: str, config: RouteConfig, block: str) -> Any:
+        old = self.routes.get(key)
+        if old is not None and getattr(old.config, block) == getattr(config, block) \
+                and old.config.upstream == config.upstream:
+            return old.status.get(part)
+        return None
+
+
+def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, clock: Clock,
+                  rng: random.Random, previous: Runtime | None = None) -> Runtime:
+    carry = _Carry(previous)
+    runtime = Runtime(config=config, version=config_hash(config), upstreams={}, routers={})
+    for name, upstream in config.upstreams.items():
+        old = carry.upstreams.get(name)
+        assert upstream.concurrency is not None and upstream.circuit_breaker is not None  # resolved by the loader
+        if old is not None and old.pool.config == upstream:
+            runtime.upstreams[name] = old  # same pool, breaker and bulkhead: state carries over
+            continue
+        up_metrics = metrics.for_upstream(name)
+        pool = UpstreamPool(name, upstream)
+        runtime.new_pools.append(pool)
+        same_breaker = old is not None and old.pool.config.circuit_breaker == upstream.circuit_breaker
+        breaker = old.breaker if same_breaker and old is not None else (
+            _breaker(upstream.circuit_breaker, clock, rng, up_metrics) if upstream.circuit_breaker.enabled else None)
+        same_bulkhead = old is not None and old.pool.config.concurrency == upstream.concurrency
+        bulkhead = old.bulkhead if same_bulkhead and old is not None else Bulkhead(upstream.concurrency, name, up_metrics)
+        runtime.upstreams[name] = UpstreamRuntime(pool, breaker, bulkhead, up_metrics)
+    for old_name, old in carry.upstreams.items():
+        if runtime.upstreams.get(old_name) is not old:
+            runtime.retired_pools.append(old.pool)
+    for listener in config.listeners:
+        routes = [_build_route(listener, route, runtime, carry, metrics=metrics, tracing=tracing, clock=clock,
+                               rng=rng) for route in listener.routes]
+        runtime.routes.extend(routes)
+        runtime.routers[listener.name] = Router(routes)
+    return runtime
+
+
+def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime, carry: _Carry, *,
+                 metrics: Metrics, tracing: Tracing | None, clock: Clock, rng: random.Random) -> Route:
+    upstream = runtime.upstreams[config.upstream]
+    route_metrics = metrics.for_route(config.name, config.upstream)
+    key = (listener.name, config.name)
+    status: dict[str, Any] = {}
+    policies: list[Policy] = []
+
+    # Fallback: outermost, so it can stand in for an error raised anywhere below it.
+    if config.fallback is not None:
+        policies.append(Fallback(config.fallback))
+
+    # Rate limit: before anything else spends work, so rejected requests cost
+    # no deadline, budget, breaker probe or connection.
+    if config.rate_limit is not None:
+        limiter = carry.route_part(key, "rate_limit", config, "rate_limit") \
+            or RateLimit(config.rate_limit, clock, route_metrics)
+        policies.append(limiter)
+        status["rate_limit"] = limiter
+
+    # Deadline (total timeout): outside retry, so one clock bounds all tries and backoff.
+    policies.append(Deadline(config.timeout.total, clock, route_metrics))
+
+    # Retry: outside the breaker and bulkhead, so each attempt is gated and counted separately.
+    old_retry = carry.route_part(key, "retry", config, "retry")
+    budget = old_retry.budget if old_retry is not None else RetryBudget.from_config(config.retry.budget, clock)
+    retry = Retry(config.retry, budget=budget, backoff=backoff_from_config(config.retry.backoff, rng),
+                  clock=clock, metrics=route_metrics)
+    status["retry"] = retry
+    if config.retry.max_attempts > 1:
+        policies.append(retry)
+
+    # Circuit breaker: per attempt, so a retry is never sent to an open upstream;
+    # outside the bulkhead, so fast-fails take no concurrency slot.
+    breaker = upstream.breaker
+    cb = config.circuit_breaker
+    if cb.enabled and cb.scope == "route":
+        old = carry.route_part(key, "circuit_breaker", config, "circuit_breaker")
+        breaker = old if old is not None else _breaker(
+            cb, clock, rng, metrics.for_upstream(f"{config.upstream}/{config.name}"))
+    if breaker is not None and cb.enabled:
+        breaker_policy = CircuitBreakerPolicy(breaker, cb.failure_status_codes, clock,
+                                              f"upstream {config.upstream}")
+        policies.append(breaker_policy)
+        status["circuit_breaker"] = breaker_policy.breaker
+
+    # Bulkhead: per upstream and per attempt; holds the slot until the body is streamed.
+    policies.append(upstream.bulkhead)
+
+    # Attempt telemetry: sees exactly the attempts that go out, and how each ended.
+    policies.append(AttemptTelemetry(route=config.name, pool=upstream.pool, metrics=route_metrics,
+                                     clock=clock, tracing=tracing))
+
+    # Attempt timeout: innermost, so it times one try up to response headers.
+    policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics))
+
+    handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
+    return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,
+                 metrics=route_metrics, buffer_limit=config.retry.buffer_limit if config.retry.max_attempts > 1 else 0,
+                 status=status)

@@ -1,0 +1,155 @@
+"""The policy chain: request/response types, the Handler and Policy protocols.
+
+A route's chain is a nest of policies around the upstream handler, built once
+at startup by ``proxy.app``.  A policy is any object with
+``async __call__(request, call_next) -> ProxyResponse``; it may raise a
+``ProxyError`` and must let ``asyncio.CancelledError`` through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    import aiohttp
+    from opentelemetry.trace import Span
+
+__all__ = ["Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+class RequestBody:
+    """The request body as the upstream will receive it.
+
+    Bodies up to the retry ``buffer_limit`` are read whole (``data``) and can be
+    sent any number of times.  Larger ones are a buffered ``prefix`` plus the
+    rest of the client's stream; once a single attempt has started sending one,
+    it can never be replayed.
+    """
+
+    __slots__ = ("data", "prefix", "started", "stream")
+
+    def __init__(self, data: bytes | None = None, *, prefix: bytes = b"",
+                 stream: AsyncIterator[bytes] | None = None) -> None:
+        self.data = data
+        self.prefix = prefix
+        self.stream = stream
+        self.started = False
+
+    @property
+    def replayable(self) -> bool:
+        return self.stream is None or not self.started
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        if self.stream is None:
+            return self.data
+        self.started = True
+        return self._chunks(self.stream)
+
+    async def _chunks(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if self.prefix:
+            yield self.prefix
+        async for chunk in stream:
+            yield chunk
+
+
+class ProxyRequest:
+    """One request from the app, as it moves through a route's chain."""
+
+    __slots__ = (
+        "attempt", "body", "deadline", "headers", "idempotency_key", "max_attempts", "method", "path",
+        "rate_key", "request_id", "span", "timeout_override",
+    )
+
+    def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
+                 request_id: str, max_attempts: int | None = None, timeout_override: float | None = None,
+                 span: Span | None = None) -> None:
+        self.method = method
+        self.path = path  # path + query as sent upstream (after rewrite)
+        self.headers = headers  # headers to send upstream, hop-by-hop already removed
+        self.body = body
+        self.request_id = request_id
+        self.max_attempts = max_attempts  # tightened by x-outrigger-max-attempts
+        self.timeout_override = timeout_override  # tightened by x-outrigger-timeout-ms, seconds
+        self.span = span  # the SERVER span while it is recording, else None
+        self.deadline = math.inf  # monotonic; set by the deadline policy
+        self.attempt = 0  # 1-based, set by the retry policy
+        self.idempotency_key = "idempotency-key" in headers
+        self.rate_key: str | None = None
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS or self.idempotency_key
+
+    def event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
+        """Record a policy decision on the request's span (free when unsampled)."""
+        if self.span is not None:
+            self.span.add_event(name, attributes or {})
+
+
+class ProxyResponse:
+    """Response headers from the upstream (or a policy), body not yet streamed.
+
+    The edge streams ``upstream.content`` to the app and then calls
+    ``release()``; a policy that discards a response (to retry) releases it.
+    Callbacks added with ``on_release`` run exactly once either way.
+    """
+
+    __slots__ = ("_callbacks", "attempts", "body", "error", "headers", "status", "upstream")
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str], *,
+                 upstream: aiohttp.ClientResponse | None = None, body: bytes = b"") -> None:
+        self.status = status
+        self.headers = headers
+        self.upstream = upstream
+        self.body = body
+        self.attempts = 1
+        self.error: str | None = None  # the error code this response stands in for (fallback)
+        self._callbacks: list[Callable[[], None]] | None = None
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        if self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def release(self) -> None:
+        if self.upstream is not None:
+            self.upstream.release()
+        callbacks, self._callbacks = self._callbacks, None
+        if callbacks:
+            for callback in callbacks:
+                callback()
+
+    def close(self) -> None:
+        """Drop the upstream connection (the body was not fully read)."""
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        self.release()
+
+
+Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
+
+
+class Policy(Protocol):
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse: ...
+
+
+def _bind(policy: Policy, call_next: Handler) -> Handler:
+    async def handler(request: ProxyRequest) -> ProxyResponse:
+        return await policy(request, call_next)
+    return handler
+
+
+def build_chain(policies: Sequence[Policy], innermost: Handler) -> Handler:
+    """Nest ``policies`` (outermost first) around ``innermost`` into one handler."""
+    handler = innermost
+    for policy in reversed(policies):
+        handler = _bind(policy, handler)
+    return handler

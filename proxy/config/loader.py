@@ -1,0 +1,339 @@
+"""Load ``outrigger.yaml``: env substitution, YAML, typed conversion, checks.
+
+Every problem becomes a ``ConfigIssue`` carrying the exact path of the bad
+value (``listeners[0].routes[1].retry.max_attempts``).  Sections are
+converted one by one so that a single run reports every broken section, not
+just the first.  Route policy blocks are resolved here, once: a route's
+effective block is ``defaults`` < upstream block (breaker, concurrency) <
+the route's own keys, merged key by key; ``null`` switches an inherited
+optional block (``rate_limit``, ``fallback``) off for that route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+from proxy.config.types import (
+    AdminConfig, Config, DrainConfig, LimitsConfig, ListenerConfig, PolicyDefaults, RouteConfig,
+    TelemetryConfig, UpstreamConfig,
+)
+from proxy.config.units import Duration, Size, decode_hook
+
+__all__ = ["ConfigError", "ConfigIssue", "config_hash", "load_config", "load_config_file", "parse_address"]
+
+T = TypeVar("T")
+_ROUTE_BLOCKS = ("timeout", "retry", "circuit_breaker", "rate_limit", "fallback")
+_UPSTREAM_BLOCKS = ("circuit_breaker", "concurrency")
+_SECTIONS: dict[str, type[Any]] = {
+    "admin": AdminConfig, "drain": DrainConfig, "defaults": PolicyDefaults,
+    "limits": LimitsConfig, "telemetry": TelemetryConfig,
+}
+_KNOWN_TOP = {"version", "listeners", "upstreams", *_SECTIONS}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(Exception):
+    """The config is invalid; ``issues`` lists every problem with its path."""
+
+    def __init__(self, issues: list[ConfigIssue], source: str = "<config>") -> None:
+        self.issues = issues
+        self.source = source
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def _join(base: str, sub: str) -> str:
+    if not sub:
+        return base
+    if not base:
+        return sub
+    return base + sub if sub.startswith("[") else f"{base}.{sub}"
+
+
+def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T | None:
+    """msgspec.convert with the error path rewritten relative to ``path``."""
+    try:
+        return msgspec.convert(raw, tp, dec_hook=decode_hook)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        message, _, where = text.rpartition(" - at `")
+        if not message:
+            issues.append(ConfigIssue(path, text))
+            return None
+        where = where.rstrip("`")
+        sub = where[2:] if where.startswith("$.") else where.lstrip("$")
+        unknown = _UNKNOWN.fullmatch(message)
+        if unknown:
+            sub, message = _join(sub, unknown[1]), "unknown key"
+        issues.append(ConfigIssue(_join(path, sub), message))
+        return None
+
+
+def _substitute_env(text: str, env: Mapping[str, str], issues: list[ConfigIssue]) -> str:
+    def repl(match: re.Match[str]) -> str:
+        name, default = match[1], match[2]
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        line = text.count("\n", 0, match.start()) + 1
+        issues.append(ConfigIssue(f"line {line}", f"environment variable {name} is not set (use ${{{name}:-default}})"))
+        return ""
+    return _ENV_REF.sub(repl, text)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError when malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"invalid address {address!r}; expected host:port")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"invalid port {port} in {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    return host, port
+
+
+def _check_url(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return f"unsupported scheme in {url!r}; use http:// or https://"
+    if not parts.hostname:
+        return f"missing host in {url!r}"
+    if parts.query or parts.fragment:
+        return f"the upstream url may carry a path prefix but no query or fragment: {url!r}"
+    try:
+        _ = parts.port
+    except ValueError:
+        return f"invalid port in {url!r}"
+    return None
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Key-by-key merge of raw YAML mappings; ``override`` wins on leaves."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _merge(base.get(key), value) if key in base else value
+        return merged
+    return override
+
+
+def _as_mapping(raw: Any, path: str, issues: list[ConfigIssue]) -> dict[str, Any] | None:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        issues.append(ConfigIssue(path, f"expected a mapping, got {type(raw).__name__}"))
+        return None
+    return raw
+
+
+def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]) -> dict[str, UpstreamConfig]:
+    result: dict[str, UpstreamConfig] = {}
+    mapping = _as_mapping(raw, "upstreams", issues)
+    if mapping is None:
+        return result
+    if not mapping:
+        issues.append(ConfigIssue("upstreams", "at least one upstream is required"))
+    for name, body in mapping.items():
+        path = f"upstreams.{name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            issues.append(ConfigIssue(path, "upstream names may use letters, digits, '_', '.', '-' (1-64)"))
+            continue
+        upstream = _convert(body, UpstreamConfig, path, issues)
+        if upstream is None:
+            continue
+        problem = _check_url(upstream.url)
+        if problem:
+            issues.append(ConfigIssue(f"{path}.url", problem))
+        for key in ("ca_file", "cert_file", "key_file"):
+            file = getattr(upstream.tls, key)
+            if file is not None and not os.path.isfile(file):
+                issues.append(ConfigIssue(f"{path}.tls.{key}", f"file not found: {file}"))
+        # Effective per-upstream blocks: defaults < upstream.
+        blocks: dict[str, Any] = {}
+        for block in _UPSTREAM_BLOCKS:
+            merged = _merge(defaults_raw.get(block, {}), body.get(block) or {})
+            blocks[block] = _convert(merged, _block_type(block), path + "." + block, issues)
+        if all(v is not None for v in blocks.values()):
+            result[name] = msgspec.structs.replace(upstream, **blocks)
+    return result
+
+
+def _block_type(block: str) -> Any:
+    return {f.name: f.type for f in msgspec.structs.fields(PolicyDefaults)}[block]
+
+
+def _listeners(raw: Any, defaults_raw: dict[str, Any], upstreams_raw: dict[str, Any],
+               issues: list[ConfigIssue]) -> list[ListenerConfig]:
+    listeners: list[ListenerConfig] = []
+    if not isinstance(raw, list) or not raw:
+        issues.append(ConfigIssue("listeners", "expected a non-empty list of listeners"))
+        return listeners
+    for li, body in enumerate(raw):
+        path = f"listeners[{li}]"
+        body_map = _as_mapping(body, path, issues)
+        if body_map is None:
+            continue
+        routes_raw = body_map.get("routes")
+        if not isinstance(routes_raw, list) or not routes_raw:
+            issues.append(ConfigIssue(f"{path}.routes", "expected a non-empty list of routes"))
+            continue
+        routes: list[RouteConfig] = []
+        for ri, route_raw in enumerate(routes_raw):
+            route = _route(route_raw, f"{path}.routes[{ri}]", defaults_raw, upstreams_raw, issues)
+            if route is not None:
+                routes.append(route)
+        shell = _convert({**body_map, "routes": []}, ListenerConfig, path, issues)
+        if shell is not None and len(routes) == len(routes_raw):
+            listeners.append(msgspec.structs.replace(shell, routes=tuple(routes)))
+    return listeners
+
+
+def _route(raw: Any, path: str, defaults_raw: dict[str, Any], upstreams_raw: dict[str, Any],
+           issues: list[ConfigIssue]) -> RouteConfig | None:
+    """Convert the route's effective (merged) form; its own keys keep their true paths."""
+    if not isinstance(raw, dict):
+        issues.append(ConfigIssue(path, f"expected a mapping, got {type(raw).__name__}"))
+        return None
+    upstream_name = raw.get("upstream")
+    upstream_raw = upstreams_raw.get(upstream_name) if isinstance(upstream_name, str) else None
+    merged = dict(raw)
+    for block in _ROUTE_BLOCKS:
+        inherited = defaults_raw.get(block)
+        if block == "circuit_breaker" and isinstance(upstream_raw, dict):
+            inherited = _merge(inherited, upstream_raw.get(block))
+        if block in raw:
+            merged[block] = None if raw[block] is None else _merge(inherited or {}, raw[block])
+        elif inherited is not None:
+            merged[block] = inherited
+    route = _convert(merged, RouteConfig, path, issues)
+    if route is None:
+        return None
+    before = len(issues)
+    if upstream_raw is None:
+        issues.append(ConfigIssue(f"{path}.upstream", f"unknown upstream '{route.upstream}'"))
+    breaker_raw = raw.get("circuit_breaker")
+    if isinstance(breaker_raw, dict) and breaker_raw and breaker_raw.get("scope") != "route":
+        issues.append(ConfigIssue(
+            f"{path}.circuit_breaker",
+            "per-route breaker settings need 'scope: route'; the upstream-scoped breaker is configured "
+            "under defaults or upstreams.<name>.circuit_breaker"))
+    if route.rewrite_prefix is not None and any(seg in ("..", ".") for seg in route.rewrite_prefix.split("/")):
+        issues.append(ConfigIssue(f"{path}.rewrite_prefix", "must not contain '.' or '..' segments"))
+    for name in (route.match.headers or {}):
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            issues.append(ConfigIssue(f"{path}.match.headers.{name}", "invalid header name"))
+    return route if len(issues) == before else None
+
+
+def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate a config document; raise ``ConfigError`` listing every issue."""
+    issues: list[ConfigIssue] = []
+    text = _substitute_env(text, os.environ if env is None else env, issues)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([*issues, ConfigIssue(where, f"invalid YAML: {problem}")], source) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([*issues, ConfigIssue("", "the config must be a YAML mapping")], source)
+    for key in raw:
+        if key not in _KNOWN_TOP:
+            issues.append(ConfigIssue(str(key), "unknown key"))
+    if raw.get("version") != 1 or isinstance(raw.get("version"), bool):
+        issues.append(ConfigIssue("version", f"unsupported version {raw.get('version')!r}; expected 1"))
+    sections: dict[str, Any] = {}
+    for key, tp in _SECTIONS.items():
+        value = _convert(raw.get(key) or {}, tp, key, issues)
+        if value is not None:
+            sections[key] = value
+    defaults_raw = raw.get("defaults") if isinstance(raw.get("defaults"), dict) else {}
+    upstreams_raw = raw.get("upstreams") if isinstance(raw.get("upstreams"), dict) else {}
+    upstreams = _upstreams(raw.get("upstreams"), defaults_raw, issues)
+    if issues:  # a broken defaults/upstream block would be re-reported under every route
+        raise ConfigError(issues, source)
+    listeners = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
+    _check_addresses(listeners, sections.get("admin"), issues)
+    for li, listener in enumerate(listeners):
+        seen: set[str] = set()
+        for ri, route in enumerate(listener.routes):
+            if route.name in seen:
+                issues.append(ConfigIssue(f"listeners[{li}].routes[{ri}].name", f"duplicate route name '{route.name}'"))
+            seen.add(route.name)
+    if issues:
+        raise ConfigError(issues, source)
+    return Config(version=1, listeners=tuple(listeners), upstreams=upstreams, **sections)
+
+
+def _check_addresses(listeners: list[ListenerConfig], admin: AdminConfig | None,
+                     issues: list[ConfigIssue]) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    entries = [("admin.address", admin.address)] if admin else []
+    entries += [(f"listeners[{i}].address", lst.address) for i, lst in enumerate(listeners)]
+    names: set[str] = set()
+    for i, lst in enumerate(listeners):
+        if lst.name in names:
+            issues.append(ConfigIssue(f"listeners[{i}].name", f"duplicate listener name '{lst.name}'"))
+        names.add(lst.name)
+    for path, address in entries:
+        try:
+            key = parse_address(address)
+        except ValueError as exc:
+            issues.append(ConfigIssue(path, str(exc)))
+            continue
+        if key in seen and key[1] != 0:
+            issues.append(ConfigIssue(path, f"address {address} is already used by {seen[key]}"))
+        seen.setdefault(key, path)
+
+
+def load_config_file(path: str, *, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read {path}: {exc.strerror or exc}")], path) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue("", f"{path} is not UTF-8 text")], path) from None
+    return load_config(text, source=path, env=env)
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Duration):
+        return float(obj)
+    if isinstance(obj, Size):
+        return int(obj)
+    raise NotImplementedError(type(obj).__name__)
+
+
+def to_builtins(config: Config) -> Any:
+    return msgspec.to_builtins(config, enc_hook=_enc_hook)
+
+
+def config_hash(config: Config) -> str:
+    """Stable short hash of the effective config: the version shown by /config."""
+    return hashlib.sha256(msgspec.json.encode(to_builtins(config), order="sorted")).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""The demo: a flaky upstream and a runner that compares direct vs sidecar calls."""

@@ -1,0 +1,126 @@
+"""Typed proxy errors and the single place they become HTTP responses.
+
+Policies and the upstream client raise ``ProxyError`` subclasses; only the
+edge handler (``proxy.server``) calls ``to_response``.  Each error carries
+its HTTP status, its public ``x-outrigger-error`` code, the ``retry_on``
+kind it belongs to (if any) and whether it counts as a breaker failure.
+Error bodies never echo request header values back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import ClassVar
+
+from aiohttp import web
+
+__all__ = [
+    "BadRequest", "CircuitOpen", "DeadlineExceeded", "HeadersTooLarge", "Internal", "MethodNotAllowed",
+    "NoRoute", "Overflow", "ProxyError", "RateLimited", "RequestTooLarge", "UpstreamConnectFailure",
+    "UpstreamProtocolError", "UpstreamReset", "UpstreamTimeout", "UpstreamTlsError", "to_response",
+]
+
+ERROR_HEADER = "x-outrigger-error"
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+    retry_kind: ClassVar[str | None] = None  # the retry_on value this error matches
+    breaker_failure: ClassVar[bool] = False  # counts against the upstream's circuit breaker
+    sent: ClassVar[bool] = True  # the request may have reached the upstream
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.headers = headers
+        self.attempts = 0  # upstream attempts made before this error ended the request
+
+
+class Internal(ProxyError):
+    pass
+
+
+class BadRequest(ProxyError):
+    status, code = 400, "bad_request"
+
+
+class NoRoute(ProxyError):
+    status, code = 404, "no_route"
+
+
+class MethodNotAllowed(ProxyError):
+    status, code = 405, "method_not_allowed"
+
+
+class RequestTooLarge(ProxyError):
+    status, code = 413, "request_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status, code = 431, "headers_too_large"
+
+
+class RateLimited(ProxyError):
+    status, code = 429, "rate_limited"
+
+
+class UpstreamConnectFailure(ProxyError):
+    status, code, retry_kind, breaker_failure, sent = 503, "upstream_connect_failure", "connect-failure", True, False
+
+
+class UpstreamTlsError(ProxyError):
+    """The upstream's certificate did not verify; retrying cannot help."""
+
+    status, code, breaker_failure, sent = 502, "upstream_tls_error", True, False
+
+
+class UpstreamReset(ProxyError):
+    status, code, retry_kind, breaker_failure = 502, "upstream_reset", "reset", True
+
+
+class UpstreamProtocolError(ProxyError):
+    """The upstream answered with something that is not valid HTTP."""
+
+    status, code, retry_kind, breaker_failure = 502, "upstream_protocol_error", "reset", True
+
+
+class UpstreamTimeout(ProxyError):
+    status, code, retry_kind, breaker_failure = 504, "upstream_timeout", "timeout", True
+
+
+class DeadlineExceeded(ProxyError):
+    status, code = 504, "deadline_exceeded"
+
+
+class CircuitOpen(ProxyError):
+    status, code, sent = 503, "circuit_open", False
+
+
+class Overflow(ProxyError):
+    status, code, sent = 503, "overflow", False
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def to_response(error: ProxyError, *, route: str | None, upstream: str | None, request_id: str) -> web.Response:
+    body = {
+        "error": error.code,
+        "message": error.message,
+        "route": route,
+        "upstream": upstream,
+        "request_id": request_id,
+    }
+    headers = {ERROR_HEADER: error.code, "x-request-id": request_id, "Cache-Control": "no-store"}
+    if error.retry_after is not None:
+        headers["Retry-After"] = retry_after_header(error.retry_after)
+    if error.headers:
+        headers.update(error.headers)
+    return web.Response(status=error.status, text=json.dumps(body), content_type="application/json",
+                        headers=headers)

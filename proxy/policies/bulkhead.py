@@ -1,0 +1,79 @@
+"""Bulkhead: cap concurrent attempts per upstream, with a short bounded queue.
+
+Shared by every route of an upstream and placed just outside the attempt, so
+a slot is held from the start of an attempt until its response body has been
+streamed (released through ``ProxyResponse.on_release``).  At most
+``max_active`` run; up to ``max_pending`` wait up to ``pending_timeout``;
+beyond that the request is shed at once with 503 ``overflow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from proxy.chain import Handler, ProxyRequest, ProxyResponse
+from proxy.config import ConcurrencyConfig
+from proxy.errors import Overflow
+from proxy.telemetry.metrics import UpstreamMetrics
+
+
+class Bulkhead:
+    __slots__ = ("_max_active", "_max_pending", "_metrics", "_name", "_timeout", "_waiters", "active", "pending")
+
+    def __init__(self, config: ConcurrencyConfig, name: str, metrics: UpstreamMetrics) -> None:
+        self._max_active = config.max_active
+        self._max_pending = config.max_pending
+        self._timeout = config.pending_timeout
+        self._metrics = metrics
+        self._name = name
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.active = 0
+        self.pending = 0
+
+    def _reject(self, request: ProxyRequest, why: str) -> Overflow:
+        self._metrics.bulkhead_rejected.inc()
+        request.event("bulkhead_rejected", {"outrigger.reason": why})
+        return Overflow(f"upstream {self._name} is at its concurrency limit ({why})")
+
+    async def _wait_for_slot(self, request: ProxyRequest) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.pending += 1
+        try:
+            async with asyncio.timeout(self._timeout):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot arrived as we gave up: pass it on
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise self._reject(request, "pending timeout") from None
+            raise
+        finally:
+            self.pending -= 1
+
+    def _release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # hand the slot over; `active` stays the same
+                return
+        self.active -= 1
+
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        if self.active < self._max_active and not self.pending:
+            self.active += 1
+        elif self.pending < self._max_pending:
+            await self._wait_for_slot(request)
+        else:
+            raise self._reject(request, "queue full")
+        try:
+            response = await call_next(request)
+        except BaseException:
+            self._release()
+            raise
+        response.on_release(self._release)
+        return response

@@ -1,0 +1,262 @@
+"""The edge: where an app request enters, is routed, runs its chain and streams back.
+
+``EdgeHandler`` is the aiohttp low-level handler of every listener.  It is
+the outermost layer of every request and the only place that turns a
+``ProxyError`` (or an unexpected exception) into a response.  It owns the
+per-request telemetry: the SERVER span, the request metrics and the access
+log line.  Bodies stream in both directions; only the bounded retry buffer
+is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from opentelemetry.trace import Status, StatusCode
+
+from proxy import errors
+from proxy.chain import ProxyRequest, ProxyResponse, RequestBody
+from proxy.clock import Clock
+from proxy.config import LimitsConfig
+from proxy.headers import (
+    ATTEMPTS_HEADER, REQUEST_ID_HEADER, connection_listed, parse_overrides, request_id, response_headers,
+    upstream_headers,
+)
+from proxy.routing import Route, Router
+from proxy.telemetry.access_log import AccessLog
+from proxy.telemetry.metrics import RouteMetrics
+from proxy.telemetry.tracing import Tracing
+
+__all__ = ["EdgeContext", "EdgeHandler", "ListenerSlot"]
+
+log = logging.getLogger("outrigger.server")
+_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$|\?)", re.IGNORECASE)
+_STREAM_CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class ListenerSlot:
+    """What a listener serves now; hot reload swaps ``router`` atomically."""
+
+    name: str
+    address: str
+    router: Router
+    limits: LimitsConfig
+
+
+@dataclass(slots=True)
+class EdgeContext:
+    clock: Clock
+    tracing: Tracing | None
+    access_log: AccessLog | None
+    unmatched: RouteMetrics
+
+
+class EdgeHandler:
+    def __init__(self, slot: ListenerSlot, context: EdgeContext) -> None:
+        self.slot = slot
+        self._ctx = context
+        self.inflight = 0
+
+    def _resolve(self, request: web.BaseRequest) -> Route:
+        method = request.method
+        if method == "CONNECT":
+            raise errors.MethodNotAllowed("CONNECT is not supported: Outrigger only forwards to configured upstreams")
+        target = request.raw_path
+        if not target.startswith("/"):
+            raise errors.BadRequest("absolute-form or asterisk request targets are not accepted; "
+                                    "send origin-form paths to the listener")
+        if _DOT_SEGMENT.search(target.partition("?")[0]):
+            raise errors.BadRequest("request path must not contain '.' or '..' segments")
+        path = target.partition("?")[0]
+        route = self.slot.router.match(method, path, request.headers)
+        if route is None:
+            raise errors.NoRoute(f"no route of listener {self.slot.name} matches {method} {path[:200]}")
+        return route
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        ctx = self._ctx
+        start = ctx.clock.now()
+        rid = request_id(request.headers)
+        route: Route | None = None
+        span = None
+        status, outcome, attempts = 500, "internal", 0
+        response: web.StreamResponse | None = None
+        self.inflight += 1
+        try:
+            route = self._resolve(request)
+            route.metrics.inflight.inc()
+            if ctx.tracing is not None and ctx.tracing.tracer is not None:
+                span = ctx.tracing.start_server_span(f"{request.method} {route.name}", request.headers)
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                from proxy.websocket import proxy_websocket
+                status, outcome = 101, "upstream"
+                return await proxy_websocket(request, route, rid)
+            proxied = await self._forward(request, route, rid, span)
+            status, attempts = proxied.status, proxied.attempts
+            outcome = proxied.error or "upstream"
+            response = await self._stream_back(request, route, proxied, rid)
+            return response
+        except errors.ProxyError as error:
+            status, outcome, attempts = error.status, error.code, error.attempts
+            if span is not None:
+                span.add_event("proxy_error", {"outrigger.error": error.code})
+            return self._error_response(error, route, rid)
+        except asyncio.CancelledError:
+            status, outcome = 499, "client_closed"
+            raise
+        except Exception as exc:
+            log.exception("internal error while proxying", extra={"request_id": rid})
+            error = errors.Internal(f"internal error: {type(exc).__name__}")
+            status, outcome = error.status, error.code
+            return self._error_response(error, route, rid)
+        finally:
+            self.inflight -= 1
+            elapsed = ctx.clock.now() - start
+            metrics = route.metrics if route is not None else ctx.unmatched
+            if route is not None:
+                metrics.inflight.dec()
+            exemplar = None
+            if span is not None:
+                span_ctx = span.get_span_context()
+                exemplar = {"trace_id": f"{span_ctx.trace_id:032x}"}
+                self._end_server_span(span, request, route, status, outcome, attempts)
+            metrics.request_done(request.method, status, outcome, elapsed, exemplar)
+            if ctx.access_log is not None:
+                ctx.access_log.record({
+                    "request_id": rid,
+                    "trace_id": exemplar["trace_id"] if exemplar else None,
+                    "span_id": f"{span.get_span_context().span_id:016x}" if span is not None else None,
+                    "method": request.method,
+                    "path": request.path[:512],
+                    "route": route.name if route else None,
+                    "upstream": route.upstream if route else None,
+                    "status": status,
+                    "attempts": attempts,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "upstream_duration_ms": None,
+                    "bytes_in": request.content_length or 0,
+                    "bytes_out": response.body_length if response is not None else 0,
+                    "error": None if outcome == "upstream" else outcome,
+                })
+
+    def _error_response(self, error: errors.ProxyError, route: Route | None, rid: str) -> web.Response:
+        response = errors.to_response(error, route=route.name if route else None,
+                                      upstream=route.upstream if route else None, request_id=rid)
+        if error.attempts:
+            response.headers[ATTEMPTS_HEADER] = str(error.attempts)
+        return response
+
+    @staticmethod
+    def _end_server_span(span: Any, request: web.BaseRequest, route: Route | None, status: int, outcome: str,
+                         attempts: int) -> None:
+        span.set_attributes({
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "url.full": f"http://{request.host}{request.path}",
+            "server.address": request.host.rpartition(":")[0] or request.host,
+            "http.response.status_code": status,
+            "outrigger.route": route.name if route else "",
+            "outrigger.upstream": route.upstream if route else "",
+            "outrigger.attempt": attempts,
+        })
+        if outcome != "upstream":
+            span.set_attribute("error.type", outcome)
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        elif status >= 500:
+            span.set_attribute("error.type", str(status))
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    async def _forward(self, request: web.BaseRequest, route: Route, rid: str, span: Any) -> ProxyResponse:
+        timeout_s, max_attempts = parse_overrides(request.headers)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        headers = upstream_headers(request.headers, client_ip=peer[0] if peer else None,
+                                   host=request.headers.get("Host"), rid=rid)
+        body = await self._read_body(request, route.buffer_limit)
+        proxied = ProxyRequest(request.method, route.upstream_path(request.raw_path), headers, body,
+                               request_id=rid, max_attempts=max_attempts, timeout_override=timeout_s, span=span)
+        return await route.handler(proxied)
+
+    async def _read_body(self, request: web.BaseRequest, buffer_limit: int) -> RequestBody:
+        if not request.body_exists:
+            return RequestBody(None)
+        max_body = self.slot.limits.max_body_bytes
+        length = request.content_length
+        if max_body is not None and length is not None and length > max_body:
+            raise errors.RequestTooLarge(f"request body of {length} bytes exceeds limits.max_body_bytes ({max_body})")
+        content = request.content
+        if length is not None and length > buffer_limit:
+            return RequestBody(stream=self._body_stream(content, max_body, 0))
+        buffered = bytearray()
+        while len(buffered) <= buffer_limit:
+            chunk = await content.readany()
+            if not chunk:
+                if length is not None and len(buffered) < length:
+                    raise errors.BadRequest("request body ended before its Content-Length")
+                return RequestBody(bytes(buffered))
+            buffered += chunk
+            if max_body is not None and len(buffered) > max_body:
+                raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({max_body})")
+        return RequestBody(prefix=bytes(buffered), stream=self._body_stream(content, max_body, len(buffered)))
+
+    @staticmethod
+    async def _body_stream(content: aiohttp.StreamReader, max_body: int | None, seen: int) -> AsyncIterator[bytes]:
+        async for chunk in content.iter_chunked(_STREAM_CHUNK):
+            seen += len(chunk)
+            if max_body is not None and seen > max_body:
+                raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({max_body})")
+            yield chunk
+
+    async def _stream_back(self, request: web.BaseRequest, route: Route, proxied: ProxyResponse,
+                           rid: str) -> web.StreamResponse:
+        upstream = proxied.upstream
+        headers = response_headers(proxied.headers.items(), connection_listed(proxied.headers))
+        headers[REQUEST_ID_HEADER] = rid
+        headers[ATTEMPTS_HEADER] = str(proxied.attempts)
+        if upstream is None:  # generated by a policy (fallback)
+            proxied.release()
+            return web.Response(status=proxied.status, body=proxied.body, headers=headers)
+        response = web.StreamResponse(status=proxied.status, reason=upstream.reason, headers=headers)
+        completed = False
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            completed = True
+        except (aiohttp.ClientError, asyncio.TimeoutError, errors.ProxyError) as exc:
+            # The upstream died or stalled mid-body: abort, so the app sees a broken
+            # response rather than a silently short one.
+            if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
+                route.metrics.timeouts["idle"].inc()
+            if request.transport is not None:
+                request.transport.abort()
+        except (ConnectionError, RuntimeError):
+            pass  # the app went away mid-body
+        finally:
+            if completed:
+                proxied.release()
+            else:
+                proxied.close()
+        return response
+
+
+def build_server(handler: EdgeHandler, limits: LimitsConfig) -> web.Server:
+    return web.Server(
+        handler,  # type: ignore[arg-type]
+        handler_cancellation=True,
+        max_line_size=max(8190, int(limits.max_header_bytes)),
+        max_field_size=int(limits.max_header_bytes),
+        max_headers=limits.max_headers,
+    )
+
+

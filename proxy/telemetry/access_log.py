@@ -1,0 +1,59 @@
+"""Access log: one JSON line per request on stdout, written through a buffer.
+
+Lines are appended to an in-memory list and flushed by a periodic task (and
+on shutdown), so the hot path never blocks on a write.  Query strings and
+header values are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from typing import IO, Any
+
+__all__ = ["AccessLog"]
+
+
+class AccessLog:
+    def __init__(self, stream: IO[str] | None = None, *, flush_interval_s: float = 0.5,
+                 max_buffered: int = 10_000) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self._lines: list[str] = []
+        self._interval = flush_interval_s
+        self._max = max_buffered
+        self._task: asyncio.Task[None] | None = None
+        self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.flush()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}Z"
+        self._lines.append(self._dumps(entry))
+        if len(self._lines) >= self._max:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.flush()

@@ -1,0 +1,68 @@
+"""Attempt telemetry: one CLIENT span and one metric sample per upstream attempt.
+
+Placed between the bulkhead and the attempt timeout, so it sees exactly the
+attempts that went out (not ones shed by the bulkhead or breaker) and the
+timeout that ended them.  It injects the CLIENT span's context into the
+attempt's headers, so each retry appears as its own child in Jaeger.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from proxy.chain import Handler, ProxyRequest, ProxyResponse
+from proxy.clock import Clock
+from proxy.errors import ProxyError, UpstreamConnectFailure, UpstreamTimeout, UpstreamTlsError
+from proxy.telemetry.metrics import RouteMetrics
+
+if TYPE_CHECKING:
+    from proxy.telemetry.tracing import Tracing
+    from proxy.upstream import UpstreamPool
+
+
+def _error_result(error: ProxyError) -> str:
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamConnectFailure | UpstreamTlsError):
+        return "connect_failure"
+    return "reset"
+
+
+class AttemptTelemetry:
+    __slots__ = ("_clock", "_metrics", "_pool", "_route", "_tracing")
+
+    def __init__(self, *, route: str, pool: UpstreamPool, metrics: RouteMetrics, clock: Clock,
+                 tracing: Tracing | None) -> None:
+        self._route = route
+        self._pool = pool
+        self._metrics = metrics
+        self._clock = clock
+        self._tracing = tracing
+
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        metrics = self._metrics
+        span = None
+        if request.span is not None and self._tracing is not None:
+            span = self._tracing.start_client_span(request, self._route, self._pool)
+        start = self._clock.now()
+        try:
+            response = await call_next(request)
+        except ProxyError as error:
+            metrics.attempt_duration.observe(self._clock.now() - start)
+            result = _error_result(error)
+            metrics.attempt_results[result].inc()
+            if result == "connect_failure" and error.__class__.__name__ == "ConnectTimeout":
+                metrics.timeouts["connect"].inc()
+            if span is not None:
+                self._tracing.end_client_span(span, None, error)  # type: ignore[union-attr]
+            raise
+        except BaseException as exc:
+            if span is not None:
+                self._tracing.end_client_span(span, None, exc)  # type: ignore[union-attr]
+            raise
+        metrics.attempt_duration.observe(self._clock.now() - start)
+        status = response.status
+        metrics.attempt_results["http_5xx" if status >= 500 else "http_4xx" if status >= 400 else "success"].inc()
+        if span is not None:
+            self._tracing.end_client_span(span, status, None)  # type: ignore[union-attr]
+        return response

@@ -1,0 +1,152 @@
+"""Upstream connection pools and the innermost handler of every chain.
+
+One ``UpstreamPool`` (an aiohttp ``ClientSession`` with its own keep-alive
+pool) exists per configured upstream.  ``UpstreamCall`` sends one attempt and
+returns as soon as the response headers arrive; the body is streamed later
+by the edge.  Every aiohttp/OS error is mapped here to a typed ``ProxyError``
+so no policy ever sees an aiohttp exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from proxy import errors
+from proxy.clock import Clock
+from proxy.chain import ProxyRequest, ProxyResponse
+from proxy.config import TimeoutConfig, UpstreamConfig
+
+__all__ = ["UpstreamCall", "UpstreamPool", "map_client_error"]
+
+ATTEMPT_HEADER = "x-outrigger-attempt"
+EXPECTED_TIMEOUT_HEADER = "x-outrigger-expected-timeout-ms"
+
+
+def _ssl_context(config: UpstreamConfig) -> ssl.SSLContext | bool:
+    tls = config.tls
+    if not tls.verify:
+        return False
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+class UpstreamPool:
+    """A named upstream: its base URL, TLS settings and pooled session."""
+
+    def __init__(self, name: str, config: UpstreamConfig) -> None:
+        self.name = name
+        self.config = config
+        parts = urlsplit(config.url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        default_port = 443 if parts.scheme == "https" else 80
+        self.port = parts.port or default_port
+        self.host_header = parts.netloc.rpartition("@")[2] if parts.port not in (None, default_port) \
+            else (f"[{self.host}]" if ":" in self.host else self.host)
+        self.base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"upstream {self.name} used before start()")
+        return self._session
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self.config.idle_timeout,
+            ssl=_ssl_context(self.config),
+            ttl_dns_cache=10,
+            enable_cleanup_closed=False,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+            raise_for_status=False,
+        )
+        # aiohttp silently resends idempotent requests once when a pooled connection
+        # drops; Outrigger's retry policy owns every resend so that each one is counted,
+        # budgeted and traced.
+        self._session._retry_connection = False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def map_client_error(exc: BaseException, upstream: str) -> errors.ProxyError:
+    """Translate an aiohttp/OS error raised before response headers arrived."""
+    where = f"upstream {upstream}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return errors.UpstreamTlsError(f"TLS handshake with {where} failed: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return errors.UpstreamConnectFailure(f"DNS lookup for {where} failed")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ConnectTimeout(f"connecting to {where} timed out")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return errors.UpstreamConnectFailure(f"could not connect to {where}: {exc.strerror or exc}")
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return errors.UpstreamTimeout(f"{where} sent nothing within the idle timeout")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return errors.UpstreamReset(f"{where} closed the connection before sending response headers")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return errors.UpstreamProtocolError(f"{where} sent an invalid HTTP response")
+    if isinstance(exc, aiohttp.ClientOSError | OSError):
+        return errors.UpstreamReset(f"connection to {where} was reset before response headers")
+    return errors.UpstreamProtocolError(f"{where} failed: {type(exc).__name__}")
+
+
+class ConnectTimeout(errors.UpstreamConnectFailure):
+    """TCP/TLS connect did not finish within ``timeout.connect``."""
+
+
+class UpstreamCall:
+    """Innermost handler: one attempt against the pool, returning at headers."""
+
+    __slots__ = ("_clock", "_pool", "_timeout")
+
+    def __init__(self, pool: UpstreamPool, timeout: TimeoutConfig, clock: Clock) -> None:
+        self._pool = pool
+        self._clock = clock
+        # Built once: connect and idle (gap between reads) are enforced by aiohttp;
+        # the attempt and total timeouts are enforced by their policies.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout.connect, sock_read=timeout.idle)
+
+    async def __call__(self, request: ProxyRequest) -> ProxyResponse:
+        pool = self._pool
+        headers = request.headers
+        headers["Host"] = pool.host_header
+        headers[ATTEMPT_HEADER] = str(request.attempt or 1)
+        remaining = request.deadline - self._clock.now()
+        if remaining != float("inf"):
+            headers[EXPECTED_TIMEOUT_HEADER] = str(max(0, int(remaining * 1000)))
+        try:
+            response = await pool.session.request(
+                request.method,
+                URL(pool.base + request.path, encoded=True),
+                headers=headers,
+                data=request.body.payload(),
+                timeout=self._timeout,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+            )
+        except asyncio.CancelledError:
+            raise
+        except errors.ProxyError:
+            raise  # e.g. RequestTooLarge raised while streaming the body
+        except Exception as exc:  # aiohttp and OS errors only reach here
+            raise map_client_error(exc, pool.name) from exc
+        return ProxyResponse(response.status, response.headers, upstream=response)

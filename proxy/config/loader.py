@@ -89,17 +89,38 @@ def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T |
         return None
 
 
+def _split_comment(line: str) -> tuple[str, str]:
+    """Split a YAML line into (content, comment); ``#`` inside quotes is content."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i], line[i:]
+    return line, ""
+
+
 def _substitute_env(text: str, env: Mapping[str, str], issues: list[ConfigIssue]) -> str:
-    def repl(match: re.Match[str]) -> str:
-        name, default = match[1], match[2]
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        line = text.count("\n", 0, match.start()) + 1
-        issues.append(ConfigIssue(f"line {line}", f"environment variable {name} is not set (use ${{{name}:-default}})"))
-        return ""
-    return _ENV_REF.sub(repl, text)
+    """Replace ${VAR} and ${VAR:-default} outside comments; an unset VAR with no default is an error."""
+    out: list[str] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        content, comment = _split_comment(line)
+
+        def repl(match: re.Match[str], number: int = number) -> str:
+            name, default = match[1], match[2]
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            issues.append(ConfigIssue(f"line {number}", f"environment variable {name} is not set "
+                                                         f"(use ${{{name}:-default}})"))
+            return ""
+
+        out.append(_ENV_REF.sub(repl, content) + comment)
+    return "\n".join(out)
 
 
 def parse_address(address: str) -> tuple[str, int]:

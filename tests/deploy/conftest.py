@@ -167,6 +167,11 @@ class Stage:
     def all(self, cmd: str) -> list[dockerfile.Command]:
         return [c for c in self.commands if c.cmd == cmd]
 
+    @property
+    def args(self) -> dict[str, str]:
+        """Defaults of the ARGs declared inside this stage."""
+        return {k: v for c in self.all("ARG") for k, _, v in [c.value[0].partition("=")]}
+
 
 @dataclass(frozen=True)
 class ParsedDockerfile:
@@ -188,12 +193,12 @@ class ParsedDockerfile:
             r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text
         )
 
-    def pairs(self, command: dockerfile.Command) -> dict[str, str]:
-        """KEY=VALUE or KEY VALUE pairs of ENV/LABEL/ARG, quotes removed, ARGs expanded."""
+    def pairs(self, command: dockerfile.Command, stage: Stage | None = None) -> dict[str, str]:
+        """KEY VALUE pairs of ENV/LABEL, quotes removed, ARG defaults (global, stage) expanded."""
         values = command.value
         out: dict[str, str] = {}
         for key, value in zip(values[::2], values[1::2], strict=True):
-            out[key] = self.expand(value.strip('"'))
+            out[key] = self.expand(value.strip('"'), stage.args if stage else None)
         return out
 
 
@@ -353,14 +358,14 @@ def image(
     build_env.pop("VIRTUAL_ENV", None)
     build_env.pop("PYTHONPATH", None)
     for env_cmd in build.all("ENV"):
-        build_env.update(docker_build.pairs(env_cmd))
+        build_env.update(docker_build.pairs(env_cmd, build))
     for line in run_lines:
         _run_build_step(line, path_map, context, build_env)
 
     final = docker_build.final
     runtime_env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
     for env_cmd in final.all("ENV"):
-        for key, value in docker_build.pairs(env_cmd).items():
+        for key, value in docker_build.pairs(env_cmd, final).items():
             runtime_env[key] = value.replace(venv_target, str(venv)).replace(
                 "$PATH", os.environ.get("PATH", "")
             )

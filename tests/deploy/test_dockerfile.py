@@ -78,11 +78,11 @@ def test_final_stage_is_slim_unprivileged_and_labelled(docker_build: Any) -> Non
     uid = user.value[0].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "numeric non-root uid, so runAsNonRoot can verify it"
     assert [c.value for c in final.all("EXPOSE")] == [("9901",)]
-    labels = {k: v for c in final.all("LABEL") for k, v in docker_build.pairs(c).items()}
+    labels = {k: v for c in final.all("LABEL") for k, v in docker_build.pairs(c, final).items()}
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
     assert labels["org.opencontainers.image.source"].startswith("https://")
     assert labels["org.opencontainers.image.version"]
-    env = {k: v for c in final.all("ENV") for k, v in docker_build.pairs(c).items()}
+    env = {k: v for c in final.all("ENV") for k, v in docker_build.pairs(c, final).items()}
     assert env["OUTRIGGER_ADMIN_ADDRESS"] == "0.0.0.0:9901"
     copies_from = [c for c in final.all("COPY") if c.flags]
     assert [(c.flags, c.value) for c in copies_from] == [

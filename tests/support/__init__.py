@@ -1,0 +1,1 @@
+"""Shared test helpers: a scripted loopback upstream and an in-process sidecar."""

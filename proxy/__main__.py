@@ -50,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _use_uvloop()
 
     async def main() -> None:
-        sidecar = Sidecar(config, config_path=path)
+        sidecar = Sidecar(config, config_path=path, watch_interval_s=args.watch_interval)
         await sidecar.run_until_signalled()
 
     try:
@@ -93,7 +93,7 @@ def cmd_wait_ready(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback admin URL
+            with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
                     return 0
         except (urllib.error.URLError, OSError):
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the sidecar")
     run.add_argument("--config", help=f"config file (default: $OUTRIGGER_CONFIG, then {DEFAULT_CONFIG})")
+    run.add_argument("--watch-interval", type=parse_duration, default=2.0,
+                     help="how often to poll the config file for changes; 0 disables polling (SIGHUP still reloads)")
     run.add_argument("--log-level", default=os.environ.get("OUTRIGGER_LOG_LEVEL", "info"),
                      choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)

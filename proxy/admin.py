@@ -69,7 +69,7 @@ async def config_view(request: web.Request) -> web.Response:
 
 async def status_view(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
-    data = sidecar.runtime.status()
+    data = sidecar.runtime.status(sidecar.clock)
     data["ready"] = sidecar.ready and not sidecar.draining
     data["draining"] = sidecar.draining
     data["listeners"] = sidecar.listener_status()

@@ -11,12 +11,14 @@ config did not change.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from proxy.chain import Policy, build_chain
 from proxy.clock import Clock
-from proxy.config import Config, ListenerConfig, RouteConfig, config_hash
+from proxy.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, config_hash
 from proxy.policies.backoff import backoff_from_config
 from proxy.policies.breaker import BreakerState, CircuitBreaker
 from proxy.policies.budget import RetryBudget
@@ -54,14 +56,14 @@ class Runtime:
     new_pools: list[UpstreamPool] = field(default_factory=list)  # to start()
     retired_pools: list[UpstreamPool] = field(default_factory=list)  # to close() after in-flight finish
 
-    def status(self) -> dict[str, Any]:
+    def status(self, clock: Clock) -> dict[str, Any]:
         upstreams = {}
         for name, up in self.upstreams.items():
             upstreams[name] = {
                 "url": up.pool.config.url,
                 "active": up.bulkhead.active,
                 "pending": up.bulkhead.pending,
-                "circuit_breaker": up.breaker.snapshot() if up.breaker is not None else None,
+                "circuit_breaker": _breaker_status(up.breaker, clock) if up.breaker is not None else None,
             }
         routes = {}
         for route in self.routes:
@@ -72,9 +74,19 @@ class Runtime:
             if "retry" in route.status:
                 entry["retry_budget_remaining"] = round(route.status["retry"].budget.remaining(), 3)
             if "circuit_breaker" in route.status and route.config.circuit_breaker.scope == "route":
-                entry["circuit_breaker"] = route.status["circuit_breaker"].snapshot()
+                entry["circuit_breaker"] = _breaker_status(route.status["circuit_breaker"], clock)
             routes[f"{route.listener}/{route.name}"] = entry
         return {"version": self.version, "upstreams": upstreams, "routes": routes}
+
+
+def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
+    """The breaker's snapshot with its state-entry time as wall-clock ISO 8601."""
+    snapshot = dict(breaker.snapshot())
+    entered_wall = time.time() - (clock.now() - breaker.entered_at)
+    snapshot["entered_at"] = datetime.fromtimestamp(entered_wall, UTC).isoformat(timespec="milliseconds")
+    snapshot["seconds_in_state"] = round(clock.now() - breaker.entered_at, 3)
+    snapshot.pop("open_until", None)
+    return snapshot
 
 
 def _breaker(config: Any, clock: Clock, rng: random.Random, metrics: UpstreamMetrics) -> CircuitBreaker:
@@ -106,19 +118,11 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
     runtime = Runtime(config=config, version=config_hash(config), upstreams={}, routers={})
     for name, upstream in config.upstreams.items():
         old = carry.upstreams.get(name)
-        assert upstream.concurrency is not None and upstream.circuit_breaker is not None  # resolved by the loader
         if old is not None and old.pool.config == upstream:
             runtime.upstreams[name] = old  # same pool, breaker and bulkhead: state carries over
-            continue
-        up_metrics = metrics.for_upstream(name)
-        pool = UpstreamPool(name, upstream)
-        runtime.new_pools.append(pool)
-        same_breaker = old is not None and old.pool.config.circuit_breaker == upstream.circuit_breaker
-        breaker = old.breaker if same_breaker and old is not None else (
-            _breaker(upstream.circuit_breaker, clock, rng, up_metrics) if upstream.circuit_breaker.enabled else None)
-        same_bulkhead = old is not None and old.pool.config.concurrency == upstream.concurrency
-        bulkhead = old.bulkhead if same_bulkhead and old is not None else Bulkhead(upstream.concurrency, name, up_metrics)
-        runtime.upstreams[name] = UpstreamRuntime(pool, breaker, bulkhead, up_metrics)
+        else:
+            runtime.upstreams[name] = _build_upstream(name, upstream, old, metrics=metrics, clock=clock, rng=rng)
+            runtime.new_pools.append(runtime.upstreams[name].pool)
     for old_name, old in carry.upstreams.items():
         if runtime.upstreams.get(old_name) is not old:
             runtime.retired_pools.append(old.pool)
@@ -128,6 +132,19 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
         runtime.routes.extend(routes)
         runtime.routers[listener.name] = Router(routes)
     return runtime
+
+
+def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | None, *, metrics: Metrics,
+                    clock: Clock, rng: random.Random) -> UpstreamRuntime:
+    """A new pool; breaker and bulkhead are kept from ``old`` when their blocks did not change."""
+    breaker_config, concurrency = config.circuit_breaker, config.concurrency
+    assert breaker_config is not None and concurrency is not None  # resolved by the loader
+    up_metrics = old.metrics if old is not None else metrics.for_upstream(name)
+    breaker = old.breaker if old is not None and old.pool.config.circuit_breaker == breaker_config else (
+        _breaker(breaker_config, clock, rng, up_metrics) if breaker_config.enabled else None)
+    bulkhead = old.bulkhead if old is not None and old.pool.config.concurrency == concurrency else (
+        Bulkhead(concurrency, name, up_metrics))
+    return UpstreamRuntime(UpstreamPool(name, config), breaker, bulkhead, up_metrics)
 
 
 def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime, carry: _Carry, *,
@@ -187,6 +204,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics))
 
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
+    # Bodies are buffered for replay only when the route can retry at all.
+    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 else 0
     return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,
-                 metrics=route_metrics, buffer_limit=config.retry.buffer_limit if config.retry.max_attempts > 1 else 0,
-                 status=status)
+                 metrics=route_metrics, buffer_limit=buffer_limit, status=status)

@@ -91,7 +91,7 @@ class Sidecar:
             await self._bind(listener.name, listener.address, config.limits)
         if self.access_log is not None:
             self.access_log.start()
-        if self.config_path is not None:
+        if self.config_path is not None and self._watch_interval > 0:
             self._file_state = self._stat_config()
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         self.ready = True

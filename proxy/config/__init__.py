@@ -1,7 +1,13 @@
 """Config: the typed shape of ``outrigger.yaml`` and its loader."""
 
 from proxy.config.loader import (
-    ConfigError, ConfigIssue, config_hash, load_config, load_config_file, parse_address, to_builtins,
+    ConfigError,
+    ConfigIssue,
+    config_hash,
+    load_config,
+    load_config_file,
+    parse_address,
+    to_builtins,
 )
 from proxy.config.types import *  # noqa: F403
 from proxy.config.types import __all__ as _types_all

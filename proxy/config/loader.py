@@ -24,8 +24,15 @@ import msgspec
 import yaml
 
 from proxy.config.types import (
-    AdminConfig, Config, DrainConfig, LimitsConfig, ListenerConfig, PolicyDefaults, RouteConfig,
-    TelemetryConfig, UpstreamConfig,
+    AdminConfig,
+    Config,
+    DrainConfig,
+    LimitsConfig,
+    ListenerConfig,
+    PolicyDefaults,
+    RouteConfig,
+    TelemetryConfig,
+    UpstreamConfig,
 )
 from proxy.config.units import Duration, Size, decode_hook
 
@@ -293,8 +300,8 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         value = _convert(raw.get(key) or {}, tp, key, issues)
         if value is not None:
             sections[key] = value
-    defaults_raw = raw.get("defaults") if isinstance(raw.get("defaults"), dict) else {}
-    upstreams_raw = raw.get("upstreams") if isinstance(raw.get("upstreams"), dict) else {}
+    defaults_raw: dict[str, Any] = raw["defaults"] if isinstance(raw.get("defaults"), dict) else {}
+    upstreams_raw: dict[str, Any] = raw["upstreams"] if isinstance(raw.get("upstreams"), dict) else {}
     upstreams = _upstreams(raw.get("upstreams"), defaults_raw, issues)
     if issues:  # a broken defaults/upstream block would be re-reported under every route
         raise ConfigError(issues, source)

@@ -42,7 +42,7 @@ def _positive(name: str, value: float) -> None:
 # --- policy blocks (see the "Resilience policies" section of the README) ---
 
 
-class TimeoutConfig(Block):
+class TimeoutConfig(Block, frozen=True):
     connect: Duration = Duration(1.0)
     attempt: Duration = Duration(2.0)
     total: Duration = Duration(5.0)
@@ -55,7 +55,7 @@ class TimeoutConfig(Block):
             raise ValueError(f"attempt ({self.attempt:g}s) is longer than total ({self.total:g}s)")
 
 
-class BackoffConfig(Block):
+class BackoffConfig(Block, frozen=True):
     base: Duration = Duration(0.025)
     max: Duration = Duration(0.25)
     jitter: Literal["full", "equal", "decorrelated", "none"] = "full"
@@ -65,7 +65,7 @@ class BackoffConfig(Block):
             raise ValueError(f"base ({self.base:g}s) is larger than max ({self.max:g}s)")
 
 
-class BudgetConfig(Block):
+class BudgetConfig(Block, frozen=True):
     ratio: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 0.2
     min_per_second: Annotated[float, msgspec.Meta(ge=0.0)] = 10.0
     window: Duration = Duration(10.0)
@@ -74,7 +74,7 @@ class BudgetConfig(Block):
         _positive("window", self.window)
 
 
-class RetryConfig(Block):
+class RetryConfig(Block, frozen=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     retry_on: tuple[RetryOn, ...] = (
         "connect-failure", "reset", "timeout", "gateway-error", "retriable-status-codes",
@@ -87,7 +87,7 @@ class RetryConfig(Block):
     buffer_limit: Size = Size(64 * 1024)
 
 
-class FailureRateConfig(Block):
+class FailureRateConfig(Block, frozen=True):
     threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
     window: Duration = Duration(10.0)
     min_requests: PositiveInt = 20
@@ -96,7 +96,7 @@ class FailureRateConfig(Block):
         _positive("window", self.window)
 
 
-class SlowCallConfig(Block):
+class SlowCallConfig(Block, frozen=True):
     duration: Duration = Duration(1.0)
     rate_threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.8
     window: Duration = Duration(10.0)
@@ -107,7 +107,7 @@ class SlowCallConfig(Block):
         _positive("window", self.window)
 
 
-class OpenDurationConfig(Block):
+class OpenDurationConfig(Block, frozen=True):
     min: Duration = Duration(1.0)
     max: Duration = Duration(60.0)
 
@@ -117,7 +117,7 @@ class OpenDurationConfig(Block):
             raise ValueError(f"min ({self.min:g}s) is larger than max ({self.max:g}s)")
 
 
-class CircuitBreakerConfig(Block):
+class CircuitBreakerConfig(Block, frozen=True):
     enabled: bool = True
     scope: Literal["upstream", "route"] = "upstream"
     consecutive_failures: PositiveInt = 5
@@ -128,11 +128,11 @@ class CircuitBreakerConfig(Block):
     failure_status_codes: tuple[StatusCode, ...] = (500, 502, 503, 504)
 
 
-class RateLimitKey(Block):
+class RateLimitKey(Block, frozen=True):
     header: Annotated[str, msgspec.Meta(min_length=1, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
 
 
-class RateLimitConfig(Block):
+class RateLimitConfig(Block, frozen=True):
     requests_per_second: Annotated[float, msgspec.Meta(gt=0.0)] = 100.0
     burst: PositiveInt = 100
     key: RateLimitKey | None = None
@@ -141,7 +141,7 @@ class RateLimitConfig(Block):
     max_wait: Duration = Duration(0.1)
 
 
-class ConcurrencyConfig(Block):
+class ConcurrencyConfig(Block, frozen=True):
     max_active: PositiveInt = 100
     max_pending: Annotated[int, msgspec.Meta(ge=0)] = 100
     pending_timeout: Duration = Duration(1.0)
@@ -153,14 +153,14 @@ FallbackOn = Literal[
 ]
 
 
-class FallbackConfig(Block):
+class FallbackConfig(Block, frozen=True):
     status: StatusCode = 503
     body: str = ""
     content_type: str = "application/json"
     on: tuple[FallbackOn, ...] = ("circuit_open",)
 
 
-class PolicyDefaults(Block):
+class PolicyDefaults(Block, frozen=True):
     """``defaults:``: blocks every route inherits unless it overrides them."""
 
     timeout: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
@@ -174,7 +174,7 @@ class PolicyDefaults(Block):
 # --- topology ---
 
 
-class TlsConfig(Block):
+class TlsConfig(Block, frozen=True):
     verify: bool = True
     ca_file: str | None = None
     cert_file: str | None = None
@@ -186,7 +186,7 @@ class TlsConfig(Block):
             raise ValueError("cert_file and key_file must be set together for mTLS")
 
 
-class UpstreamConfig(Block):
+class UpstreamConfig(Block, frozen=True):
     url: str
     max_connections: PositiveInt = 100
     idle_timeout: Duration = Duration(4.0)  # pool keep-alive; shorter than typical server idle timeouts
@@ -195,13 +195,13 @@ class UpstreamConfig(Block):
     concurrency: ConcurrencyConfig | None = None
 
 
-class MatchConfig(Block):
+class MatchConfig(Block, frozen=True):
     path_prefix: Annotated[str, msgspec.Meta(pattern=r"^/")] = "/"
     methods: tuple[Annotated[str, msgspec.Meta(pattern=r"^[A-Z]+$")], ...] | None = None
     headers: dict[str, str] | None = None
 
 
-class RouteConfig(Block):
+class RouteConfig(Block, frozen=True):
     name: Name
     upstream: str
     match: MatchConfig = msgspec.field(default_factory=MatchConfig)
@@ -213,29 +213,29 @@ class RouteConfig(Block):
     fallback: FallbackConfig | None = None
 
 
-class ListenerConfig(Block):
+class ListenerConfig(Block, frozen=True):
     name: Name
     address: str
     routes: tuple[RouteConfig, ...]
 
 
-class AdminConfig(Block):
+class AdminConfig(Block, frozen=True):
     address: str = "127.0.0.1:9901"
 
 
-class DrainConfig(Block):
+class DrainConfig(Block, frozen=True):
     grace: Duration = Duration(5.0)
     timeout: Duration = Duration(30.0)
 
 
-class LimitsConfig(Block):
+class LimitsConfig(Block, frozen=True):
     max_header_bytes: Size = Size(64 * 1024)
     max_headers: PositiveInt = 100
     max_body_bytes: Size | None = None
     header_read_timeout: Duration = Duration(10.0)
 
 
-class TracingConfig(Block):
+class TracingConfig(Block, frozen=True):
     enabled: bool = True
     exporter: Literal["otlp", "console", "none"] = "otlp"
     protocol: Literal["grpc", "http/protobuf", "http"] | None = None
@@ -243,18 +243,18 @@ class TracingConfig(Block):
     sample_ratio: Ratio | None = None
 
 
-class AccessLogConfig(Block):
+class AccessLogConfig(Block, frozen=True):
     enabled: bool = True
 
 
-class TelemetryConfig(Block):
+class TelemetryConfig(Block, frozen=True):
     service_name: str | None = None
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     access_log: AccessLogConfig = msgspec.field(default_factory=AccessLogConfig)
     propagators: tuple[Literal["tracecontext", "baggage", "b3", "b3multi"], ...] | None = None
 
 
-class Config(Block):
+class Config(Block, frozen=True):
     version: Literal[1]
     listeners: tuple[ListenerConfig, ...]
     upstreams: dict[Name, UpstreamConfig]

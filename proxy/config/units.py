@@ -40,9 +40,7 @@ _SIZE_UNITS = {
 def parse_duration(value: object) -> Duration:
     if isinstance(value, bool):
         raise TypeError("expected a duration like '250ms' or '2s', got a boolean")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and re.fullmatch(r"\d+(?:\.\d+)?", value.strip()):
+    if isinstance(value, (int, float)) or (isinstance(value, str) and re.fullmatch(r"\d+(?:\.\d+)?", value.strip())):
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip()

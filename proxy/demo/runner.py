@@ -59,7 +59,7 @@ async def _caller(session: aiohttp.ClientSession, url: str, column: Column, stop
                 await resp.read()
                 good = resp.status == 200
                 column.attempts += int(resp.headers.get("x-outrigger-attempts", "1")) if via_sidecar else 1
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             good = False
             column.attempts += 1
         column.latencies.append(time.perf_counter() - start)
@@ -85,7 +85,9 @@ def _print_table(direct: Column, sidecar: Column) -> None:
     print(_row("failed requests", str(direct.failed), str(sidecar.failed)))
     print(_row("p50 latency", f"{direct.quantile(0.5) * 1000:.1f} ms", f"{sidecar.quantile(0.5) * 1000:.1f} ms"))
     print(_row("p99 latency", f"{direct.quantile(0.99) * 1000:.1f} ms", f"{sidecar.quantile(0.99) * 1000:.1f} ms"))
-    per = (lambda c: f"{c.attempts / c.total:.2f}" if c.total else "-")
+    def per(c: Column) -> str:
+        return f"{c.attempts / c.total:.2f}" if c.total else "-"
+
     print(_row("upstream attempts/req", per(direct), per(sidecar)))
 
 

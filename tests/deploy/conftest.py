@@ -77,9 +77,7 @@ def find_tool(name: str) -> str:
     """
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
-        pytest.fail(
-            f"required tool {name!r} not found (deploy/README.md, 'Testing the artefacts', lists them)"
-        )
+        pytest.fail(f"required tool {name!r} not found (deploy/README.md, 'Testing the artefacts', lists them)")
     return path
 
 
@@ -189,9 +187,7 @@ class ParsedDockerfile:
 
     def expand(self, text: str, extra: Mapping[str, str] | None = None) -> str:
         values = {**self.args, **(extra or {})}
-        return re.sub(
-            r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text
-        )
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text)
 
     def pairs(self, command: dockerfile.Command, stage: Stage | None = None) -> dict[str, str]:
         """KEY VALUE pairs of ENV/LABEL, quotes removed, ARG defaults (global, stage) expanded."""
@@ -366,9 +362,7 @@ def image(
     runtime_env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
     for env_cmd in final.all("ENV"):
         for key, value in docker_build.pairs(env_cmd, final).items():
-            runtime_env[key] = value.replace(venv_target, str(venv)).replace(
-                "$PATH", os.environ.get("PATH", "")
-            )
+            runtime_env[key] = value.replace(venv_target, str(venv)).replace("$PATH", os.environ.get("PATH", ""))
     copied: dict[str, Path] = {}
     for copy in final.all("COPY"):
         if not any(f.startswith("--from=") for f in copy.flags):
@@ -449,21 +443,14 @@ def check_promql() -> Callable[[str], list[str]]:
 
 
 @pytest.fixture(scope="session")
-def promtool_parses(
-    promtool: str, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[[dict[str, str]], None]:
+def promtool_parses(promtool: str, tmp_path_factory: pytest.TempPathFactory) -> Callable[[dict[str, str]], None]:
     """Parse PromQL expressions with the real Prometheus parser (as recording rules)."""
 
     def _parse(expressions: dict[str, str]) -> None:
-        rules = [
-            {"record": f"check:{re.sub(r'[^a-zA-Z0-9_]', '_', key)}", "expr": e}
-            for key, e in expressions.items()
-        ]
+        rules = [{"record": f"check:{re.sub(r'[^a-zA-Z0-9_]', '_', key)}", "expr": e} for key, e in expressions.items()]
         path = tmp_path_factory.mktemp("promql") / "expressions.yaml"
         path.write_text(yaml.safe_dump({"groups": [{"name": "check", "rules": rules}]}))
-        proc = subprocess.run(
-            [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
-        )
+        proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, f"promtool rejected an expression:\n{proc.stdout}\n{proc.stderr}"
 
     return _parse

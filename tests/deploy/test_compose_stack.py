@@ -42,9 +42,7 @@ def service(model: dict[str, Any], name: str) -> dict[str, Any]:
 
 def mounts(model: dict[str, Any], name: str) -> dict[str, Path]:
     """Container path -> host path of a service's bind mounts."""
-    return {
-        v["target"]: Path(v["source"]) for v in service(model, name).get("volumes", []) if v["type"] == "bind"
-    }
+    return {v["target"]: Path(v["source"]) for v in service(model, name).get("volumes", []) if v["type"] == "bind"}
 
 
 def mounted_file(model: dict[str, Any], name: str, target: str) -> Path:
@@ -72,9 +70,7 @@ def test_compose_file_passes_docker_compose_config_validation(compose_cli: list[
     assert proc.returncode == 0, proc.stderr
 
 
-def test_the_validator_rejects_what_the_compose_schema_forbids(
-    compose_cli: list[str], tmp_path: Path
-) -> None:
+def test_the_validator_rejects_what_the_compose_schema_forbids(compose_cli: list[str], tmp_path: Path) -> None:
     """Guards the guard: the same call must fail on a key the Compose Specification does not allow."""
     bad = tmp_path / "compose.yaml"
     bad.write_text(yaml.safe_dump({"services": {"a": {"image": "x", "not_a_compose_key": 1}}}))
@@ -176,9 +172,7 @@ def test_prometheus_config_and_its_mounted_rules_pass_promtool(
     assert "--enable-feature=exemplar-storage" in prometheus["command"], "exemplars need this flag"
 
 
-def test_prometheus_scrapes_the_outrigger_admin_port(
-    model: dict[str, Any], load: Callable[[Path], Any]
-) -> None:
+def test_prometheus_scrapes_the_outrigger_admin_port(model: dict[str, Any], load: Callable[[Path], Any]) -> None:
     config = load(mounted_file(model, "prometheus", "/etc/prometheus/prometheus.yml"))
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "outrigger")
     targets = [t for static in job["static_configs"] for t in static["targets"]]
@@ -214,9 +208,7 @@ def test_collector_pipeline_wiring(model: dict[str, Any], load: Callable[[Path],
     assert host_port(endpoint) == ("otel-collector", 4317)
 
 
-def test_grafana_datasources_link_exemplars_to_jaeger(
-    model: dict[str, Any], load: Callable[[Path], Any]
-) -> None:
+def test_grafana_datasources_link_exemplars_to_jaeger(model: dict[str, Any], load: Callable[[Path], Any]) -> None:
     provisioning = mounted_file(model, "grafana", "/etc/grafana/provisioning/datasources")
     datasources = [ds for f in sorted(provisioning.glob("*.yaml")) for ds in load(f)["datasources"]]
     by_type = {ds["type"]: ds for ds in datasources}

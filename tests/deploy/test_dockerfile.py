@@ -85,9 +85,7 @@ def test_final_stage_is_slim_unprivileged_and_labelled(docker_build: Any) -> Non
     env = {k: v for c in final.all("ENV") for k, v in docker_build.pairs(c, final).items()}
     assert env["OUTRIGGER_ADMIN_ADDRESS"] == "0.0.0.0:9901"
     copies_from = [c for c in final.all("COPY") if c.flags]
-    assert [(c.flags, c.value) for c in copies_from] == [
-        ((f"--from={build.name}",), ("/opt/venv", "/opt/venv"))
-    ]
+    assert [(c.flags, c.value) for c in copies_from] == [((f"--from={build.name}",), ("/opt/venv", "/opt/venv"))]
     assert not final.all("RUN"), "the final stage only copies: no package manager, no shell steps"
 
 
@@ -105,16 +103,12 @@ def test_entrypoint_runs_outrigger_on_the_copied_default_config(docker_build: An
 def test_build_context_keeps_tests_git_venvs_and_caches_out(docker_context: Path) -> None:
     assert (docker_context / "pyproject.toml").is_file()
     assert (docker_context / "proxy").is_dir()
-    assert (docker_context / "config" / "outrigger.yaml").exists() or not (
-        REPO / "config" / "outrigger.yaml"
-    ).exists()
+    assert (docker_context / "config" / "outrigger.yaml").exists() or not (REPO / "config" / "outrigger.yaml").exists()
     if (REPO / "README.md").exists():  # pyproject's readme: the build needs it
         assert (docker_context / "README.md").is_file()
     for unwanted in ("tests", ".git", "deploy", ".venv", "venv"):
         assert not (docker_context / unwanted).exists(), unwanted
-    leaked = [
-        p for p in docker_context.rglob("*") if p.name in {"__pycache__", ".pytest_cache", ".ruff_cache"}
-    ]
+    leaked = [p for p in docker_context.rglob("*") if p.name in {"__pycache__", ".pytest_cache", ".ruff_cache"}]
     assert not leaked
 
 
@@ -133,18 +127,14 @@ def test_image_command_becomes_ready_serves_metrics_and_drains_to_exit_0_on_sigt
     for name, _host, _port in ENV_ADDRESS.findall(config_text):
         env[name] = f"127.0.0.1:{free_port()}"
     admin = env["OUTRIGGER_ADMIN_ADDRESS"]
-    assert admin.startswith("127.0.0.1:"), (
-        "the config must read its admin address from OUTRIGGER_ADMIN_ADDRESS"
-    )
+    assert admin.startswith("127.0.0.1:"), "the config must read its admin address from OUTRIGGER_ADMIN_ADDRESS"
     drain = (yaml.safe_load(config_text) or {}).get("drain", {})
     grace_s = parse_duration(drain.get("grace", "5s"))
     timeout_s = parse_duration(drain.get("timeout", "30s"))
 
     log = tmp_path / "outrigger.log"
     with log.open("w") as output:
-        process = subprocess.Popen(
-            [*image.entrypoint, *image.cmd], env=env, stdout=output, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen([*image.entrypoint, *image.cmd], env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 60
             while http_status(f"http://{admin}/readyz") != 200:

@@ -114,18 +114,12 @@ def test_required_panels_exist(dashboard: dict[str, Any]) -> None:
     assert find(dashboard, uses("sum by (route)", "rate(outrigger_requests_total"))
     assert find(dashboard, uses('outcome!="upstream"', 'code="5xx"', "/"))
     for quantile in ("0.50", "0.99"):
-        assert find(
-            dashboard, uses(f"histogram_quantile({quantile}", "outrigger_request_duration_seconds_bucket")
-        )
+        assert find(dashboard, uses(f"histogram_quantile({quantile}", "outrigger_request_duration_seconds_bucket"))
     assert find(dashboard, uses("outrigger_retries_total"))
     assert find(dashboard, uses("outrigger_retry_budget_exhausted_total"))
     assert find(dashboard, uses("outrigger_rate_limited_total"))
-    assert find(
-        dashboard, uses("rate(outrigger_upstream_attempts_total", "/", "rate(outrigger_requests_total")
-    )
-    timelines = find(
-        dashboard, lambda p, e: p["type"] == "state-timeline" and "outrigger_circuit_breaker_state" in e
-    )
+    assert find(dashboard, uses("rate(outrigger_upstream_attempts_total", "/", "rate(outrigger_requests_total"))
+    timelines = find(dashboard, lambda p, e: p["type"] == "state-timeline" and "outrigger_circuit_breaker_state" in e)
     assert timelines, "breaker state needs a state-timeline panel"
     mappings = timelines[0]["fieldConfig"]["defaults"]["mappings"][0]["options"]
     assert {m["text"] for m in mappings.values()} == {"closed", "open", "half_open"}

@@ -122,9 +122,7 @@ def test_outrigger_is_a_native_sidecar_and_the_app_a_regular_container(render: R
     spec = pod_spec(render(BASE))
     sidecar = container(spec, "outrigger", "initContainers")
     assert sidecar["restartPolicy"] == "Always"
-    assert spec["initContainers"][0]["name"] == "outrigger", (
-        "the sidecar must start before other init containers"
-    )
+    assert spec["initContainers"][0]["name"] == "outrigger", "the sidecar must start before other init containers"
     assert [c["name"] for c in spec["containers"]] == ["checkout"]
     assert "restartPolicy" not in spec["containers"][0]
 
@@ -194,9 +192,7 @@ def test_config_in_the_configmap_has_the_documented_shape(render: Render) -> Non
     )
     routes = [route for listener in listeners for route in listener["routes"]]
     assert {route["upstream"] for route in routes} <= set(config["upstreams"])
-    assert len({route["name"] for route in routes}) == len(routes), (
-        "route names label metrics: keep them unique"
-    )
+    assert len({route["name"] for route in routes}) == len(routes), "route names label metrics: keep them unique"
 
 
 def test_app_calls_its_dependencies_through_the_loopback_listeners(render: Render) -> None:

@@ -20,9 +20,7 @@ def rules() -> list[dict[str, Any]]:
 
 
 def test_alert_rules_pass_promtool_check(promtool: str) -> None:
-    proc = subprocess.run(
-        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -54,9 +52,7 @@ def test_required_alerts_watch_the_documented_signals() -> None:
     assert breaker["for"] == "1m"
     errors = by_name["OutriggerHighErrorRatio"]["expr"]
     assert 'outcome!="upstream"' in errors and 'code="5xx"' in errors and "0.05" in errors
-    assert (
-        "increase(outrigger_retry_budget_exhausted_total" in by_name["OutriggerRetryBudgetExhausted"]["expr"]
-    )
+    assert "increase(outrigger_retry_budget_exhausted_total" in by_name["OutriggerRetryBudgetExhausted"]["expr"]
     latency = by_name["OutriggerLatencyP99AboveSLO"]["expr"]
     assert "histogram_quantile(0.99" in latency and "outrigger_request_duration_seconds_bucket" in latency
     for rule in rules():

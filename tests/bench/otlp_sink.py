@@ -1,0 +1,70 @@
+"""A minimal OTLP/gRPC trace receiver for the benchmark: it acknowledges every export.
+
+It stands in for the OpenTelemetry Collector so that Outrigger's exporter does
+its real work (batching, protobuf encoding, a gRPC call) against a peer that
+answers at once.  It counts the spans it receives and writes the running
+totals as JSON to ``--stats`` so the benchmark can check that traces arrived.
+
+    python -m tests.bench.otlp_sink --port 4317 --stats /tmp/sink.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+
+class Sink(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.exports = 0
+        self.spans = 0
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
+        count = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+        with self.lock:
+            self.exports += 1
+            self.spans += count
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {"exports": self.exports, "spans": self.spans}
+
+
+def _write(path: str, data: dict[str, int]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--stats", required=True, help="file the span counts are written to")
+    args = parser.parse_args()
+    sink = Sink()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        _write(args.stats, sink.snapshot())
+    server.stop(grace=None)
+    _write(args.stats, sink.snapshot())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Hot reload: validated atomically, state carried over, listeners re-bound, symlink swaps seen."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from proxy.lifecycle import Sidecar
+from tests.support.sidecar import base_config, start_sidecar
+from tests.support.upstream import Reply, ScriptedUpstream
+
+
+def _reloads(sidecar: Sidecar, result: str) -> float:
+    value = sidecar.metrics.registry.get_sample_value("outrigger_config_reloads_total", {"result": result})
+    return value or 0.0
+
+
+async def _wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data))
+
+
+async def _admin_json(client: aiohttp.ClientSession, sidecar: Sidecar, path: str) -> Any:
+    async with client.get(f"http://127.0.0.1:{sidecar.admin_port}{path}") as resp:
+        return await resp.json()
+
+
+async def test_valid_file_change_takes_effect_and_changes_config_version(
+        tmp_path: Path, upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    data = base_config(upstream.url)
+    path = tmp_path / "outrigger.yaml"
+    _write(path, data)
+    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0.05)
+    try:
+        before = (await _admin_json(client, sidecar, "/config"))["version"]
+        changed = copy.deepcopy(data)
+        changed["listeners"][0]["routes"][0]["rewrite_prefix"] = "/v2"
+        _write(path, changed)
+        await _wait_for(lambda: _reloads(sidecar, "success") == 1)
+        after = await _admin_json(client, sidecar, "/config")
+        assert after["version"] != before
+        async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/orders") as resp:
+            assert resp.status == 200
+        assert upstream.requests[-1].path == "/v2orders"
+    finally:
+        await sidecar.stop()
+
+
+async def test_invalid_config_keeps_old_one_and_counts_failure(
+        tmp_path: Path, upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    data = base_config(upstream.url)
+    path = tmp_path / "outrigger.yaml"
+    _write(path, data)
+    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0.05)
+    try:
+        version = sidecar.runtime.version
+        broken = copy.deepcopy(data)
+        broken["listeners"][0]["routes"][0]["upstream"] = "nope"
+        _write(path, broken)
+        await _wait_for(lambda: _reloads(sidecar, "failure") == 1)
+        assert sidecar.runtime.version == version
+        assert _reloads(sidecar, "success") == 0
+        async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/still-served") as resp:
+            assert resp.status == 200
+    finally:
+        await sidecar.stop()
+
+
+async def test_breaker_state_carries_over_when_its_policy_is_unchanged(
+        upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    data = base_config(upstream.url, retry={"max_attempts": 1})
+    data["defaults"]["circuit_breaker"] = {"consecutive_failures": 2, "open_duration": {"min": "30s", "max": "60s"}}
+    sidecar = await start_sidecar(data)
+    try:
+        upstream.script(Reply(status=503), Reply(status=503))
+        url = f"http://127.0.0.1:{sidecar.port('main')}/x"
+        for _ in range(2):
+            async with client.get(url) as resp:
+                assert resp.status == 503
+        async with client.get(url) as resp:
+            assert resp.headers["x-outrigger-error"] == "circuit_open"
+        changed = copy.deepcopy(data)
+        changed["listeners"][0]["routes"][0]["timeout"] = {"total": "4s"}  # unrelated change
+        assert await sidecar.apply(_config(changed))
+        async with client.get(url) as resp:
+            assert resp.headers["x-outrigger-error"] == "circuit_open"
+        assert len(upstream.requests) == 2
+        tightened = copy.deepcopy(changed)
+        tightened["defaults"]["circuit_breaker"]["consecutive_failures"] = 3  # breaker policy changed: fresh state
+        assert await sidecar.apply(_config(tightened))
+        async with client.get(url) as resp:
+            assert resp.status == 200
+    finally:
+        await sidecar.stop()
+
+
+def _config(data: dict[str, Any]) -> Any:
+    from tests.support.sidecar import to_config
+    return to_config(data)
+
+
+async def test_unchanged_listener_keeps_its_socket_and_new_listener_is_bound(
+        upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    data = base_config(upstream.url)
+    sidecar = await start_sidecar(data)
+    try:
+        port = sidecar.port("main")
+        async with client.get(f"http://127.0.0.1:{port}/a") as resp:  # keep-alive connection stays open
+            assert resp.status == 200
+        changed = copy.deepcopy(data)
+        changed["listeners"].append({"name": "second", "address": "127.0.0.1:0",
+                                     "routes": [{"name": "all", "upstream": "svc"}]})
+        assert await sidecar.apply(_config(changed))
+        assert sidecar.port("main") == port
+        async with client.get(f"http://127.0.0.1:{port}/b") as resp:
+            assert resp.status == 200
+        async with client.get(f"http://127.0.0.1:{sidecar.port('second')}/c") as resp:
+            assert resp.status == 200
+        removed = copy.deepcopy(changed)
+        removed["listeners"] = removed["listeners"][1:]
+        second_port = sidecar.port("second")
+        assert await sidecar.apply(_config(removed))
+        assert "main" not in sidecar.listeners
+        await asyncio.sleep(0.2)
+        try:
+            async with aiohttp.ClientSession() as fresh, fresh.get(f"http://127.0.0.1:{port}/gone") as resp:
+                raise AssertionError(f"removed listener still answered {resp.status}")
+        except aiohttp.ClientConnectorError:
+            pass
+        async with client.get(f"http://127.0.0.1:{second_port}/d") as resp:
+            assert resp.status == 200
+    finally:
+        await sidecar.stop()
+
+
+async def test_in_flight_request_finishes_under_the_config_it_started_with(
+        upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    other = ScriptedUpstream()
+    await other.start()
+    data = base_config(upstream.url)
+    sidecar = await start_sidecar(data)
+    try:
+        upstream.script(Reply(body=b"old", delay=0.5))
+        slow = asyncio.create_task(client.get(f"http://127.0.0.1:{sidecar.port('main')}/slow"))
+        await _wait_for(lambda: len(upstream.requests) == 1)
+        changed = copy.deepcopy(data)
+        changed["upstreams"]["svc"]["url"] = other.url
+        assert await sidecar.apply(_config(changed))
+        async with await slow as resp:
+            assert await resp.read() == b"old"
+        async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/next") as resp:
+            assert resp.status == 200
+        assert [r.path for r in other.requests] == ["/next"]
+    finally:
+        await sidecar.stop()
+        await other.stop()
+
+
+async def test_configmap_style_symlink_swap_is_detected(
+        tmp_path: Path, upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    """Kubernetes updates ConfigMap volumes by re-pointing the ..data symlink."""
+    data = base_config(upstream.url)
+    first, second = tmp_path / "..2026_a", tmp_path / "..2026_b"
+    first.mkdir()
+    second.mkdir()
+    _write(first / "outrigger.yaml", data)
+    (tmp_path / "..data").symlink_to(first.name)
+    (tmp_path / "outrigger.yaml").symlink_to("..data/outrigger.yaml")
+    sidecar = await start_sidecar(data, config_path=str(tmp_path / "outrigger.yaml"), watch_interval_s=0.05)
+    try:
+        changed = copy.deepcopy(data)
+        changed["listeners"][0]["routes"][0]["rewrite_prefix"] = "/swapped"
+        _write(second / "outrigger.yaml", changed)
+        tmp_link = tmp_path / "..data_tmp"
+        tmp_link.symlink_to(second.name)
+        os.replace(tmp_link, tmp_path / "..data")  # atomic swap, as the kubelet does
+        await _wait_for(lambda: _reloads(sidecar, "success") == 1)
+        async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/x") as resp:
+            assert resp.status == 200
+        assert upstream.requests[-1].path == "/swappedx"
+    finally:
+        await sidecar.stop()
+
+
+async def test_fifty_reloads_alternating_valid_and_invalid_under_load_fail_no_request(
+        tmp_path: Path, upstream: ScriptedUpstream) -> None:
+    data = base_config(upstream.url)
+    path = tmp_path / "outrigger.yaml"
+    _write(path, data)
+    sidecar = await start_sidecar(data, config_path=str(path))
+    failures: list[str] = []
+    done = 0
+    stop = asyncio.Event()
+
+    async def load(session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        url = f"http://127.0.0.1:{sidecar.port('main')}/load"
+        while not stop.is_set():
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        failures.append(f"status {resp.status}")
+            except aiohttp.ClientError as exc:
+                failures.append(repr(exc))
+            done += 1
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            workers = [asyncio.create_task(load(session)) for _ in range(8)]
+            for i in range(50):
+                if i % 2 == 0:
+                    changed = copy.deepcopy(data)
+                    changed["listeners"][0]["routes"][0]["timeout"] = {"total": f"{4 + i % 3}s"}
+                    _write(path, changed)
+                else:
+                    path.write_text("version: 1\nlisteners: [}\n")
+                await sidecar.reload_from_file()
+                await asyncio.sleep(0.02)
+            stop.set()
+            await asyncio.gather(*workers)
+        assert failures == []
+        assert done > 100
+        assert _reloads(sidecar, "success") == 25
+        assert _reloads(sidecar, "failure") == 25
+    finally:
+        await sidecar.stop()

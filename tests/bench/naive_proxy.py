@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +23,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-e
 def build_app(upstream: str) -> web.Application:
     session_key = web.AppKey("session", aiohttp.ClientSession)
 
-    async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         app[session_key] = aiohttp.ClientSession(auto_decompress=False)
         yield
         await app[session_key].close()

@@ -28,7 +28,7 @@ class Sink(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
         self.exports = 0
         self.spans = 0
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
+    def Export(self, request: Any, context: Any) -> Any:
         count = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
         with self.lock:
             self.exports += 1

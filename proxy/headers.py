@@ -6,7 +6,6 @@ Nothing here does I/O, so the rules are unit-tested directly.
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from collections.abc import Iterable
@@ -16,8 +15,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.errors import BadRequest
 
 __all__ = [
-    "MAX_ATTEMPTS_HEADER", "REQUEST_ID_HEADER", "TIMEOUT_HEADER", "parse_overrides", "request_id",
-    "response_headers", "upstream_headers",
+    "ATTEMPTS_HEADER", "MAX_ATTEMPTS_HEADER", "REQUEST_ID_HEADER", "TIMEOUT_HEADER", "connection_listed",
+    "parse_overrides", "request_id", "response_headers", "upstream_headers", "valid_traceparent",
 ]
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -29,14 +28,20 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
     "proxy-connection", "proxy-authenticate", "proxy-authorization",
 })
-# Headers the app may send to steer Outrigger; they never travel upstream.
-_CONTROL = frozenset({TIMEOUT_HEADER, MAX_ATTEMPTS_HEADER, "host"})
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+# Headers meant for Outrigger itself; they never travel upstream.  The edge answers
+# ``Expect: 100-continue`` and the upstream call sets its own Host.
+_CONTROL = frozenset({TIMEOUT_HEADER, MAX_ATTEMPTS_HEADER, "host", "expect"})
+# fullmatch, not match: ``$`` would also accept a trailing newline.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# ASCII only: str.isdigit() and float() also accept "²", "1_0" or "inf", which are not header syntax.
+_MILLIS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,3})?")
+_ATTEMPTS = re.compile(r"[0-9]{1,3}")
 _MAX_TIMEOUT_MS = 24 * 3600 * 1000
 
 
-def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Lower-cased header names the ``Connection`` header lists (they are hop-by-hop too)."""
     listed: set[str] = set()
     for value in headers.getall("Connection", ()):
         listed.update(token.strip().lower() for token in value.split(",") if token.strip())
@@ -51,20 +56,21 @@ def _is_hop(name: str, listed: set[str]) -> bool:
 def request_id(headers: CIMultiDictProxy[str]) -> str:
     """The caller's x-request-id when well-formed, else a fresh one (never echo garbage)."""
     value = headers.get(REQUEST_ID_HEADER)
-    if value is not None and _REQUEST_ID.match(value):
+    if value is not None and _REQUEST_ID.fullmatch(value):
         return value
     return uuid.uuid4().hex
 
 
 def valid_traceparent(value: str) -> bool:
-    return bool(_TRACEPARENT.match(value)) and value[3:35] != "0" * 32 and value[36:52] != "0" * 16 \
+    """W3C trace-context syntax, with the all-zero ids and version ff ruled out."""
+    return bool(_TRACEPARENT.fullmatch(value)) and value[3:35] != "0" * 32 and value[36:52] != "0" * 16 \
         and not value.startswith("ff")
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], *, client_ip: str | None, host: str | None,
                      rid: str, scheme: str = "http") -> CIMultiDict[str]:
     """The app's headers as the upstream should see them."""
-    listed = _connection_listed(incoming)
+    listed = connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
@@ -74,8 +80,8 @@ def upstream_headers(incoming: CIMultiDictProxy[str], *, client_ip: str | None, 
             continue  # malformed trace context is dropped, not forwarded
         out.add(name, value)
     if client_ip:
-        prior = incoming.get("X-Forwarded-For")
-        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+        prior = incoming.getall("X-Forwarded-For", ())
+        out["X-Forwarded-For"] = ", ".join((*prior, client_ip))
     out["X-Forwarded-Proto"] = scheme
     if host:
         out["X-Forwarded-Host"] = host
@@ -91,27 +97,22 @@ def response_headers(upstream: Iterable[tuple[str, str]], listed: set[str]) -> C
     return out
 
 
-def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    return _connection_listed(headers)
-
-
 def parse_overrides(headers: CIMultiDictProxy[str]) -> tuple[float | None, int | None]:
     """(timeout seconds, max attempts) from the override headers; 400 on garbage."""
     timeout_s: float | None = None
     attempts: int | None = None
     raw = headers.get(TIMEOUT_HEADER)
     if raw is not None:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value <= 0 or value > _MAX_TIMEOUT_MS:
-            raise BadRequest(f"header {TIMEOUT_HEADER} must be a positive number of milliseconds")
+        text = raw.strip()
+        value = float(text) if _MILLIS.fullmatch(text) else 0.0
+        if not 0 < value <= _MAX_TIMEOUT_MS:
+            raise BadRequest(f"header {TIMEOUT_HEADER} must be a positive number of milliseconds "
+                             f"up to {_MAX_TIMEOUT_MS}")
         timeout_s = value / 1000.0
     raw = headers.get(MAX_ATTEMPTS_HEADER)
     if raw is not None:
         text = raw.strip()
-        if not text.isdigit() or not 1 <= int(text) <= 100:
+        if not _ATTEMPTS.fullmatch(text) or not 1 <= int(text) <= 100:
             raise BadRequest(f"header {MAX_ATTEMPTS_HEADER} must be an integer from 1 to 100")
         attempts = int(text)
     return timeout_s, attempts

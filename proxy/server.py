@@ -19,7 +19,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
 from opentelemetry.trace import Status, StatusCode
 
 from proxy import errors
@@ -27,18 +26,27 @@ from proxy.chain import ProxyRequest, ProxyResponse, RequestBody
 from proxy.clock import Clock
 from proxy.config import LimitsConfig
 from proxy.headers import (
-    ATTEMPTS_HEADER, REQUEST_ID_HEADER, connection_listed, parse_overrides, request_id, response_headers,
+    ATTEMPTS_HEADER,
+    REQUEST_ID_HEADER,
+    connection_listed,
+    parse_overrides,
+    request_id,
+    response_headers,
     upstream_headers,
 )
 from proxy.routing import Route, Router
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.telemetry.tracing import Tracing
+from proxy.websocket import proxy_websocket
 
 __all__ = ["EdgeContext", "EdgeHandler", "ListenerSlot"]
 
 log = logging.getLogger("outrigger.server")
-_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$|\?)", re.IGNORECASE)
+# A '.' or '..' segment, with the dots or the separators percent-encoded or as backslashes
+# (some upstreams decode %2F or treat '\' as '/', and would then walk up the tree).
+_DOT_SEGMENT = re.compile(r"(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:$|/|\\|%2f|%5c)", re.IGNORECASE)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _STREAM_CHUNK = 64 * 1024
 
 
@@ -74,9 +82,9 @@ class EdgeHandler:
         if not target.startswith("/"):
             raise errors.BadRequest("absolute-form or asterisk request targets are not accepted; "
                                     "send origin-form paths to the listener")
-        if _DOT_SEGMENT.search(target.partition("?")[0]):
-            raise errors.BadRequest("request path must not contain '.' or '..' segments")
         path = target.partition("?")[0]
+        if _DOT_SEGMENT.search(path):
+            raise errors.BadRequest("request path must not contain '.' or '..' segments")
         route = self.slot.router.match(method, path, request.headers)
         if route is None:
             raise errors.NoRoute(f"no route of listener {self.slot.name} matches {method} {path[:200]}")
@@ -97,7 +105,6 @@ class EdgeHandler:
             if ctx.tracing is not None and ctx.tracing.tracer is not None:
                 span = ctx.tracing.start_server_span(f"{request.method} {route.name}", request.headers)
             if request.headers.get("Upgrade", "").lower() == "websocket":
-                from proxy.websocket import proxy_websocket
                 status, outcome = 101, "upstream"
                 return await proxy_websocket(request, route, rid)
             proxied = await self._forward(request, route, rid, span)
@@ -115,9 +122,9 @@ class EdgeHandler:
             raise
         except Exception as exc:
             log.exception("internal error while proxying", extra={"request_id": rid})
-            error = errors.Internal(f"internal error: {type(exc).__name__}")
-            status, outcome = error.status, error.code
-            return self._error_response(error, route, rid)
+            internal = errors.Internal(f"internal error: {type(exc).__name__}")
+            status, outcome = internal.status, internal.code
+            return self._error_response(internal, route, rid)
         finally:
             self.inflight -= 1
             elapsed = ctx.clock.now() - start
@@ -192,7 +199,12 @@ class EdgeHandler:
         max_body = self.slot.limits.max_body_bytes
         length = request.content_length
         if max_body is not None and length is not None and length > max_body:
-            raise errors.RequestTooLarge(f"request body of {length} bytes exceeds limits.max_body_bytes ({max_body})")
+            raise errors.RequestTooLarge(f"request body of {length} bytes exceeds limits.max_body_bytes "
+                                         f"({max_body})")
+        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+            # The low-level server does not answer Expect itself; a client such as curl
+            # would otherwise wait before sending the body.  Not forwarded upstream.
+            await request.writer.write(_CONTINUE)
         content = request.content
         if length is not None and length > buffer_limit:
             return RequestBody(stream=self._body_stream(content, max_body, 0))
@@ -233,7 +245,7 @@ class EdgeHandler:
                 await response.write(chunk)
             await response.write_eof()
             completed = True
-        except (aiohttp.ClientError, asyncio.TimeoutError, errors.ProxyError) as exc:
+        except (TimeoutError, aiohttp.ClientError, errors.ProxyError) as exc:
             # The upstream died or stalled mid-body: abort, so the app sees a broken
             # response rather than a silently short one.
             if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
@@ -252,7 +264,7 @@ class EdgeHandler:
 
 def build_server(handler: EdgeHandler, limits: LimitsConfig) -> web.Server:
     return web.Server(
-        handler,  # type: ignore[arg-type]
+        handler,
         handler_cancellation=True,
         max_line_size=max(8190, int(limits.max_header_bytes)),
         max_field_size=int(limits.max_header_bytes),

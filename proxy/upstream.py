@@ -17,8 +17,8 @@ import aiohttp
 from yarl import URL
 
 from proxy import errors
-from proxy.clock import Clock
 from proxy.chain import ProxyRequest, ProxyResponse
+from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig
 
 __all__ = ["UpstreamCall", "UpstreamPool", "map_client_error"]

@@ -19,7 +19,10 @@ from proxy.telemetry.metrics import UpstreamMetrics
 
 
 class Bulkhead:
-    __slots__ = ("_max_active", "_max_pending", "_metrics", "_name", "_timeout", "_waiters", "active", "pending")
+    __slots__ = (
+        "_abandoned", "_max_active", "_max_pending", "_metrics", "_name", "_timeout", "_waiters", "active",
+        "pending",
+    )
 
     def __init__(self, config: ConcurrencyConfig, name: str, metrics: UpstreamMetrics) -> None:
         self._max_active = config.max_active
@@ -28,12 +31,14 @@ class Bulkhead:
         self._metrics = metrics
         self._name = name
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._abandoned = 0  # cancelled waiters still in the deque, dropped lazily
         self.active = 0
         self.pending = 0
 
     def _reject(self, request: ProxyRequest, why: str) -> Overflow:
         self._metrics.bulkhead_rejected.inc()
-        request.event("bulkhead_rejected", {"outrigger.reason": why})
+        if request.span is not None:
+            request.event("bulkhead_rejected", {"outrigger.reason": why})
         return Overflow(f"upstream {self._name} is at its concurrency limit ({why})")
 
     async def _wait_for_slot(self, request: ProxyRequest) -> None:
@@ -48,11 +53,24 @@ class Bulkhead:
                 self._release()  # the slot arrived as we gave up: pass it on
             else:
                 waiter.cancel()
+                self._forget_abandoned()
             if isinstance(exc, TimeoutError):
                 raise self._reject(request, "pending timeout") from None
             raise
         finally:
             self.pending -= 1
+
+    def _forget_abandoned(self) -> None:
+        """Compact the queue once dead waiters outnumber the live ones it may hold.
+
+        Waiters that timed out stay in the deque until a release pops them; when every slot is
+        held for long (slow streams) they would pile up.  Compacting only after ``max_pending``
+        of them keeps the cost amortised O(1) per request and the deque within 2x its bound.
+        """
+        self._abandoned += 1
+        if self._abandoned > self._max_pending:
+            self._waiters = deque(w for w in self._waiters if not w.done())
+            self._abandoned = 0
 
     def _release(self) -> None:
         waiters = self._waiters

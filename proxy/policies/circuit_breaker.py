@@ -34,7 +34,8 @@ class CircuitBreakerPolicy:
         breaker = self._breaker
         if not breaker.try_acquire():
             retry_after = breaker.retry_after()
-            request.event("circuit_open", {"outrigger.retry_after_s": retry_after})
+            if request.span is not None:  # the fast-fail path builds no attribute dict when unsampled
+                request.event("circuit_open", {"outrigger.retry_after_s": retry_after})
             raise CircuitOpen(self._message, retry_after=retry_after)
         start = self._clock.now()
         try:

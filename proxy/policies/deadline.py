@@ -29,12 +29,16 @@ class Deadline:
         if request.timeout_override is not None and request.timeout_override < total:
             total = request.timeout_override  # overrides only ever tighten
         request.deadline = self._clock.now() + total
+        timer = asyncio.timeout(total)
         try:
-            async with asyncio.timeout(total):
+            async with timer:
                 return await call_next(request)
         except TimeoutError:
+            if not timer.expired():
+                raise  # a TimeoutError from below that is not ours must not pose as the deadline
             self._metrics.timeouts["total"].inc()
-            request.event("deadline_exceeded", {"outrigger.timeout_s": total})
+            if request.span is not None:
+                request.event("deadline_exceeded", {"outrigger.timeout_s": total})
             error = DeadlineExceeded(f"request did not complete within the total timeout of {total:g}s")
             error.attempts = request.attempt
             raise error from None

@@ -55,12 +55,15 @@ class RateLimit:
         if self._queue:
             wait = bucket.reserve(self._max_wait)
             if wait is not None:
-                request.event("rate_limit_queued", {"outrigger.wait_s": wait})
-                await self._clock.sleep(wait)
+                if request.span is not None:
+                    request.event("rate_limit_queued", {"outrigger.wait_s": wait})
+                if wait > 0.0:
+                    await self._clock.sleep(wait)
                 return await call_next(request)
         self._metrics.rate_limited.inc()
         retry_after = bucket.wait_time()
-        request.event("rate_limited", {"outrigger.retry_after_s": retry_after})
+        if request.span is not None:
+            request.event("rate_limited", {"outrigger.retry_after_s": retry_after})
         raise RateLimited(
             "rate limit exceeded for this route",
             retry_after=retry_after,

@@ -84,11 +84,13 @@ class Retry:
     def _admit(self, request: ProxyRequest, wait: float, reason: str) -> bool:
         """Deadline first (costs nothing), then the budget (spends a token)."""
         if self._clock.now() + wait >= request.deadline:
-            request.event("retry_abandoned", {"outrigger.reason": "deadline", "outrigger.wait_s": wait})
+            if request.span is not None:  # attribute dicts are built only for recorded spans
+                request.event("retry_abandoned", {"outrigger.reason": "deadline", "outrigger.wait_s": wait})
             return False
         if not self._budget.try_withdraw():
             self._metrics.budget_exhausted.inc()
-            request.event("retry_budget_exhausted", {"outrigger.reason": reason})
+            if request.span is not None:
+                request.event("retry_budget_exhausted", {"outrigger.reason": reason})
             return False
         self._metrics.retry(reason)
         return True
@@ -108,27 +110,30 @@ class Retry:
             except ProxyError as error:
                 error.attempts = attempt
                 kind = error.retry_kind
-                if kind not in self._kinds or attempt >= max_attempts or not self._may_resend(request, error.sent):
+                if kind is None or kind not in self._kinds or attempt >= max_attempts \
+                        or not self._may_resend(request, error.sent):
                     raise
-                reason = _REASON[kind]  # type: ignore[index]
+                reason = _REASON[kind]
                 wait = self._backoff(attempt - 1, previous)
                 if not self._admit(request, wait, reason):
                     raise
             else:
                 response.attempts = attempt
                 status = response.status
-                if status not in self._codes or attempt >= max_attempts or not self._may_resend(request, True):
+                if status not in self._codes or attempt >= max_attempts \
+                        or not self._may_resend(request, True):
                     return response
                 reason = self._reasons[status]
                 server_wait = self._server_wait(response)
                 wait = self._backoff(attempt - 1, previous) if server_wait is None else server_wait
                 if not self._admit(request, wait, reason):
                     return response
-                if server_wait is not None:
+                if server_wait is not None and request.span is not None:
                     request.event("retry_after_honoured", {"outrigger.wait_s": server_wait})
-                response.release()
-            request.event("backoff", {"outrigger.wait_s": wait, "outrigger.reason": reason,
-                                      "outrigger.attempt": attempt})
+                response.release()  # discarded: frees its connection and bulkhead slot now
+            if request.span is not None:
+                request.event("backoff", {"outrigger.wait_s": wait, "outrigger.reason": reason,
+                                          "outrigger.attempt": attempt})
             if wait > 0:
                 await self._clock.sleep(wait)
             previous = wait

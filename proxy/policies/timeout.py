@@ -20,12 +20,16 @@ class AttemptTimeout:
     def __init__(self, attempt_s: float, upstream: str, metrics: RouteMetrics) -> None:
         self._attempt = attempt_s
         self._metrics = metrics
-        self._message = f"upstream {upstream} sent no response headers within the attempt timeout of {attempt_s:g}s"
+        self._message = (f"upstream {upstream} sent no response headers within the attempt timeout "
+                         f"of {attempt_s:g}s")
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        timer = asyncio.timeout(self._attempt)
         try:
-            async with asyncio.timeout(self._attempt):
+            async with timer:
                 return await call_next(request)
         except TimeoutError:
+            if not timer.expired():
+                raise
             self._metrics.timeouts["attempt"].inc()
             raise UpstreamTimeout(self._message) from None

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import aiohttp
+
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.errors import ProxyError, UpstreamConnectFailure, UpstreamTimeout, UpstreamTlsError
 from proxy.telemetry.metrics import RouteMetrics
+from proxy.upstream import ConnectTimeout
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from proxy.telemetry.tracing import Tracing
     from proxy.upstream import UpstreamPool
 
@@ -26,6 +31,12 @@ def _error_result(error: ProxyError) -> str:
     if isinstance(error, UpstreamConnectFailure | UpstreamTlsError):
         return "connect_failure"
     return "reset"
+
+
+def _exemplar(span: Span | None) -> dict[str, str] | None:
+    if span is None:
+        return None
+    return {"trace_id": f"{span.get_span_context().trace_id:032x}"}
 
 
 class AttemptTelemetry:
@@ -41,28 +52,37 @@ class AttemptTelemetry:
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         metrics = self._metrics
+        tracing = self._tracing
         span = None
-        if request.span is not None and self._tracing is not None:
-            span = self._tracing.start_client_span(request, self._route, self._pool)
+        if request.span is not None and tracing is not None:  # unsampled requests cost nothing here
+            span = tracing.start_client_span(request, self._route, self._pool)
         start = self._clock.now()
         try:
             response = await call_next(request)
         except ProxyError as error:
-            metrics.attempt_duration.observe(self._clock.now() - start)
+            metrics.attempt_duration.observe(self._clock.now() - start, _exemplar(span))
             result = _error_result(error)
             metrics.attempt_results[result].inc()
-            if result == "connect_failure" and error.__class__.__name__ == "ConnectTimeout":
+            if isinstance(error, ConnectTimeout):
                 metrics.timeouts["connect"].inc()
+            elif isinstance(error.__cause__, aiohttp.SocketTimeoutError):
+                metrics.timeouts["idle"].inc()  # nothing read within `idle` before the headers
+            # Without a retry policy nothing else records that this one attempt was made.
+            error.attempts = max(error.attempts, request.attempt or 1)
             if span is not None:
-                self._tracing.end_client_span(span, None, error)  # type: ignore[union-attr]
+                tracing.end_client_span(span, None, error)  # type: ignore[union-attr]
             raise
         except BaseException as exc:
+            now = self._clock.now()
+            if now >= request.deadline:  # cancelled by the total timeout (not by the app leaving)
+                metrics.attempt_duration.observe(now - start, _exemplar(span))
+                metrics.attempt_results["timeout"].inc()
             if span is not None:
-                self._tracing.end_client_span(span, None, exc)  # type: ignore[union-attr]
+                tracing.end_client_span(span, None, exc)  # type: ignore[union-attr]
             raise
-        metrics.attempt_duration.observe(self._clock.now() - start)
+        metrics.attempt_duration.observe(self._clock.now() - start, _exemplar(span))
         status = response.status
         metrics.attempt_results["http_5xx" if status >= 500 else "http_4xx" if status >= 400 else "success"].inc()
         if span is not None:
-            self._tracing.end_client_span(span, status, None)  # type: ignore[union-attr]
+            tracing.end_client_span(span, status, None)  # type: ignore[union-attr]
         return response

@@ -12,11 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector, ProcessCollector,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-__all__ = ["BREAKER_STATES", "ATTEMPT_RESULTS", "Metrics", "RouteMetrics", "UpstreamMetrics", "status_class"]
+__all__ = [
+    "ATTEMPT_RESULTS", "BREAKER_STATES", "TIMEOUT_KINDS", "Metrics", "RouteMetrics", "UpstreamMetrics",
+    "method_label", "status_class",
+]
 
 ATTEMPT_RESULTS = ("success", "http_5xx", "http_4xx", "timeout", "reset", "connect_failure")
 TIMEOUT_KINDS = ("connect", "attempt", "total", "idle")
@@ -25,8 +34,17 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
 def status_class(status: int) -> str:
     return _CLASSES.get(status // 100, "other")
+
+
+def method_label(method: str) -> str:
+    """The method as a label value; any non-standard token is ``_OTHER`` (semconv), so apps
+    sending made-up methods cannot grow the series count."""
+    return method if method in _METHODS else "_OTHER"
 
 
 class Metrics:
@@ -129,6 +147,7 @@ class RouteMetrics:
     def request_done(self, method: str, status: int, outcome: str, seconds: float,
                      exemplar: dict[str, str] | None = None) -> None:
         code = status_class(status)
+        method = method_label(method)
         key = (method, code, outcome)
         counter = self._requests.get(key)
         if counter is None:

@@ -3,16 +3,23 @@
 Settings come from ``telemetry.tracing`` first and the standard ``OTEL_*``
 environment variables second.  The sampler is parent-based trace-id-ratio,
 so an app's sampling decision is always respected and its trace continued.
-Spans go through a batch processor to an exporter wrapped so that failures
-are counted and logged at most once per interval; the proxy never waits on
-the collector.
+
+Spans go through a batch processor whose queue never blocks the event loop:
+when it is full the span is dropped and counted.  The exporter runs on the
+processor's own thread, wrapped by ``_ExportGuard`` so that failures are
+counted in ``outrigger_spans_dropped_total`` and reported once per interval
+(the OTLP exporters' own per-retry log lines are folded into that report).
+``Tracing.shutdown`` flushes what it can within a bound and then aborts the
+exporter's retries, so a dead collector cannot stall a drain.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +30,13 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -39,37 +52,124 @@ __all__ = ["Tracing"]
 log = logging.getLogger("outrigger.tracing")
 _K8S_ENV = {"k8s.pod.name": "K8S_POD_NAME", "k8s.namespace.name": "K8S_NAMESPACE_NAME",
             "k8s.node.name": "K8S_NODE_NAME"}
+# Loggers of the OTLP exporters and the batch processor; while an export runs their
+# per-retry lines are folded into one report per interval (see _ExportGuard).
+_EXPORT_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.common.http",
+    "opentelemetry.sdk._shared_internal",
+)
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 
-class _CountingExporter(SpanExporter):
-    """Counts spans that failed to export; logs the failure once per interval."""
+class _DropReport:
+    """Counts dropped spans and logs about them at most once per interval (thread-safe)."""
 
-    def __init__(self, inner: SpanExporter, metrics: Metrics | None, interval_s: float = 30.0) -> None:
-        self._inner = inner
+    def __init__(self, metrics: Metrics | None, interval_s: float) -> None:
         self._metrics = metrics
         self._interval = interval_s
+        self._lock = threading.Lock()
         self._last_log = -interval_s
+        self._unreported = 0
+        self.last_error: str | None = None
+
+    def dropped(self, count: int, why: str) -> None:
+        if self._metrics is not None:
+            self._metrics.spans_dropped.inc(count)
+        with self._lock:
+            self._unreported += count
+            now = time.monotonic()
+            if now - self._last_log < self._interval:
+                return
+            self._last_log = now
+            count, self._unreported = self._unreported, 0
+            detail = self.last_error
+        log.warning("dropped %d spans: %s%s (next report in %.0fs at the earliest)", count, why,
+                    f"; last exporter error: {detail}" if detail else "", self._interval)
+
+
+class _ExportLogFold(logging.Filter):
+    """Swallows exporter log records raised inside ``_ExportGuard.export``, keeping the last message."""
+
+    def __init__(self, report: _DropReport) -> None:
+        super().__init__()
+        self._report = report
+        self.exporting = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(self.exporting, "active", False):
+            return True  # construction and config warnings still get through
+        if record.levelno >= logging.WARNING:
+            self._report.last_error = record.getMessage()[:300]
+        return False
+
+
+class _ExportGuard(SpanExporter):
+    """Wraps the real exporter: counts failures, folds its log spam, and can be aborted."""
+
+    def __init__(self, inner: SpanExporter, report: _DropReport) -> None:
+        self._inner = inner
+        self._report = report
+        self._aborted = False
+        self._closed = False
+        self._fold = _ExportLogFold(report)
+        for name in _EXPORT_LOGGERS:
+            logging.getLogger(name).addFilter(self._fold)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._aborted:
+            self._report.dropped(len(spans), "tracing shut down before the collector accepted them")
+            return SpanExportResult.FAILURE
+        self._fold.exporting.active = True
         try:
             result = self._inner.export(spans)
         except Exception as exc:  # an exporter bug must not kill the export thread
-            log.debug("span export raised", exc_info=exc)
+            self._report.last_error = f"{type(exc).__name__}: {exc}"[:300]
             result = SpanExportResult.FAILURE
+        finally:
+            self._fold.exporting.active = False
         if result is not SpanExportResult.SUCCESS:
-            if self._metrics is not None:
-                self._metrics.spans_dropped.inc(len(spans))
-            now = time.monotonic()
-            if now - self._last_log >= self._interval:
-                self._last_log = now
-                log.warning("could not export %d spans to the trace collector; dropping them", len(spans))
+            self._report.dropped(len(spans), "the trace collector did not accept them")
         return result
 
+    def abort(self) -> None:
+        """Stop retrying now: the exporter's shutdown wakes its backoff sleep."""
+        self._aborted = True
+        self.shutdown()
+
     def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._inner.shutdown()
+
+    def detach_logs(self) -> None:
+        for name in _EXPORT_LOGGERS:
+            logging.getLogger(name).removeFilter(self._fold)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+class _BatchProcessor(BatchSpanProcessor):
+    """The SDK batch processor, but a full queue drops the new span and counts it."""
+
+    def __init__(self, exporter: SpanExporter, report: _DropReport) -> None:
+        super().__init__(exporter)
+        self._report = report
+        batch = getattr(self, "_batch_processor", None)
+        self._queue: Any = getattr(batch, "_queue", None)
+        self._capacity: int = getattr(batch, "_max_queue_size", 0)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        queue = self._queue
+        if queue is not None and len(queue) >= self._capacity and span.context is not None \
+                and span.context.trace_flags.sampled:
+            self._report.dropped(1, "the span queue is full (the collector is slow or down)")
+            return
+        super().on_end(span)
 
 
 def _propagators(names: Sequence[str]) -> TextMapPropagator:
@@ -86,6 +186,46 @@ def _propagators(names: Sequence[str]) -> TextMapPropagator:
         elif name and name != "none":
             log.warning("unknown propagator %r ignored", name)
     return CompositePropagator(chosen)
+
+
+def _ratio(value: str | None) -> float:
+    try:
+        ratio = float(value) if value else 1.0
+    except ValueError:
+        log.warning("OTEL_TRACES_SAMPLER_ARG %r is not a number; sampling everything", value)
+        return 1.0
+    return min(1.0, max(0.0, ratio))
+
+
+def _sampler(ratio: float | None, env: Mapping[str, str]) -> Sampler:
+    """``sample_ratio`` wins; else ``OTEL_TRACES_SAMPLER(_ARG)``; else parent-based ratio 1.0."""
+    if ratio is not None:
+        return ParentBased(TraceIdRatioBased(ratio))
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_traceidratio").strip().lower()
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG")
+    samplers: dict[str, Sampler] = {
+        "always_on": ALWAYS_ON, "always_off": ALWAYS_OFF,
+        "parentbased_always_on": ParentBased(ALWAYS_ON), "parentbased_always_off": ParentBased(ALWAYS_OFF),
+    }
+    if name == "traceidratio":
+        return TraceIdRatioBased(_ratio(arg))
+    if name in samplers:
+        return samplers[name]
+    if name != "parentbased_traceidratio":
+        log.warning("unsupported OTEL_TRACES_SAMPLER %r; using parentbased_traceidratio", name)
+    return ParentBased(TraceIdRatioBased(_ratio(arg)))
+
+
+def _resource(config: TelemetryConfig, env: Mapping[str, str]) -> Resource:
+    attributes: dict[str, Any] = {}
+    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            attributes[key.strip()] = urllib.parse.unquote(value.strip())
+    attributes.update({key: env[var] for key, var in _K8S_ENV.items() if env.get(var)})
+    attributes["service.name"] = config.service_name or env.get("OTEL_SERVICE_NAME") \
+        or attributes.get("service.name") or "outrigger"
+    return Resource.create(attributes)
 
 
 def _exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter | None:
@@ -107,33 +247,40 @@ def _exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter |
     return HttpExporter(endpoint=endpoint) if endpoint else HttpExporter()
 
 
+def _shutdown_timeout(env: Mapping[str, str]) -> float:
+    raw = env.get("OTEL_BSP_EXPORT_TIMEOUT")
+    try:
+        return float(raw) / 1000.0 if raw else DEFAULT_SHUTDOWN_TIMEOUT_S
+    except ValueError:
+        return DEFAULT_SHUTDOWN_TIMEOUT_S
+
+
 class Tracing:
     """Owns the tracer provider for the process; ``tracer`` is None when disabled."""
 
     def __init__(self, config: TelemetryConfig, *, metrics: Metrics | None = None,
-                 env: Mapping[str, str] | None = None, exporter: SpanExporter | None = None) -> None:
+                 env: Mapping[str, str] | None = None, exporter: SpanExporter | None = None,
+                 report_interval_s: float = 30.0) -> None:
         """``exporter`` replaces the configured one (the demo keeps spans in memory)."""
         env = os.environ if env is None else env
-        names = config.propagators or tuple(
-            env.get("OTEL_PROPAGATORS", "tracecontext,baggage").split(","))
+        names: Sequence[str] = config.propagators or env.get("OTEL_PROPAGATORS", "tracecontext,baggage").split(",")
         self.propagator = _propagators(names)
         self.provider: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
+        self.shutdown_timeout_s = _shutdown_timeout(env)
+        self._guard: _ExportGuard | None = None
         disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         if exporter is None and not disabled and config.tracing.enabled:
             exporter = _exporter(config, env)
         if exporter is None:
             return
-        attributes: dict[str, Any] = {key: env[var] for key, var in _K8S_ENV.items() if env.get(var)}
-        service = config.service_name or env.get("OTEL_SERVICE_NAME") or "outrigger"
-        attributes["service.name"] = service
-        resource = Resource.create(attributes)
-        sampler = None  # let the SDK read OTEL_TRACES_SAMPLER(_ARG)
-        if config.tracing.sample_ratio is not None or "OTEL_TRACES_SAMPLER" not in env:
-            ratio = config.tracing.sample_ratio if config.tracing.sample_ratio is not None else 1.0
-            sampler = ParentBased(TraceIdRatioBased(ratio))
-        self.provider = TracerProvider(resource=resource, sampler=sampler)
-        self.provider.add_span_processor(BatchSpanProcessor(_CountingExporter(exporter, metrics)))
+        report = _DropReport(metrics, report_interval_s)
+        self._guard = _ExportGuard(exporter, report)
+        # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
+        self.provider = TracerProvider(resource=_resource(config, env),
+                                       sampler=_sampler(config.tracing.sample_ratio, env),
+                                       shutdown_on_exit=False)
+        self.provider.add_span_processor(_BatchProcessor(self._guard, report))
         self.tracer = self.provider.get_tracer("outrigger")
 
     def start_server_span(self, name: str, headers: Mapping[str, str]) -> Span | None:
@@ -145,9 +292,10 @@ class Tracing:
         return span if span.is_recording() else None
 
     def start_client_span(self, request: ProxyRequest, route: str, pool: UpstreamPool) -> Span:
+        """A CLIENT span for one attempt, injected into that attempt's outgoing headers."""
         assert self.tracer is not None and request.span is not None
         attempt = request.attempt or 1
-        path = request.path.partition("?")[0]
+        path = request.path.partition("?")[0]  # query strings may carry secrets: never recorded
         attributes: dict[str, Any] = {
             "http.request.method": request.method,
             "url.full": pool.base + path,
@@ -162,14 +310,14 @@ class Tracing:
             attributes["http.request.resend_count"] = attempt - 1
         span = self.tracer.start_span(request.method, context=trace.set_span_in_context(request.span),
                                       kind=SpanKind.CLIENT, attributes=attributes)
-        self.propagator.inject(request.headers, context=trace.set_span_in_context(span))  # type: ignore[arg-type]
+        self.propagator.inject(request.headers, context=trace.set_span_in_context(span))
         return span
 
     @staticmethod
     def end_client_span(span: Span, status: int | None, error: BaseException | None) -> None:
         if status is not None:
             span.set_attribute("http.response.status_code", status)
-            if status >= 500:
+            if status >= 400:  # semconv: 4xx and 5xx are errors on CLIENT spans
                 span.set_attribute("error.type", str(status))
                 span.set_status(Status(StatusCode.ERROR))
         if error is not None:
@@ -178,8 +326,33 @@ class Tracing:
             span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
         span.end()
 
-    def shutdown(self) -> None:
-        """Flush and stop; blocking, so call it from a thread."""
-        if self.provider is not None:
-            self.provider.force_flush(5000)
-            self.provider.shutdown()
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        """Flush and stop, within ``timeout_s`` (``OTEL_BSP_EXPORT_TIMEOUT``, default 5s).
+
+        Blocking, so call it from a thread.  The SDK's own shutdown waits for
+        every queued batch and each export retries for up to the exporter
+        timeout, so with the collector down it could take minutes; past the
+        bound the exporter is aborted and what is left is dropped.
+        """
+        provider, self.provider = self.provider, None  # idempotent; the tracer stays usable
+        if provider is None:
+            return
+        bound = self.shutdown_timeout_s if timeout_s is None else timeout_s
+        finished = threading.Event()
+
+        def run() -> None:
+            try:
+                provider.shutdown()
+            except Exception as exc:
+                log.debug("tracer provider shutdown failed", exc_info=exc)
+            finally:
+                finished.set()
+
+        threading.Thread(target=run, name="outrigger-tracing-shutdown", daemon=True).start()
+        guard = self._guard
+        if not finished.wait(bound) and guard is not None:
+            guard.abort()
+            if not finished.wait(1.0):
+                log.warning("tracing did not shut down within %.1fs; abandoning unexported spans", bound + 1.0)
+        if guard is not None and finished.is_set():
+            guard.detach_logs()

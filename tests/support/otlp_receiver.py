@@ -124,7 +124,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, collected: _Collected) -> None:
         self._collected = collected
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802 - grpc name
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
                context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
         self._collected.add(request)
         return trace_service_pb2.ExportTraceServiceResponse()
@@ -161,7 +161,7 @@ class GrpcOtlpReceiver:
 class _HttpHandler(http.server.BaseHTTPRequestHandler):
     server: _HttpServer
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server name
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
         self.server.content_types.append(self.headers.get("Content-Type", ""))
@@ -236,8 +236,8 @@ class SidecarProcess:
         self.env = {**clean, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         # Files, not pipes: an unread pipe would fill up and block the sidecar's access log.
-        self._out = tempfile.TemporaryFile()
-        self._err = tempfile.TemporaryFile()
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115
         self.stdout = ""
         self.stderr = ""
         self.returncode: int | None = None
@@ -259,10 +259,10 @@ class SidecarProcess:
             if self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"outrigger exited with {self.proc.returncode}: {self.stderr[-2000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as response:
-                    if response.status == 200:
-                        return self
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"outrigger not ready after {timeout}s: {self.stderr[-2000:]}")

@@ -1,0 +1,223 @@
+"""Circuit breaker policy on fake time: how attempt outcomes are classified, and the fast-fail."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.chain import ProxyRequest, ProxyResponse, RequestBody
+from proxy.clock import FakeClock
+from proxy.config.types import CircuitBreakerConfig, OpenDurationConfig
+from proxy.errors import (
+    CircuitOpen,
+    DeadlineExceeded,
+    Overflow,
+    ProxyError,
+    UpstreamConnectFailure,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+    UpstreamTlsError,
+)
+from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.policies.circuit_breaker import CircuitBreakerPolicy
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+
+
+class Span:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
+        self.events.append((name, attributes))
+
+
+def make(consecutive: int = 2, codes: tuple[int, ...] = (500, 502, 503, 504),
+         half_open: int = 1) -> tuple[CircuitBreakerPolicy, CircuitBreaker, FakeClock]:
+    clock = FakeClock()
+    config = CircuitBreakerConfig(consecutive_failures=consecutive, half_open_requests=half_open,
+                                  open_duration=OpenDurationConfig(min=1.0, max=8.0))  # type: ignore[arg-type]
+    breaker = CircuitBreaker(config, clock, random.Random(1))
+    return CircuitBreakerPolicy(breaker, codes, clock, "upstream svc"), breaker, clock
+
+
+def request() -> ProxyRequest:
+    req = ProxyRequest("GET", "/", CIMultiDict(), RequestBody(None), request_id="rid")
+    req.span = Span()  # type: ignore[assignment]
+    return req
+
+
+def replying(status: int, took: float = 0.0, clock: FakeClock | None = None) -> Any:
+    async def call_next(req: ProxyRequest) -> ProxyResponse:
+        if clock is not None:
+            clock.advance(took)
+        return ProxyResponse(status, CIMultiDict())
+    return call_next
+
+
+def raising(error: type[ProxyError]) -> Any:
+    async def call_next(req: ProxyRequest) -> ProxyResponse:
+        raise error("scripted")
+    return call_next
+
+
+@pytest.mark.parametrize("status", [200, 204, 301, 400, 404, 429, 499])
+async def test_non_failure_statuses_count_as_success(status: int) -> None:
+    policy, breaker, _ = make(consecutive=1)
+    for _ in range(5):
+        assert (await policy(request(), replying(status))).status == status
+    assert breaker.state is CLOSED
+
+
+async def test_success_resets_the_consecutive_count() -> None:
+    policy, breaker, _ = make(consecutive=2)
+    await policy(request(), replying(503))
+    await policy(request(), replying(404))
+    await policy(request(), replying(503))
+    assert breaker.state is CLOSED and breaker.consecutive_failures == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_failure_status_codes_trip_the_breaker(status: int) -> None:
+    policy, breaker, _ = make(consecutive=2)
+    for _ in range(2):
+        response = await policy(request(), replying(status))
+        assert response.status == status  # the response itself still goes back
+    assert breaker.state is OPEN
+
+
+async def test_only_configured_failure_codes_count() -> None:
+    policy, breaker, _ = make(consecutive=1, codes=(503,))
+    await policy(request(), replying(500))
+    assert breaker.state is CLOSED
+    await policy(request(), replying(503))
+    assert breaker.state is OPEN
+
+
+@pytest.mark.parametrize("error", [UpstreamConnectFailure, UpstreamReset, UpstreamProtocolError, UpstreamTimeout,
+                                   UpstreamTlsError])
+async def test_upstream_errors_count_as_failures(error: type[ProxyError]) -> None:
+    policy, breaker, _ = make(consecutive=2)
+    for _ in range(2):
+        with pytest.raises(error):
+            await policy(request(), raising(error))
+    assert breaker.state is OPEN
+
+
+@pytest.mark.parametrize("error", [Overflow, DeadlineExceeded])
+async def test_shed_attempts_give_no_verdict(error: type[ProxyError]) -> None:
+    policy, breaker, _ = make(consecutive=1)
+    for _ in range(3):
+        with pytest.raises(error):
+            await policy(request(), raising(error))
+    assert breaker.state is CLOSED and breaker.consecutive_failures == 0
+
+
+async def test_open_breaker_fails_fast_with_retry_after_and_event() -> None:
+    policy, breaker, clock = make(consecutive=1)
+    await policy(request(), replying(503))
+    assert breaker.state is OPEN
+    calls = 0
+
+    async def call_next(req: ProxyRequest) -> ProxyResponse:
+        nonlocal calls
+        calls += 1
+        return ProxyResponse(200, CIMultiDict())
+
+    req = request()
+    with pytest.raises(CircuitOpen) as caught:
+        await policy(req, call_next)
+    assert calls == 0
+    assert caught.value.status == 503 and caught.value.code == "circuit_open"
+    assert caught.value.retry_after == pytest.approx(breaker.open_until - clock.now())
+    assert 1.0 <= caught.value.retry_after <= 1.5  # type: ignore[operator]
+    assert isinstance(req.span, Span)
+    assert [name for name, _ in req.span.events] == ["circuit_open"]
+
+
+async def test_half_open_probe_success_closes_and_failure_reopens_longer() -> None:
+    policy, breaker, clock = make(consecutive=1)
+    await policy(request(), replying(503))
+    first = breaker.open_until - breaker.entered_at
+    clock.advance(breaker.retry_after())
+    await policy(request(), replying(502))  # the probe fails: open again, for longer
+    assert breaker.state is OPEN
+    assert breaker.open_until - breaker.entered_at >= first
+    clock.advance(breaker.retry_after())
+    await policy(request(), replying(200))
+    assert breaker.state is CLOSED
+
+
+async def test_half_open_admits_only_the_configured_probes() -> None:
+    policy, breaker, clock = make(consecutive=1, half_open=1)
+    await policy(request(), replying(503))
+    clock.advance(breaker.retry_after())
+    probe_started = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def slow_probe(req: ProxyRequest) -> ProxyResponse:
+        probe_started.set()
+        await finish.wait()
+        return ProxyResponse(200, CIMultiDict())
+
+    probe = asyncio.ensure_future(policy(request(), slow_probe))
+    await probe_started.wait()
+    assert breaker.state is HALF_OPEN
+    with pytest.raises(CircuitOpen):
+        await policy(request(), replying(200))
+    finish.set()
+    assert (await probe).status == 200
+    assert breaker.state is CLOSED
+
+
+async def test_cancelled_probe_frees_its_slot() -> None:
+    policy, breaker, clock = make(consecutive=1)
+    await policy(request(), replying(503))
+    clock.advance(breaker.retry_after())
+    started = asyncio.Event()
+
+    async def hang(req: ProxyRequest) -> ProxyResponse:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    probe = asyncio.ensure_future(policy(request(), hang))
+    await started.wait()
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert breaker.state is HALF_OPEN
+    assert (await policy(request(), replying(200))).status == 200  # the next caller may probe
+    assert breaker.state is CLOSED
+
+
+async def test_cancellation_in_closed_state_is_not_a_failure() -> None:
+    policy, breaker, _ = make(consecutive=1)
+
+    async def cancelled(req: ProxyRequest) -> ProxyResponse:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await policy(request(), cancelled)
+    assert breaker.state is CLOSED and breaker.consecutive_failures == 0
+
+
+async def test_attempt_duration_feeds_the_slow_call_rate() -> None:
+    from proxy.config.types import SlowCallConfig
+    clock = FakeClock()
+    config = CircuitBreakerConfig(
+        consecutive_failures=100, slow_call=SlowCallConfig(duration=0.5, rate_threshold=0.5, min_requests=4),  # type: ignore[arg-type]
+        open_duration=OpenDurationConfig(min=1.0, max=8.0))  # type: ignore[arg-type]
+    breaker = CircuitBreaker(config, clock, random.Random(1))
+    policy = CircuitBreakerPolicy(breaker, (503,), clock, "upstream svc")
+    await policy(request(), replying(200, 0.01, clock))
+    await policy(request(), replying(200, 0.01, clock))
+    await policy(request(), replying(200, 0.9, clock))
+    assert breaker.state is CLOSED
+    await policy(request(), replying(200, 0.9, clock))
+    assert breaker.state is OPEN

@@ -1,0 +1,143 @@
+"""Deadline (total timeout) and attempt timeout: what they stamp, what they raise, what they count.
+
+Both time out on the event loop's clock; the waits here are a few milliseconds at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.chain import ProxyRequest, ProxyResponse, RequestBody
+from proxy.clock import FakeClock
+from proxy.errors import DeadlineExceeded, UpstreamTimeout
+from proxy.policies.deadline import Deadline
+from proxy.policies.timeout import AttemptTimeout
+from proxy.telemetry.metrics import Metrics
+
+
+class Span:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
+        self.events.append((name, attributes))
+
+
+def request(timeout_override: float | None = None) -> ProxyRequest:
+    req = ProxyRequest("GET", "/", CIMultiDict(), RequestBody(None), request_id="rid",
+                       timeout_override=timeout_override)
+    req.span = Span()  # type: ignore[assignment]
+    return req
+
+
+async def hang(req: ProxyRequest) -> ProxyResponse:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def ok(req: ProxyRequest) -> ProxyResponse:
+    return ProxyResponse(200, CIMultiDict())
+
+
+def timeouts(metrics: Metrics, kind: str) -> float:
+    labels = {"route": "r", "upstream": "u", "kind": kind}
+    return metrics.registry.get_sample_value("outrigger_timeouts_total", labels) or 0.0
+
+
+async def test_deadline_is_stamped_on_the_request() -> None:
+    clock = FakeClock()
+    deadline = Deadline(5.0, clock, Metrics(process_collectors=False).for_route("r", "u"))
+    req = request()
+    assert (await deadline(req, ok)).status == 200
+    assert req.deadline == clock.now() + 5.0
+
+
+async def test_timeout_override_tightens_the_deadline() -> None:
+    clock = FakeClock()
+    deadline = Deadline(5.0, clock, Metrics(process_collectors=False).for_route("r", "u"))
+    req = request(timeout_override=0.5)
+    await deadline(req, ok)
+    assert req.deadline == clock.now() + 0.5
+
+
+async def test_timeout_override_never_loosens_the_deadline() -> None:
+    clock = FakeClock()
+    deadline = Deadline(5.0, clock, Metrics(process_collectors=False).for_route("r", "u"))
+    req = request(timeout_override=60.0)
+    await deadline(req, ok)
+    assert req.deadline == clock.now() + 5.0
+
+
+async def test_deadline_exceeded_is_504_with_event_metric_and_attempts() -> None:
+    metrics = Metrics(process_collectors=False)
+    deadline = Deadline(0.001, FakeClock(), metrics.for_route("r", "u"))
+    req = request()
+
+    async def two_attempts(r: ProxyRequest) -> ProxyResponse:
+        r.attempt = 2
+        return await hang(r)
+
+    with pytest.raises(DeadlineExceeded) as caught:
+        await deadline(req, two_attempts)
+    assert (caught.value.status, caught.value.code, caught.value.attempts) == (504, "deadline_exceeded", 2)
+    assert timeouts(metrics, "total") == 1
+    assert isinstance(req.span, Span)
+    assert [name for name, _ in req.span.events] == ["deadline_exceeded"]
+
+
+async def test_a_timeout_error_from_below_is_not_mistaken_for_the_deadline() -> None:
+    metrics = Metrics(process_collectors=False)
+    deadline = Deadline(5.0, FakeClock(), metrics.for_route("r", "u"))
+
+    async def raises_timeout(r: ProxyRequest) -> ProxyResponse:
+        raise TimeoutError("some library's own timeout")
+
+    with pytest.raises(TimeoutError) as caught:
+        await deadline(request(), raises_timeout)
+    assert not isinstance(caught.value, DeadlineExceeded)
+    assert timeouts(metrics, "total") == 0
+
+
+async def test_attempt_timeout_raises_upstream_timeout_and_counts() -> None:
+    metrics = Metrics(process_collectors=False)
+    attempt = AttemptTimeout(0.001, "svc", metrics.for_route("r", "u"))
+    with pytest.raises(UpstreamTimeout) as caught:
+        await attempt(request(), hang)
+    assert caught.value.retry_kind == "timeout" and caught.value.breaker_failure
+    assert timeouts(metrics, "attempt") == 1
+    assert (await attempt(request(), ok)).status == 200
+
+
+async def test_deadline_wins_over_a_longer_attempt_timeout() -> None:
+    metrics = Metrics(process_collectors=False)
+    route = metrics.for_route("r", "u")
+    deadline = Deadline(0.001, FakeClock(), route)
+    attempt = AttemptTimeout(5.0, "svc", route)
+
+    async def inner(req: ProxyRequest) -> ProxyResponse:
+        return await attempt(req, hang)
+
+    with pytest.raises(DeadlineExceeded):
+        await deadline(request(), inner)
+    assert (timeouts(metrics, "total"), timeouts(metrics, "attempt")) == (1, 0)
+
+
+async def test_outer_cancellation_passes_through_both_timeouts() -> None:
+    metrics = Metrics(process_collectors=False)
+    route = metrics.for_route("r", "u")
+    deadline = Deadline(5.0, FakeClock(), route)
+    attempt = AttemptTimeout(5.0, "svc", route)
+
+    async def inner(req: ProxyRequest) -> ProxyResponse:
+        return await attempt(req, hang)
+
+    task = asyncio.ensure_future(deadline(request(), inner))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (timeouts(metrics, "total"), timeouts(metrics, "attempt")) == (0, 0)

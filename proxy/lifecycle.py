@@ -212,6 +212,7 @@ class Sidecar:
             await self._stopped.wait()
             return
         self.draining = True
+        self.ready = False
         drain = self.runtime.config.drain
         log.info("draining: readiness off, still serving for %.1fs", drain.grace)
         if self._watch_task is not None:
@@ -240,8 +241,13 @@ class Sidecar:
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+
+        def on_stop_signal() -> None:
+            self.ready = False  # /readyz answers 503 from this very moment
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_stop_signal)
         with contextlib.suppress(NotImplementedError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file()))
         await self.start()

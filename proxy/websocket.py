@@ -64,14 +64,16 @@ async def proxy_websocket(request: web.BaseRequest, route: Route, rid: str) -> w
         if upstream.protocol:
             downstream = web.WebSocketResponse(autoping=False, autoclose=True, protocols=(upstream.protocol,))
         await downstream.prepare(request)
-        pumps = [asyncio.ensure_future(_relay(downstream, upstream)),
-                 asyncio.ensure_future(_relay(upstream, downstream))]
+        # Both relays always end: the one that sees a close forwards it, and its close()
+        # wakes the other one's receive() with CLOSING.  Cancelling the slower one
+        # early would cut a close handshake short and lose the close code.
+        relays = [asyncio.ensure_future(_relay(downstream, upstream)),
+                  asyncio.ensure_future(_relay(upstream, downstream))]
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.gather(*relays)
         finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            for relay in relays:
+                relay.cancel()
     finally:
         await upstream.close()
     with contextlib.suppress(ConnectionError):
@@ -97,7 +99,9 @@ async def _relay(source: _AnyWS, sink: _AnyWS) -> None:
                 code = msg.data if isinstance(msg.data, int) and msg.data not in _UNSENDABLE else 1000
                 await sink.close(code=code, message=(msg.extra or "").encode()[:123])
                 return
-            else:  # CLOSING, CLOSED or ERROR: the source is gone without a clean close frame
+            elif kind is WSMsgType.CLOSING:
+                return  # the other relay is closing ``source`` on behalf of the far side
+            else:  # CLOSED or ERROR: the source is gone without a clean close frame
                 await sink.close(code=1011 if kind is WSMsgType.ERROR else 1000)
                 return
     except ConnectionError:

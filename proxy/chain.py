@@ -63,7 +63,7 @@ class ProxyRequest:
 
     __slots__ = (
         "attempt", "body", "deadline", "headers", "idempotency_key", "max_attempts", "method", "path",
-        "rate_key", "request_id", "span", "timeout_override",
+        "rate_key", "request_id", "span", "timeout_override", "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
@@ -81,6 +81,7 @@ class ProxyRequest:
         self.attempt = 0  # 1-based, set by the retry policy
         self.idempotency_key = "idempotency-key" in headers
         self.rate_key: str | None = None
+        self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
 
     @property
     def idempotent(self) -> bool:

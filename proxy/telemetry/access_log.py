@@ -37,7 +37,8 @@ class AccessLog:
             self.flush()
 
     def record(self, entry: dict[str, Any]) -> None:
-        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}Z"
+        now = time.time()  # one reading, so the milliseconds belong to the same second
+        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
         self._lines.append(self._dumps(entry))
         if len(self._lines) >= self._max:
             self.flush()

@@ -60,7 +60,9 @@ class AttemptTelemetry:
         try:
             response = await call_next(request)
         except ProxyError as error:
-            metrics.attempt_duration.observe(self._clock.now() - start, _exemplar(span))
+            elapsed = self._clock.now() - start
+            request.upstream_s += elapsed
+            metrics.attempt_duration.observe(elapsed, _exemplar(span))
             result = _error_result(error)
             metrics.attempt_results[result].inc()
             if isinstance(error, ConnectTimeout):
@@ -74,15 +76,19 @@ class AttemptTelemetry:
             raise
         except BaseException as exc:
             now = self._clock.now()
+            request.upstream_s += now - start
             if now >= request.deadline:  # cancelled by the total timeout (not by the app leaving)
                 metrics.attempt_duration.observe(now - start, _exemplar(span))
                 metrics.attempt_results["timeout"].inc()
             if span is not None:
                 tracing.end_client_span(span, None, exc)  # type: ignore[union-attr]
             raise
-        metrics.attempt_duration.observe(self._clock.now() - start, _exemplar(span))
+        elapsed = self._clock.now() - start
+        request.upstream_s += elapsed
+        metrics.attempt_duration.observe(elapsed, _exemplar(span))
         status = response.status
-        metrics.attempt_results["http_5xx" if status >= 500 else "http_4xx" if status >= 400 else "success"].inc()
+        result = "http_5xx" if status >= 500 else "http_4xx" if status >= 400 else "success"
+        metrics.attempt_results[result].inc()
         if span is not None:
             tracing.end_client_span(span, status, None)  # type: ignore[union-attr]
         return response

@@ -23,13 +23,15 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = [
-    "ATTEMPT_RESULTS", "BREAKER_STATES", "TIMEOUT_KINDS", "Metrics", "RouteMetrics", "UpstreamMetrics",
+    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "TIMEOUT_KINDS", "Metrics", "RouteMetrics",
+    "UpstreamMetrics",
     "method_label", "status_class",
 ]
 
 ATTEMPT_RESULTS = ("success", "http_5xx", "http_4xx", "timeout", "reset", "connect_failure")
 TIMEOUT_KINDS = ("connect", "attempt", "total", "idle")
 BREAKER_STATES = ("closed", "open", "half_open")
+DROP_REASONS = ("export_failed", "queue_full", "collector_down", "shutdown")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
@@ -89,12 +91,14 @@ class Metrics:
                                          ["upstream"], registry=r)
         self.config_reloads = Counter("outrigger_config_reloads", "Config reloads by result.", ["result"],
                                       registry=r)
-        self.spans_dropped = Counter("outrigger_spans_dropped", "Spans that could not be exported.",
-                                     registry=r)
+        self.spans_dropped = Counter("outrigger_spans_dropped", "Spans not delivered to the trace collector.",
+                                     ["reason"], registry=r)
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)
+        for reason in DROP_REASONS:
+            self.spans_dropped.labels(reason=reason)
 
     def for_route(self, route: str, upstream: str) -> RouteMetrics:
         return RouteMetrics(self, route, upstream)
@@ -110,7 +114,8 @@ class UpstreamMetrics:
         self._metrics = metrics
         self.upstream = upstream
         self.bulkhead_rejected = metrics.bulkhead_rejected.labels(upstream=upstream)
-        self.breaker_state = {s: metrics.breaker_state.labels(upstream=upstream, state=s) for s in BREAKER_STATES}
+        self.breaker_state = {state: metrics.breaker_state.labels(upstream=upstream, state=state)
+                              for state in BREAKER_STATES}
 
     def breaker_transition(self, from_state: str, to_state: str) -> None:
         self._metrics.breaker_transitions.labels(

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
@@ -33,14 +34,19 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
+    Decision,
     ParentBased,
     Sampler,
+    SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 
 from proxy.config import TelemetryConfig
+from proxy.telemetry.metrics import DROP_REASONS
 
 if TYPE_CHECKING:
     from proxy.chain import ProxyRequest
@@ -64,20 +70,29 @@ _EXPORT_LOGGERS = (
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 
-class _DropReport:
-    """Counts dropped spans and logs about them at most once per interval (thread-safe)."""
+class _ExportState:
+    """Whether the collector is taking spans, plus dropped-span accounting (thread-safe).
+
+    ``healthy`` is read on the hot path without a lock (a plain attribute read);
+    the export thread clears it on a failed export or a full queue and sets it
+    on the next successful export.  Drops are counted at once and logged at
+    most once per interval.
+    """
 
     def __init__(self, metrics: Metrics | None, interval_s: float) -> None:
-        self._metrics = metrics
+        self.healthy = True
+        self._counters = {reason: metrics.spans_dropped.labels(reason=reason) for reason in DROP_REASONS} \
+            if metrics is not None else {}
         self._interval = interval_s
         self._lock = threading.Lock()
         self._last_log = -interval_s
         self._unreported = 0
         self.last_error: str | None = None
 
-    def dropped(self, count: int, why: str) -> None:
-        if self._metrics is not None:
-            self._metrics.spans_dropped.inc(count)
+    def dropped(self, count: int, reason: str, why: str) -> None:
+        counter = self._counters.get(reason)
+        if counter is not None:
+            counter.inc(count)
         with self._lock:
             self._unreported += count
             now = time.monotonic()
@@ -93,7 +108,7 @@ class _DropReport:
 class _ExportLogFold(logging.Filter):
     """Swallows exporter log records raised inside ``_ExportGuard.export``, keeping the last message."""
 
-    def __init__(self, report: _DropReport) -> None:
+    def __init__(self, report: _ExportState) -> None:
         super().__init__()
         self._report = report
         self.exporting = threading.local()
@@ -109,7 +124,7 @@ class _ExportLogFold(logging.Filter):
 class _ExportGuard(SpanExporter):
     """Wraps the real exporter: counts failures, folds its log spam, and can be aborted."""
 
-    def __init__(self, inner: SpanExporter, report: _DropReport) -> None:
+    def __init__(self, inner: SpanExporter, report: _ExportState) -> None:
         self._inner = inner
         self._report = report
         self._aborted = False
@@ -120,7 +135,8 @@ class _ExportGuard(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._aborted:
-            self._report.dropped(len(spans), "tracing shut down before the collector accepted them")
+            self._report.dropped(len(spans), "shutdown",
+                                 "tracing shut down before the collector accepted them")
             return SpanExportResult.FAILURE
         self._fold.exporting.active = True
         try:
@@ -130,8 +146,11 @@ class _ExportGuard(SpanExporter):
             result = SpanExportResult.FAILURE
         finally:
             self._fold.exporting.active = False
-        if result is not SpanExportResult.SUCCESS:
-            self._report.dropped(len(spans), "the trace collector did not accept them")
+        if result is SpanExportResult.SUCCESS:
+            self._report.healthy = True
+        else:
+            self._report.healthy = False
+            self._report.dropped(len(spans), "export_failed", "the trace collector did not accept them")
         return result
 
     def abort(self) -> None:
@@ -156,7 +175,7 @@ class _ExportGuard(SpanExporter):
 class _BatchProcessor(BatchSpanProcessor):
     """The SDK batch processor, but a full queue drops the new span and counts it."""
 
-    def __init__(self, exporter: SpanExporter, report: _DropReport) -> None:
+    def __init__(self, exporter: SpanExporter, report: _ExportState) -> None:
         super().__init__(exporter)
         self._report = report
         batch = getattr(self, "_batch_processor", None)
@@ -167,9 +186,45 @@ class _BatchProcessor(BatchSpanProcessor):
         queue = self._queue
         if queue is not None and len(queue) >= self._capacity and span.context is not None \
                 and span.context.trace_flags.sampled:
-            self._report.dropped(1, "the span queue is full (the collector is slow or down)")
+            self._report.healthy = False
+            self._report.dropped(1, "queue_full", "the span queue is full (the collector is slow or down)")
             return
         super().on_end(span)
+
+
+class _CollectorGate(Sampler):
+    """While the collector is failing, record one trace per ``probe_interval_s`` instead of all.
+
+    Spans made while exports fail would only be dropped later, after costing
+    the hot path their attributes, events and queueing; this keeps the proxy
+    at full speed instead.  The probe traces show when the collector is back
+    (the next successful export reopens the gate).  Requests not recorded here
+    still forward the app's own trace headers unchanged.
+    """
+
+    def __init__(self, inner: Sampler, state: _ExportState, probe_interval_s: float = 1.0) -> None:
+        self._inner = inner
+        self._state = state
+        self._probe_interval = probe_interval_s
+        self._next_probe = 0.0
+
+    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
+                      kind: SpanKind | None = None, attributes: Attributes = None,
+                      links: Sequence[Link] | None = None, trace_state: TraceState | None = None,
+                      ) -> SamplingResult:
+        result = self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links,
+                                           trace_state)
+        if self._state.healthy or result.decision is not Decision.RECORD_AND_SAMPLE:
+            return result
+        now = time.monotonic()
+        if now >= self._next_probe:
+            self._next_probe = now + self._probe_interval
+            return result
+        self._state.dropped(1, "collector_down", "the trace collector is failing, so traces are not recorded")
+        return SamplingResult(Decision.DROP, None, result.trace_state)
+
+    def get_description(self) -> str:
+        return f"CollectorGate{{{self._inner.get_description()}}}"
 
 
 def _propagators(names: Sequence[str]) -> TextMapPropagator:
@@ -263,7 +318,8 @@ class Tracing:
                  report_interval_s: float = 30.0) -> None:
         """``exporter`` replaces the configured one (the demo keeps spans in memory)."""
         env = os.environ if env is None else env
-        names: Sequence[str] = config.propagators or env.get("OTEL_PROPAGATORS", "tracecontext,baggage").split(",")
+        names: Sequence[str] = config.propagators or \
+            env.get("OTEL_PROPAGATORS", "tracecontext,baggage").split(",")
         self.propagator = _propagators(names)
         self.provider: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
@@ -274,13 +330,13 @@ class Tracing:
             exporter = _exporter(config, env)
         if exporter is None:
             return
-        report = _DropReport(metrics, report_interval_s)
-        self._guard = _ExportGuard(exporter, report)
+        self.export_state = _ExportState(metrics, report_interval_s)
+        self._guard = _ExportGuard(exporter, self.export_state)
+        sampler = _CollectorGate(_sampler(config.tracing.sample_ratio, env), self.export_state)
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
-        self.provider = TracerProvider(resource=_resource(config, env),
-                                       sampler=_sampler(config.tracing.sample_ratio, env),
+        self.provider = TracerProvider(resource=_resource(config, env), sampler=sampler,
                                        shutdown_on_exit=False)
-        self.provider.add_span_processor(_BatchProcessor(self._guard, report))
+        self.provider.add_span_processor(_BatchProcessor(self._guard, self.export_state))
         self.tracer = self.provider.get_tracer("outrigger")
 
     def start_server_span(self, name: str, headers: Mapping[str, str]) -> Span | None:
@@ -353,6 +409,7 @@ class Tracing:
         if not finished.wait(bound) and guard is not None:
             guard.abort()
             if not finished.wait(1.0):
-                log.warning("tracing did not shut down within %.1fs; abandoning unexported spans", bound + 1.0)
+                log.warning("tracing did not shut down within %.1fs; abandoning unexported spans",
+                            bound + 1.0)
         if guard is not None and finished.is_set():
             guard.detach_logs()

@@ -52,8 +52,10 @@ async def call(sidecar: SidecarProcess, path: str, headers: dict[str, str] | Non
 
 def by_kind(spans: list[ReceivedSpan], trace_id: str) -> tuple[ReceivedSpan, list[ReceivedSpan]]:
     (server,) = [s for s in spans if s.kind == "SERVER" and s.trace_id == trace_id]
-    clients = sorted((s for s in spans if s.kind == "CLIENT" and s.trace_id == trace_id),
-                     key=lambda s: s.attributes["outrigger.attempt"])
+    clients = sorted(
+        (s for s in spans if s.kind == "CLIENT" and s.trace_id == trace_id),
+        key=lambda s: s.attributes["outrigger.attempt"],
+    )
     return server, clients
 
 
@@ -65,7 +67,11 @@ def assert_retried_trace(spans: list[ReceivedSpan], upstream: ScriptedUpstream, 
     assert attrs["http.request.method"] == "GET"
     assert attrs["url.path"] == "/v1/orders/17"
     assert attrs["http.response.status_code"] == 200
-    assert (attrs["outrigger.route"], attrs["outrigger.upstream"], attrs["outrigger.attempt"]) == ("orders", "svc", 2)
+    assert (attrs["outrigger.route"], attrs["outrigger.upstream"], attrs["outrigger.attempt"]) == (
+        "orders",
+        "svc",
+        2,
+    )
     assert server.status == "UNSET"
     (backoff,) = [attrs for name, attrs in server.events if name == "backoff"]
     assert backoff["outrigger.reason"] == "http_503" and backoff["outrigger.attempt"] == 1
@@ -79,7 +85,10 @@ def assert_retried_trace(spans: list[ReceivedSpan], upstream: ScriptedUpstream, 
         assert client.attributes["server.port"] == port
         assert client.attributes["url.full"] == f"http://127.0.0.1:{port}/v1/orders/17"
         assert client.attributes["outrigger.attempt"] == attempt
-        assert (client.attributes["outrigger.route"], client.attributes["outrigger.upstream"]) == ("orders", "svc")
+        assert (client.attributes["outrigger.route"], client.attributes["outrigger.upstream"]) == (
+            "orders",
+            "svc",
+        )
     assert "http.request.resend_count" not in first.attributes
     assert second.attributes["http.request.resend_count"] == 1
     assert (first.attributes["http.response.status_code"], first.attributes["error.type"]) == (503, "503")
@@ -93,13 +102,20 @@ def assert_retried_trace(spans: list[ReceivedSpan], upstream: ScriptedUpstream, 
 
 
 async def test_grpc_export_shows_the_retry_tree_with_resource_and_continues_the_app_trace(
-        upstream: ScriptedUpstream, grpc_receiver: GrpcOtlpReceiver) -> None:
+    upstream: ScriptedUpstream, grpc_receiver: GrpcOtlpReceiver
+) -> None:
     upstream.script(Reply(status=503), Reply(status=200))
-    sidecar = SidecarProcess(traced_config(upstream.url), {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-        "OTEL_SERVICE_NAME": "checkout-sidecar", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
-        "K8S_POD_NAME": "checkout-7d9f-abc12", "K8S_NAMESPACE_NAME": "shop",
-    }).start()
+    sidecar = SidecarProcess(
+        traced_config(upstream.url),
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_SERVICE_NAME": "checkout-sidecar",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+            "K8S_POD_NAME": "checkout-7d9f-abc12",
+            "K8S_NAMESPACE_NAME": "shop",
+        },
+    ).start()
     try:
         assert await call(sidecar, "/v1/orders/17?secret=1", {"traceparent": TRACEPARENT}) == 200
         assert await call(sidecar, "/v1/orders/18") == 200  # no traceparent: a new root trace
@@ -126,11 +142,16 @@ async def test_grpc_export_shows_the_retry_tree_with_resource_and_continues_the_
 
 
 async def test_http_protobuf_export_shows_the_same_tree(
-        upstream: ScriptedUpstream, http_receiver: HttpOtlpReceiver) -> None:
+    upstream: ScriptedUpstream, http_receiver: HttpOtlpReceiver
+) -> None:
     upstream.script(Reply(status=503), Reply(status=200))
-    sidecar = SidecarProcess(traced_config(upstream.url), {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": http_receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-    }).start()
+    sidecar = SidecarProcess(
+        traced_config(upstream.url),
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": http_receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        },
+    ).start()
     try:
         assert await call(sidecar, "/v1/orders/17?secret=1", {"traceparent": TRACEPARENT}) == 200
     finally:
@@ -143,7 +164,8 @@ async def test_http_protobuf_export_shows_the_same_tree(
 
 
 async def test_config_endpoint_and_protocol_win_over_nothing_in_the_environment(
-        upstream: ScriptedUpstream, http_receiver: HttpOtlpReceiver) -> None:
+    upstream: ScriptedUpstream, http_receiver: HttpOtlpReceiver
+) -> None:
     """``telemetry.tracing.endpoint``/``protocol`` alone are enough (no OTEL_* variables)."""
     config = traced_config(upstream.url, endpoint=http_receiver.endpoint, protocol="http/protobuf")
     config["telemetry"]["service_name"] = "from-config"
@@ -158,9 +180,11 @@ async def test_config_endpoint_and_protocol_win_over_nothing_in_the_environment(
 
 
 async def test_sample_ratio_zero_exports_nothing_but_a_sampled_parent_is_still_followed(
-        upstream: ScriptedUpstream, grpc_receiver: GrpcOtlpReceiver) -> None:
-    sidecar = SidecarProcess(traced_config(upstream.url, sample_ratio=0.0), {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint}).start()
+    upstream: ScriptedUpstream, grpc_receiver: GrpcOtlpReceiver
+) -> None:
+    sidecar = SidecarProcess(
+        traced_config(upstream.url, sample_ratio=0.0), {"OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint}
+    ).start()
     try:
         for _ in range(5):
             assert await call(sidecar, "/v1/orders/1") == 200
@@ -182,7 +206,8 @@ async def test_sample_ratio_zero_exports_nothing_but_a_sampled_parent_is_still_f
 
 @pytest.mark.parametrize("how", ["env", "config"])
 async def test_b3_propagation_continues_b3_traces_and_injects_b3_upstream(
-        upstream: ScriptedUpstream, grpc_receiver: GrpcOtlpReceiver, how: str) -> None:
+    upstream: ScriptedUpstream, grpc_receiver: GrpcOtlpReceiver, how: str
+) -> None:
     b3_trace, b3_span = "80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1"
     if how == "env":
         config = traced_config(upstream.url)

@@ -26,6 +26,7 @@ from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None)
 
 
 class Scrape:
@@ -33,11 +34,16 @@ class Scrape:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.samples: list[Any] = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        self.samples: list[Any] = [
+            s for family in text_string_to_metric_families(text) for s in family.samples
+        ]
 
     def value(self, name: str, **labels: str) -> float:
-        matches = [s.value for s in self.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+        matches = [
+            s.value
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
         assert matches, f"no sample {name}{labels}"
         return float(sum(matches))
 
@@ -59,7 +65,8 @@ async def get(client: aiohttp.ClientSession, sidecar: Any, path: str = "/x", **k
 
 
 async def test_ten_requests_failing_twice_give_exact_retry_and_attempt_counts(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     """10 requests, each 503, 503, 200 with max_attempts 3: 20 retries, 20 http_5xx, 10 successes."""
     for _ in range(10):
         upstream.script(Reply(status=503), Reply(status=503), Reply(status=200))
@@ -88,11 +95,14 @@ async def test_ten_requests_failing_twice_give_exact_retry_and_attempt_counts(
 
 
 async def test_breaker_state_gauge_and_transitions_follow_the_breaker(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     upstream.script(Reply(status=500), Reply(status=500))
     config = base_config(upstream.url, retry={"max_attempts": 1})
     config["upstreams"]["svc"]["circuit_breaker"] = {
-        "consecutive_failures": 2, "open_duration": {"min": "100ms", "max": "150ms"}}
+        "consecutive_failures": 2,
+        "open_duration": {"min": "100ms", "max": "150ms"},
+    }
     sidecar = await sidecar_factory(config)
     assert [await get(client, sidecar) for _ in range(3)] == [500, 500, 503]
 
@@ -100,8 +110,15 @@ async def test_breaker_state_gauge_and_transitions_follow_the_breaker(
     assert m.value("outrigger_circuit_breaker_state", upstream="svc", state="open") == 1
     assert m.value("outrigger_circuit_breaker_state", upstream="svc", state="closed") == 0
     assert m.value("outrigger_circuit_breaker_state", upstream="svc", state="half_open") == 0
-    assert m.value("outrigger_circuit_breaker_transitions_total", upstream="svc", from_state="closed",
-                   to_state="open") == 1
+    assert (
+        m.value(
+            "outrigger_circuit_breaker_transitions_total",
+            upstream="svc",
+            from_state="closed",
+            to_state="open",
+        )
+        == 1
+    )
     assert m.value("outrigger_requests_total", code="5xx", outcome="circuit_open") == 1
     assert m.value("outrigger_upstream_attempts_total", result="http_5xx") == 2  # the rejected one never went
 
@@ -111,12 +128,17 @@ async def test_breaker_state_gauge_and_transitions_follow_the_breaker(
     assert m.value("outrigger_circuit_breaker_state", upstream="svc", state="closed") == 1
     assert m.value("outrigger_circuit_breaker_state", upstream="svc", state="open") == 0
     for old, new in (("closed", "open"), ("open", "half_open"), ("half_open", "closed")):
-        assert m.value("outrigger_circuit_breaker_transitions_total", upstream="svc", from_state=old,
-                       to_state=new) == 1
+        assert (
+            m.value(
+                "outrigger_circuit_breaker_transitions_total", upstream="svc", from_state=old, to_state=new
+            )
+            == 1
+        )
 
 
 async def test_rate_limited_requests_are_counted_per_route(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     config = base_config(upstream.url, rate_limit={"requests_per_second": 0.001, "burst": 2})
     sidecar = await sidecar_factory(config)
     assert sorted([await get(client, sidecar) for _ in range(5)]) == [200, 200, 429, 429, 429]
@@ -127,7 +149,8 @@ async def test_rate_limited_requests_are_counted_per_route(
 
 
 async def test_bulkhead_rejections_are_counted_per_upstream(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     upstream.default = Reply(delay=0.3)
     config = base_config(upstream.url)
     config["upstreams"]["svc"]["concurrency"] = {"max_active": 1, "max_pending": 0}
@@ -141,7 +164,8 @@ async def test_bulkhead_rejections_are_counted_per_upstream(
 
 
 async def test_attempt_and_total_timeouts_are_counted_by_kind(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     """Attempt 1 hits the 100ms attempt timeout; attempt 2 is cut by the 150ms total."""
     upstream.default = Reply(delay=0.5)
     sidecar = await sidecar_factory(base_config(upstream.url, timeout={"attempt": "100ms", "total": "150ms"}))
@@ -156,7 +180,8 @@ async def test_attempt_and_total_timeouts_are_counted_by_kind(
 
 
 async def test_idle_timeout_before_response_headers_is_counted_as_idle(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     upstream.default = Reply(delay=0.5)
     config = base_config(upstream.url, timeout={"idle": "100ms", "attempt": "2s"}, retry={"max_attempts": 1})
     sidecar = await sidecar_factory(config)
@@ -168,7 +193,8 @@ async def test_idle_timeout_before_response_headers_is_counted_as_idle(
 
 
 async def test_inflight_gauge_counts_a_held_request_and_returns_to_zero(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     upstream.script(Reply(delay=0.4))
     sidecar = await sidecar_factory(base_config(upstream.url))
     held = asyncio.ensure_future(get(client, sidecar))
@@ -179,7 +205,8 @@ async def test_inflight_gauge_counts_a_held_request_and_returns_to_zero(
 
 
 async def test_made_up_methods_share_one_label_value(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     sidecar = await sidecar_factory(base_config(upstream.url))
     for method in ("PROPFIND", "MKCOL", "GET"):  # valid HTTP tokens, but not in the standard set
         async with client.request(method, f"http://127.0.0.1:{sidecar.port('main')}/x") as resp:
@@ -191,18 +218,24 @@ async def test_made_up_methods_share_one_label_value(
 
 
 async def test_process_and_python_collectors_are_exposed(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     sidecar = await sidecar_factory(base_config(upstream.url), metrics=Metrics(version="9.9.9"))
     m = await scrape(client, sidecar)
-    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
-            "python_info", "python_gc_objects_collected_total"} <= m.names()
+    assert {
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "python_info",
+        "python_gc_objects_collected_total",
+    } <= m.names()
     assert m.value("outrigger_build_info", version="9.9.9") == 1
 
 
 async def test_promtool_check_metrics_passes_on_the_exposition(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
-    promtool = shutil.which("promtool") or ("/usr/bin/promtool" if os.path.exists("/usr/bin/promtool")
-                                           else None)
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
+    promtool = PROMTOOL
     assert promtool, "promtool is required (Debian package `prometheus`)"
     upstream.script(Reply(status=503))
     config = base_config(upstream.url, rate_limit={"requests_per_second": 0.001, "burst": 3})
@@ -210,34 +243,51 @@ async def test_promtool_check_metrics_passes_on_the_exposition(
     for _ in range(4):
         await get(client, sidecar)
     text = (await scrape(client, sidecar)).text
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True,
-                            timeout=30, check=False)
+    process = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(text.encode()), 30)
+    result = subprocess.CompletedProcess([promtool], process.returncode, out.decode(), err.decode())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
 
 
 async def test_openmetrics_scrape_carries_trace_id_exemplars_and_text_scrape_does_not(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     receiver = GrpcOtlpReceiver().start()
     try:
         config = base_config(upstream.url)
-        config["telemetry"]["tracing"] = {"enabled": True, "endpoint": receiver.endpoint, "protocol": "grpc",
-                                          "sample_ratio": 1.0}
+        config["telemetry"]["tracing"] = {
+            "enabled": True,
+            "endpoint": receiver.endpoint,
+            "protocol": "grpc",
+            "sample_ratio": 1.0,
+        }
         sidecar = await sidecar_factory(config, env={})
         assert await get(client, sidecar) == 200
 
-        async with client.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics",
-                              headers={"Accept": OPENMETRICS}) as resp:
+        async with client.get(
+            f"http://127.0.0.1:{sidecar.admin_port}/metrics", headers={"Accept": OPENMETRICS}
+        ) as resp:
             assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
             body = await resp.text()
         assert body.rstrip().endswith("# EOF")
-        exemplars = [s.exemplar for family in parse_openmetrics(body) for s in family.samples
-                     if s.name == "outrigger_request_duration_seconds_bucket" and s.exemplar is not None]
+        exemplars = [
+            s.exemplar
+            for family in parse_openmetrics(body)
+            for s in family.samples
+            if s.name == "outrigger_request_duration_seconds_bucket" and s.exemplar is not None
+        ]
         assert len(exemplars) == 1
         trace_id = exemplars[0].labels["trace_id"]
         assert re.fullmatch(r"[0-9a-f]{32}", trace_id)
-        attempt_exemplars = [s.exemplar for family in parse_openmetrics(body) for s in family.samples
-                             if s.name == "outrigger_upstream_attempt_duration_seconds_bucket" and s.exemplar]
+        attempt_exemplars = [
+            s.exemplar
+            for family in parse_openmetrics(body)
+            for s in family.samples
+            if s.name == "outrigger_upstream_attempt_duration_seconds_bucket" and s.exemplar
+        ]
         assert [e.labels["trace_id"] for e in attempt_exemplars] == [trace_id]
 
         async with client.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics") as resp:
@@ -254,15 +304,17 @@ async def test_openmetrics_scrape_carries_trace_id_exemplars_and_text_scrape_doe
 
 
 async def test_unsampled_requests_leave_no_exemplars(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
     receiver = GrpcOtlpReceiver().start()
     try:
         config = base_config(upstream.url)
         config["telemetry"]["tracing"] = {"enabled": True, "endpoint": receiver.endpoint, "sample_ratio": 0.0}
         sidecar = await sidecar_factory(config, env={})
         assert await get(client, sidecar) == 200
-        async with client.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics",
-                              headers={"Accept": OPENMETRICS}) as resp:
+        async with client.get(
+            f"http://127.0.0.1:{sidecar.admin_port}/metrics", headers={"Accept": OPENMETRICS}
+        ) as resp:
             body = await resp.text()
         assert not [s for family in parse_openmetrics(body) for s in family.samples if s.exemplar is not None]
     finally:
@@ -271,8 +323,11 @@ async def test_unsampled_requests_leave_no_exemplars(
 
 @pytest.mark.parametrize("accept", ["text/plain", "*/*", "application/json", ""])
 async def test_non_openmetrics_accept_headers_get_the_text_format(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession, accept: str) -> None:
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession, accept: str
+) -> None:
     sidecar = await sidecar_factory(base_config(upstream.url))
-    async with client.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics", headers={"Accept": accept}) as resp:
+    async with client.get(
+        f"http://127.0.0.1:{sidecar.admin_port}/metrics", headers={"Accept": accept}
+    ) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")

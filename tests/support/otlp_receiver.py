@@ -31,13 +31,17 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 __all__ = [
-    "GrpcOtlpReceiver", "HttpOtlpReceiver", "ReceivedSpan", "SidecarProcess", "free_port",
+    "GrpcOtlpReceiver",
+    "HttpOtlpReceiver",
+    "ReceivedSpan",
+    "SidecarProcess",
+    "free_port",
 ]
 
 SPAN_KIND = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
@@ -86,18 +90,20 @@ def _flatten(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Recei
         resource = _attributes(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                spans.append(ReceivedSpan(
-                    name=span.name,
-                    kind=SPAN_KIND.get(span.kind, str(span.kind)),
-                    trace_id=span.trace_id.hex(),
-                    span_id=span.span_id.hex(),
-                    parent_span_id=span.parent_span_id.hex(),
-                    attributes=_attributes(span.attributes),
-                    events=[(event.name, _attributes(event.attributes)) for event in span.events],
-                    status=STATUS_CODE.get(span.status.code, str(span.status.code)),
-                    resource=resource,
-                    scope=scope_spans.scope.name,
-                ))
+                spans.append(
+                    ReceivedSpan(
+                        name=span.name,
+                        kind=SPAN_KIND.get(span.kind, str(span.kind)),
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent_span_id=span.parent_span_id.hex(),
+                        attributes=_attributes(span.attributes),
+                        events=[(event.name, _attributes(event.attributes)) for event in span.events],
+                        status=STATUS_CODE.get(span.status.code, str(span.status.code)),
+                        resource=resource,
+                        scope=scope_spans.scope.name,
+                    )
+                )
     return spans
 
 
@@ -124,8 +130,9 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, collected: _Collected) -> None:
         self._collected = collected
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
-               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
         self._collected.add(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -136,7 +143,9 @@ class GrpcOtlpReceiver:
     def __init__(self) -> None:
         self.collected = _Collected()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self.collected), self._server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _TraceService(self.collected), self._server
+        )
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
     @property
@@ -147,7 +156,9 @@ class GrpcOtlpReceiver:
     def spans(self) -> list[ReceivedSpan]:
         return self.collected.wait_for(lambda _: True, 0)
 
-    def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0) -> list[ReceivedSpan]:
+    def wait_for(
+        self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0
+    ) -> list[ReceivedSpan]:
         return self.collected.wait_for(predicate, timeout)
 
     def start(self) -> GrpcOtlpReceiver:
@@ -208,7 +219,9 @@ class HttpOtlpReceiver:
     def content_types(self) -> list[str]:
         return list(self._server.content_types)
 
-    def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0) -> list[ReceivedSpan]:
+    def wait_for(
+        self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0
+    ) -> list[ReceivedSpan]:
         return self.collected.wait_for(predicate, timeout)
 
     def start(self) -> HttpOtlpReceiver:
@@ -252,15 +265,20 @@ class SidecarProcess:
 
     def start(self, timeout: float = 10.0) -> SidecarProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", self.config_path], env=self.env,
-            stdout=self._out, stderr=self._err)
+            [sys.executable, "-m", "proxy", "run", "--config", self.config_path],
+            env=self.env,
+            stdout=self._out,
+            stderr=self._err,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"outrigger exited with {self.proc.returncode}: {self.stderr[-2000:]}")
-            with contextlib.suppress(OSError), \
-                    urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as response:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as response,
+            ):
                 if response.status == 200:
                     return self
             time.sleep(0.05)
@@ -290,7 +308,9 @@ class SidecarProcess:
         return str(file.read().decode(errors="replace"))
 
     def metrics_text(self, accept: str | None = None) -> str:
-        request = urllib.request.Request(self.admin_url + "/metrics", headers={"Accept": accept} if accept else {})
+        request = urllib.request.Request(
+            self.admin_url + "/metrics", headers={"Accept": accept} if accept else {}
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             return str(response.read().decode())
 

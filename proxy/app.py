@@ -67,8 +67,10 @@ class Runtime:
             }
         routes = {}
         for route in self.routes:
+            bulkhead = self.upstreams[route.upstream].bulkhead  # per upstream, shared by its routes
             entry: dict[str, Any] = {"listener": route.listener, "upstream": route.upstream,
-                                     "inflight": route.metrics.inflight._value.get()}
+                                     "inflight": route.metrics.inflight._value.get(),
+                                     "active": bulkhead.active, "pending": bulkhead.pending}
             if "rate_limit" in route.status:
                 entry["rate_limit"] = route.status["rate_limit"].snapshot()
             if "retry" in route.status:

@@ -11,6 +11,7 @@ each retry; ``remaining`` feeds ``/status``.  Pure state, no I/O.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 from proxy.clock import Clock
 from proxy.config.types import BudgetConfig
@@ -38,8 +39,10 @@ class RetryBudget:
         self.window_s = float(window_s)
         # The floor is constant, so it is computed once rather than on every withdrawal.
         self._floor = self.min_per_second * self.window_s
+        # Requests may leave the window early (less allowance) but retries must never: a retry
+        # forgotten before window_s is up would let the floor be spent twice within one window.
         self._requests = RollingCounter(window_s, clock)
-        self._retries = RollingCounter(window_s, clock)
+        self._retries = _RetryLog(window_s, clock)
 
     @classmethod
     def from_config(cls, cfg: BudgetConfig, clock: Clock) -> RetryBudget:
@@ -62,3 +65,47 @@ class RetryBudget:
     def remaining(self) -> float:
         """How many more retries ``try_withdraw`` would allow right now (>= 0)."""
         return float(max(0, math.floor(self._headroom())))
+
+
+class _RetryLog:
+    """Retries sent in the window; each is counted for at least ``window_s`` (never expired early).
+
+    ``RollingCounter`` drops a bucket as a whole, so an event may be forgotten up to one bucket
+    width before ``window_s`` has passed: right for requests (the allowance only shrinks), wrong
+    for retries.  Here retries are grouped into slices of ``window_s / buckets`` and a slice is
+    dropped once its *newest* retry is ``window_s`` old, so a retry counts for between
+    ``window_s`` and ``window_s`` plus one slice.  At most ``buckets + 1`` slices are kept, and
+    ``add``/``total`` are O(1) amortised, allocating one small list per slice, not per retry.
+    """
+
+    __slots__ = ("_clock", "_slices", "_total", "_width", "window_s")
+
+    def __init__(self, window_s: float, clock: Clock, buckets: int = 10) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._width = window_s / buckets
+        self._slices: deque[list[float]] = deque()  # [slice index, count, newest time]
+        self._total = 0.0
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.window_s
+        slices = self._slices
+        while slices and slices[0][2] <= cutoff:
+            self._total -= slices.popleft()[1]
+
+    def add(self) -> None:
+        now = self._clock.now()
+        self._expire(now)
+        index = now // self._width
+        slices = self._slices
+        if slices and slices[-1][0] >= index:  # same slice (or a clock that stepped back)
+            newest = slices[-1]
+            newest[1] += 1.0
+            newest[2] = now if now > newest[2] else newest[2]
+        else:
+            slices.append([index, 1.0, now])
+        self._total += 1.0
+
+    def total(self) -> float:
+        self._expire(self._clock.now())
+        return self._total if self._total > 0.0 else 0.0

@@ -141,8 +141,6 @@ async def test_status_shows_breaker_limiter_budget_and_bulkhead(upstream: Script
     assert route["retry_budget_remaining"] == 9  # 0.2 * 1 request + 1/s * 10 s, minus the one retry
 
 
-@pytest.mark.xfail(strict=True, reason="app.py Runtime.status() puts active/pending only under upstreams; "
-                                       "the issue asks for them per route too (see the report for the fix)")
 async def test_status_shows_active_and_pending_per_route(upstream: ScriptedUpstream, sidecar_factory,
                                                          client: aiohttp.ClientSession) -> None:
     sidecar = await sidecar_factory(base_config(upstream.url))

@@ -488,3 +488,26 @@ async def test_every_original_request_is_recorded_once_by_the_budget() -> None:
 
 async def test_no_jitter_backoff_is_deterministic() -> None:
     assert [NoJitter(0.025, 0.25)(n, 0.0) for n in range(5)] == pytest.approx([0.025, 0.05, 0.1, 0.2, 0.25])
+
+
+@pytest.mark.parametrize("start", [1000.0, 1000.3, 1000.5, 1000.99])
+async def test_retries_in_any_window_never_exceed_ratio_times_requests_plus_floor(start: float) -> None:
+    """The retry-storm bound: however the run lines up with the budget's buckets, a window is a window."""
+    budget = BudgetConfig(ratio=0.2, min_per_second=1.0, window=10.0)  # type: ignore[arg-type]
+    h = Harness(max_attempts=3, budget=budget)
+    h.clock = FakeClock(start)
+    h.budget = RetryBudget.from_config(budget, h.clock)
+    h.retry = Retry(h.config, budget=h.budget, backoff=lambda n, p: 0.0, clock=h.clock, metrics=h.metrics)
+    upstream = Upstream(503)
+    retry_times: list[float] = []
+    request_times: list[float] = []
+    for _ in range(300):  # 30 s of a 10 rps storm
+        request_times.append(h.clock.now())
+        before = len(upstream.attempts)
+        await h.send(upstream, make_request())
+        retry_times.extend([h.clock.now()] * (len(upstream.attempts) - before - 1))
+        h.clock.advance(0.1)
+    for i, t0 in enumerate(request_times):
+        retries = sum(1 for t in retry_times if t0 <= t < t0 + 10.0)
+        requests = sum(1 for t in request_times if t0 - 10.0 < t <= t0 + 10.0)
+        assert retries <= 0.2 * requests + 10.0, f"window starting at request {i}"

@@ -51,6 +51,8 @@ class UpstreamPool:
         self.host_header = parts.netloc.rpartition("@")[2] if parts.port not in (None, default_port) \
             else (f"[{self.host}]" if ":" in self.host else self.host)
         self.base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+        # SNI and certificate name to expect when it differs from the URL's host (tls.server_name).
+        self.server_name = config.tls.server_name if parts.scheme == "https" else None
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -115,7 +117,7 @@ class ConnectTimeout(errors.UpstreamConnectFailure):
 class UpstreamCall:
     """Innermost handler: one attempt against the pool, returning at headers."""
 
-    __slots__ = ("_clock", "_pool", "_timeout")
+    __slots__ = ("_clock", "_pool", "_server_name", "_timeout")
 
     def __init__(self, pool: UpstreamPool, timeout: TimeoutConfig, clock: Clock) -> None:
         self._pool = pool
@@ -123,6 +125,7 @@ class UpstreamCall:
         # Built once: connect and idle (gap between reads) are enforced by aiohttp;
         # the attempt and total timeouts are enforced by their policies.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout.connect, sock_read=timeout.idle)
+        self._server_name = pool.server_name
 
     async def __call__(self, request: ProxyRequest) -> ProxyResponse:
         pool = self._pool
@@ -142,6 +145,7 @@ class UpstreamCall:
                 allow_redirects=False,
                 compress=None,
                 chunked=None,
+                server_hostname=self._server_name,
             )
         except asyncio.CancelledError:
             raise

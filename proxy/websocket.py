@@ -31,6 +31,7 @@ _SCHEMES = {"http": "ws", "https": "wss"}
 # Close codes that may be reported locally but must never be sent in a close frame (RFC 6455 7.4.1).
 _UNSENDABLE = frozenset({1005, 1006, 1015})
 _AnyWS = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+_CLOSE_GRACE_S = 1.0
 
 
 async def proxy_websocket(request: web.BaseRequest, route: Route, rid: str) -> web.StreamResponse:
@@ -49,7 +50,7 @@ async def proxy_websocket(request: web.BaseRequest, route: Route, rid: str) -> w
     timeout = route.config.timeout
     try:
         upstream = await asyncio.wait_for(pool.session.ws_connect(
-            url, headers=headers, protocols=protocols, autoping=False, autoclose=True,
+            url, headers=headers, protocols=protocols, autoping=False, autoclose=True, server_hostname=pool.server_name,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=timeout.attempt)), timeout.attempt)
     except asyncio.CancelledError:
         raise
@@ -64,21 +65,36 @@ async def proxy_websocket(request: web.BaseRequest, route: Route, rid: str) -> w
         if upstream.protocol:
             downstream = web.WebSocketResponse(autoping=False, autoclose=True, protocols=(upstream.protocol,))
         await downstream.prepare(request)
-        # Both relays always end: the one that sees a close forwards it, and its close()
-        # wakes the other one's receive() with CLOSING.  Cancelling the slower one
-        # early would cut a close handshake short and lose the close code.
-        relays = [asyncio.ensure_future(_relay(downstream, upstream)),
-                  asyncio.ensure_future(_relay(upstream, downstream))]
-        try:
-            await asyncio.gather(*relays)
-        finally:
-            for relay in relays:
-                relay.cancel()
-    finally:
+    except BaseException:
         await upstream.close()
-    with contextlib.suppress(ConnectionError):
-        await downstream.close()
+        raise
+    splice = asyncio.ensure_future(_splice(downstream, upstream))
+    try:
+        await asyncio.shield(splice)
+    except asyncio.CancelledError:
+        # The app dropped its connection, typically right after its close frame (or the
+        # listener is shutting down): let the relays forward what already arrived, such
+        # as that close frame and its code, for a moment before cutting the upstream.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(splice, _CLOSE_GRACE_S)
+        raise
     return downstream
+
+
+async def _splice(downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    # Both relays always end: the one that sees a close forwards it, and its close()
+    # wakes the other one's receive() with CLOSING.  Cancelling the slower one early
+    # would cut that close handshake short and lose the close code.
+    relays = [asyncio.ensure_future(_relay(downstream, upstream)),
+              asyncio.ensure_future(_relay(upstream, downstream))]
+    try:
+        await asyncio.gather(*relays)
+    finally:
+        for relay in relays:
+            relay.cancel()
+        await upstream.close()
+        with contextlib.suppress(ConnectionError):
+            await downstream.close()
 
 
 async def _relay(source: _AnyWS, sink: _AnyWS) -> None:

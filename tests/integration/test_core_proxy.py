@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -275,8 +276,9 @@ async def test_error_body_never_echoes_request_header_values(
     assert b"script" not in raw and b"<b>" not in raw
 
 
-async def test_internal_exception_is_500_internal_and_the_process_keeps_serving(
-        upstream: ScriptedUpstream, sidecar_factory: Factory, client: aiohttp.ClientSession) -> None:
+async def test_internal_exception_is_500_internal_logged_with_request_id_and_the_process_keeps_serving(
+        upstream: ScriptedUpstream, sidecar_factory: Factory, client: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
     sidecar = await sidecar_factory(base_config(upstream.url))
     route = sidecar.runtime.routers["main"].routes[0]
     healthy = route.handler
@@ -288,6 +290,9 @@ async def test_internal_exception_is_500_internal_and_the_process_keeps_serving(
     async with client.get(_url(sidecar)) as resp:
         body = await _error(resp, 500, "internal")
     assert "a bug inside the chain" not in body["message"]  # type name only, no internals
+    logged = [r for r in caplog.records if r.name == "outrigger.server" and r.levelno == logging.ERROR]
+    assert [getattr(r, "request_id", None) for r in logged] == [body["request_id"]]
+    assert logged[0].exc_info is not None
     route.handler = healthy
     async with client.get(_url(sidecar)) as resp:
         assert resp.status == 200 and await resp.read() == b"ok"

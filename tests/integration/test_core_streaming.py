@@ -40,10 +40,10 @@ def _peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM in /proc status")
 
 
-async def _wait_ready(admin_port: int, proc: subprocess.Popen[bytes]) -> None:
+async def _wait_ready(admin_port: int, proc: asyncio.subprocess.Process) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(200):
-            assert proc.poll() is None, "sidecar exited during startup"
+            assert proc.returncode is None, "sidecar exited during startup"
             try:
                 async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as resp:
                     if resp.status == 200:
@@ -63,14 +63,14 @@ async def sidecar_process(tmp_path: Path, upstream: ScriptedUpstream) -> AsyncIt
     data["listeners"][0]["address"] = f"127.0.0.1:{port}"
     path = tmp_path / "outrigger.yaml"
     path.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "run", "--config", str(path),
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         await _wait_ready(int(data["admin"]["address"].rpartition(":")[2]), proc)
         yield port, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 10) == 0
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
 
 
 async def test_100_mib_upload_and_download_stream_through_with_bounded_peak_memory(

@@ -1,0 +1,171 @@
+"""The `outrigger` command as users run it: --version, run (config path rules), JSON logs on stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy import __version__
+from tests.support.sidecar import base_config
+from tests.support.upstream import Reply, ScriptedUpstream
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("outrigger")
+COMMANDS = {"console-script": [str(CONSOLE_SCRIPT)], "python-m-proxy": [sys.executable, "-m", "proxy"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write_config(path: Path, upstream_url: str) -> tuple[int, int]:
+    """A config on free ports at ``path``: (admin port, listener port)."""
+    admin, listener = _free_port(), _free_port()
+    data = base_config(upstream_url)
+    data["admin"]["address"] = f"127.0.0.1:{admin}"
+    data["listeners"][0]["address"] = f"127.0.0.1:{listener}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return admin, listener
+
+
+async def _run(command: list[str], args: list[str], admin: int, *, cwd: Path,
+               env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """Start ``command run ...`` and wait until its /readyz answers 200."""
+    base_env = {k: v for k, v in os.environ.items() if k != "OUTRIGGER_CONFIG"}
+    proc = await asyncio.create_subprocess_exec(*command, "run", *args, cwd=cwd, env={**base_env, **(env or {})},
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            if proc.returncode is not None:
+                break
+            try:
+                async with session.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                    if resp.status == 200:
+                        return proc
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    proc.kill()
+    assert proc.stderr is not None
+    raise AssertionError(f"sidecar never became ready: {(await proc.stderr.read()).decode()[-2000:]}")
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> tuple[int, list[str]]:
+    """SIGTERM, then (exit code, stderr lines)."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stderr is not None
+    err = await asyncio.wait_for(proc.stderr.read(), 15)
+    return await asyncio.wait_for(proc.wait(), 15), err.decode().splitlines()
+
+
+async def _call(port: int, path: str = "/hello") -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as resp:
+        return resp.status, await resp.read()
+
+
+def test_console_script_is_installed() -> None:
+    assert CONSOLE_SCRIPT.is_file()
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
+def test_version_flag_prints_the_package_version(command: list[str]) -> None:
+    result = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"outrigger {__version__}"
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
+async def test_run_with_config_flag_proxies_calls_and_exits_0_on_sigterm(
+        command: list[str], upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    upstream.default = Reply(body=b"through the subprocess")
+    admin, port = _write_config(tmp_path / "custom.yaml", upstream.url)
+    proc = await _run(command, ["--config", str(tmp_path / "custom.yaml")], admin, cwd=tmp_path)
+    try:
+        assert await _call(port) == (200, b"through the subprocess")
+    finally:
+        code, _ = await _stop(proc)
+    assert code == 0
+    assert [r.path for r in upstream.requests] == ["/hello"]
+
+
+async def test_run_takes_the_config_path_from_outrigger_config(upstream: ScriptedUpstream,
+                                                               tmp_path: Path) -> None:
+    admin, port = _write_config(tmp_path / "elsewhere" / "env.yaml", upstream.url)
+    proc = await _run(COMMANDS["console-script"], [], admin, cwd=tmp_path,
+                      env={"OUTRIGGER_CONFIG": str(tmp_path / "elsewhere" / "env.yaml")})
+    try:
+        assert (await _call(port))[0] == 200
+    finally:
+        assert (await _stop(proc))[0] == 0
+
+
+async def test_run_without_flag_or_env_uses_config_outrigger_yaml_in_the_working_directory(
+        upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    admin, port = _write_config(tmp_path / "config" / "outrigger.yaml", upstream.url)
+    proc = await _run(COMMANDS["python-m-proxy"], [], admin, cwd=tmp_path)
+    try:
+        assert (await _call(port))[0] == 200
+    finally:
+        assert (await _stop(proc))[0] == 0
+
+
+async def test_config_flag_wins_over_outrigger_config(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    admin, port = _write_config(tmp_path / "flag.yaml", upstream.url)
+    proc = await _run(COMMANDS["console-script"], ["--config", str(tmp_path / "flag.yaml")], admin, cwd=tmp_path,
+                      env={"OUTRIGGER_CONFIG": str(tmp_path / "missing.yaml")})
+    try:
+        assert (await _call(port))[0] == 200
+    finally:
+        assert (await _stop(proc))[0] == 0
+
+
+def test_run_with_an_invalid_config_exits_1_listing_errors_and_starts_nothing(tmp_path: Path) -> None:
+    admin = _free_port()
+    data = base_config("http://127.0.0.1:9")
+    data["admin"]["address"] = f"127.0.0.1:{admin}"
+    data["listeners"][0]["routes"][0]["upstream"] = "paymnts"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = subprocess.run([str(CONSOLE_SCRIPT), "run", "--config", str(path)], capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 1
+    assert "listeners[0].routes[0].upstream: unknown upstream 'paymnts'" in result.stderr
+    with socket.socket() as sock:  # the admin port was never bound
+        assert sock.connect_ex(("127.0.0.1", admin)) != 0
+
+
+def test_run_with_a_missing_config_file_exits_1_naming_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OUTRIGGER_CONFIG"}
+    result = subprocess.run([str(CONSOLE_SCRIPT), "run"], capture_output=True, text=True, timeout=30, check=False,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "config/outrigger.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_logs_are_json_lines_on_stderr_with_time_level_and_message(upstream: ScriptedUpstream,
+                                                                       tmp_path: Path) -> None:
+    admin, port = _write_config(tmp_path / "o.yaml", upstream.url)
+    proc = await _run(COMMANDS["console-script"], ["--config", str(tmp_path / "o.yaml")], admin, cwd=tmp_path)
+    await _call(port)
+    code, lines = await _stop(proc)
+    assert code == 0
+    entries: list[dict[str, Any]] = [json.loads(line) for line in lines if line.strip()]
+    assert entries, "no log lines on stderr"
+    for entry in entries:
+        assert {"time", "level", "message"} <= set(entry)
+        assert entry["level"] in {"debug", "info", "warning", "error", "critical"}
+    messages = [e["message"] for e in entries]
+    assert "outrigger ready" in messages and "outrigger stopped" in messages

@@ -213,12 +213,18 @@ class Sidecar:
             return
         self.draining = True
         self.ready = False
+        # From now on every response says Connection: close, so by the time the listeners
+        # close no idle keep-alive connection is left for a client to race a request into.
+        self._edge.draining = True
         drain = self.runtime.config.drain
         log.info("draining: readiness off, still serving for %.1fs", drain.grace)
         if self._watch_task is not None:
             self._watch_task.cancel()
         await asyncio.sleep(drain.grace)
         log.info("closing listeners; waiting up to %.1fs for in-flight requests", drain.timeout)
+        for lst in self.listeners.values():
+            await lst.site.stop()  # stop accepting; connections already open keep being served
+        await asyncio.sleep(0.05)
         await asyncio.gather(*(lst.runner.cleanup() for lst in self.listeners.values()))
         await self.stop()
 

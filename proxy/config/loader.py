@@ -84,9 +84,8 @@ def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T |
     except msgspec.ValidationError as exc:
         text = str(exc)
         message, _, where = text.rpartition(" - at `")
-        if not message:
-            issues.append(ConfigIssue(path, text))
-            return None
+        if not message:  # the error is at the converted object itself
+            message, where = text, "$"
         where = where.rstrip("`")
         sub = where[2:] if where.startswith("$.") else where.lstrip("$")
         unknown = _UNKNOWN.fullmatch(message)
@@ -303,7 +302,9 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
     defaults_raw: dict[str, Any] = raw["defaults"] if isinstance(raw.get("defaults"), dict) else {}
     upstreams_raw: dict[str, Any] = raw["upstreams"] if isinstance(raw.get("upstreams"), dict) else {}
     upstreams = _upstreams(raw.get("upstreams"), defaults_raw, issues)
-    if issues:  # a broken defaults/upstream block would be re-reported under every route
+    # Routes inherit from defaults and upstreams: when those are broken, route errors would
+    # only repeat them. Any other section's errors are reported alongside the routes'.
+    if any(i.path.startswith(("line ", "defaults", "upstreams")) for i in issues):
         raise ConfigError(issues, source)
     listeners = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
     _check_addresses(listeners, sections.get("admin"), issues)

@@ -210,10 +210,6 @@ async def test_no_request_started_before_the_listener_closed_fails_under_steady_
     await _steady_load_through_drain(upstream, make_process, keep_alive=False)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "intermittent until proxy/lifecycle.py sets `self._edge.draining = True` when drain starts (responses then "
-    "carry Connection: close) and stops the sites ~50ms before runner.cleanup(): a request written onto an idle "
-    "keep-alive connection as the listener closes is reset"))
 async def test_no_request_over_keep_alive_connections_started_before_the_listener_closed_fails(
         upstream: ScriptedUpstream, make_process: Any) -> None:
     await _steady_load_through_drain(upstream, make_process, keep_alive=True)

@@ -48,6 +48,7 @@ log = logging.getLogger("outrigger.server")
 _DOT_SEGMENT = re.compile(r"(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:$|/|\\|%2f|%5c)", re.IGNORECASE)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _STREAM_CHUNK = 64 * 1024
+_NO_BODY = RequestBody(None)  # immutable in practice: payload() of a bodiless request is always None
 
 
 @dataclass(slots=True)
@@ -103,6 +104,8 @@ class EdgeHandler:
         span = None
         status, outcome, attempts = 500, "internal", 0
         response: web.StreamResponse | None = None
+        outgoing: ProxyRequest | None = None
+        bytes_out = 0
         self.inflight += 1
         try:
             route = self._resolve(request)
@@ -112,16 +115,19 @@ class EdgeHandler:
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 status, outcome = 101, "upstream"
                 return await proxy_websocket(request, route, rid)
-            proxied = await self._forward(request, route, rid, span)
+            outgoing = await self._outgoing(request, route, rid, span)
+            proxied = await route.handler(outgoing)
             status, attempts = proxied.status, proxied.attempts
             outcome = proxied.error or "upstream"
-            response = await self._stream_back(request, route, proxied, rid)
+            response, bytes_out = await self._stream_back(request, route, proxied, rid)
             return response
         except errors.ProxyError as error:
             status, outcome, attempts = error.status, error.code, error.attempts
             if span is not None:
                 span.add_event("proxy_error", {"outrigger.error": error.code})
-            return self._error_response(error, route, rid)
+            error_response = self._error_response(error, route, rid)
+            bytes_out = len(error_response.body or b"")  # type: ignore[arg-type]
+            return error_response
         except asyncio.CancelledError:
             status, outcome = 499, "client_closed"
             raise
@@ -154,9 +160,9 @@ class EdgeHandler:
                     "status": status,
                     "attempts": attempts,
                     "duration_ms": round(elapsed * 1000, 3),
-                    "upstream_duration_ms": None,
+                    "upstream_duration_ms": round(outgoing.upstream_s * 1000, 3) if outgoing is not None else None,
                     "bytes_in": request.content_length or 0,
-                    "bytes_out": response.body_length if response is not None else 0,
+                    "bytes_out": bytes_out,
                     "error": None if outcome == "upstream" else outcome,
                 })
 
@@ -176,7 +182,8 @@ class EdgeHandler:
             "http.request.method": request.method,
             "url.path": request.path,
             "url.full": f"http://{request.host}{request.path}",
-            "server.address": request.host.rpartition(":")[0] or request.host,
+            "server.address": request.url.host or "",
+            "server.port": request.url.port or 80,
             "http.response.status_code": status,
             "outrigger.route": route.name if route else "",
             "outrigger.upstream": route.upstream if route else "",
@@ -190,15 +197,28 @@ class EdgeHandler:
             span.set_status(Status(StatusCode.ERROR))
         span.end()
 
-    async def _forward(self, request: web.BaseRequest, route: Route, rid: str, span: Any) -> ProxyResponse:
+    async def _outgoing(self, request: web.BaseRequest, route: Route, rid: str, span: Any) -> ProxyRequest:
         timeout_s, max_attempts = parse_overrides(request.headers)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         headers = upstream_headers(request.headers, client_ip=peer[0] if peer else None,
                                    host=request.headers.get("Host"), rid=rid)
-        body = await self._read_body(request, route.buffer_limit)
-        proxied = ProxyRequest(request.method, route.upstream_path(request.raw_path), headers, body,
-                               request_id=rid, max_attempts=max_attempts, timeout_override=timeout_s, span=span)
-        return await route.handler(proxied)
+        if request.body_exists:
+            # Buffering the retry copy of the body is part of the request, so it spends the
+            # same deadline; the chain's Deadline then gets only what is left.
+            total = route.config.timeout.total if timeout_s is None else min(timeout_s, route.config.timeout.total)
+            started = self._ctx.clock.now()
+            try:
+                async with asyncio.timeout(total):
+                    body = await self._read_body(request, route.buffer_limit)
+            except TimeoutError:
+                route.metrics.timeouts["total"].inc()
+                raise errors.DeadlineExceeded(
+                    f"request body was not received within the total timeout of {total:g}s") from None
+            timeout_s = max(0.0, total - (self._ctx.clock.now() - started))
+        else:
+            body = _NO_BODY
+        return ProxyRequest(request.method, route.upstream_path(request.raw_path), headers, body,
+                            request_id=rid, max_attempts=max_attempts, timeout_override=timeout_s, span=span)
 
     async def _read_body(self, request: web.BaseRequest, buffer_limit: int) -> RequestBody:
         if not request.body_exists:
@@ -236,7 +256,8 @@ class EdgeHandler:
             yield chunk
 
     async def _stream_back(self, request: web.BaseRequest, route: Route, proxied: ProxyResponse,
-                           rid: str) -> web.StreamResponse:
+                           rid: str) -> tuple[web.StreamResponse, int]:
+        """The response streamed to the app, and how many body bytes were sent."""
         upstream = proxied.upstream
         headers = response_headers(proxied.headers.items(), connection_listed(proxied.headers))
         headers[REQUEST_ID_HEADER] = rid
@@ -247,15 +268,17 @@ class EdgeHandler:
             response = web.Response(status=proxied.status, body=proxied.body, headers=headers)
             if self._ctx.draining:
                 response.force_close()
-            return response
+            return response, len(proxied.body)
         response = web.StreamResponse(status=proxied.status, reason=upstream.reason, headers=headers)
         if self._ctx.draining:
             response.force_close()
         completed = False
+        sent = 0
         try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
+                sent += len(chunk)
             await response.write_eof()
             completed = True
         except (TimeoutError, aiohttp.ClientError, errors.ProxyError) as exc:
@@ -272,7 +295,7 @@ class EdgeHandler:
                 proxied.release()
             else:
                 proxied.close()
-        return response
+        return response, sent
 
 
 def build_server(handler: EdgeHandler, limits: LimitsConfig) -> web.Server:

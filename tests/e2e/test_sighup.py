@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 
 def _get_json(url: str) -> dict[str, object]:
-    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url, timeout=2) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 

@@ -135,11 +135,6 @@ async def test_sampled_requests_log_the_server_span_ids(
         receiver.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py logs upstream_duration_ms as None and bytes_out including "
-    "response headers; fix proposed in the observability report",
-)
 async def test_upstream_duration_and_bytes_out_describe_the_upstream_exchange(
     upstream: ScriptedUpstream,
     sidecar_factory: Any,

@@ -73,9 +73,6 @@ async def test_deadline_and_budget_decisions_are_events(
     assert all(c.status == "ERROR" for c in clients)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="server.py _end_server_span sets no server.port; fix proposed in the report"
-)
 async def test_server_span_names_the_listener_port(
     upstream: ScriptedUpstream,
     sidecar_factory: Any,

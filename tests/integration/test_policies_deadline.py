@@ -78,8 +78,6 @@ async def test_deadline_ends_a_slow_streamed_upload(upstream: ScriptedUpstream, 
     assert 0.4 <= time.monotonic() - start < 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="server.py buffers bodies up to buffer_limit before the chain (and "
-                                       "its deadline) starts; see the report for the fix")
 async def test_deadline_ends_a_slow_buffered_upload(upstream: ScriptedUpstream, sidecar_factory,
                                                     client: aiohttp.ClientSession) -> None:
     """A small body is buffered for retries at the edge; reading it slowly must still hit the deadline."""

@@ -21,8 +21,8 @@ def _reloads(sidecar: Sidecar, result: str) -> float:
     return value or 0.0
 
 
-async def _wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def _wait_for(predicate: Any, within_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)

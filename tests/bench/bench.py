@@ -862,8 +862,9 @@ def markdown(results: dict[str, TargetResult], goals: list[Goal], meta: dict[str
                          "throughput is a lower bound")
     if notes:
         out += ["", "## Notes", "", *notes]
-    out += ["", "Figures: throughput `wrk -t1 -c32`; latency `wrk -t1 -c1 --latency`; "
-            "added = proxy - direct; "
+    out += ["", "Figures: throughput `wrk -t1 -c32` (nice -10, repeated once if another process took >10% of "
+            "the proxy's core); latency at 1 connection from the built-in probe (one sample per request, no "
+            "coordinated-omission synthesis) with the whole chain under SCHED_FIFO; added = proxy - direct; "
             "CPU = utime+stime of the proxy's processes (all threads) over the throughput run; RSS from "
             "/proc/<pid>/status (VmHWM, VmRSS) counting every request the process served; start → ready = "
             "process spawn to `/readyz` 200 (Outrigger) or first 200 through the proxy (others).", ""]

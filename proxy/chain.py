@@ -8,6 +8,7 @@ at startup by ``proxy.app``.  A policy is any object with
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -142,15 +143,10 @@ class Policy(Protocol):
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse: ...
 
 
-def _bind(policy: Policy, call_next: Handler) -> Handler:
-    async def handler(request: ProxyRequest) -> ProxyResponse:
-        return await policy(request, call_next)
-    return handler
-
-
 def build_chain(policies: Sequence[Policy], innermost: Handler) -> Handler:
     """Nest ``policies`` (outermost first) around ``innermost`` into one handler."""
     handler = innermost
     for policy in reversed(policies):
-        handler = _bind(policy, handler)
+        # partial(policy, call_next=handler)(request) == policy(request, handler): no closure per layer
+        handler = functools.partial(policy, call_next=handler)
     return handler

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from typing import IO, Any
+
+import msgspec
 
 __all__ = ["AccessLog"]
 
@@ -25,7 +26,9 @@ class AccessLog:
         self._interval = flush_interval_s
         self._max = max_buffered
         self._task: asyncio.Task[None] | None = None
-        self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        self._encode = msgspec.json.Encoder().encode
+        self._second = -1
+        self._second_text = ""
 
     def start(self) -> None:
         if self._task is None:
@@ -38,8 +41,11 @@ class AccessLog:
 
     def record(self, entry: dict[str, Any]) -> None:
         now = time.time()  # one reading, so the milliseconds belong to the same second
-        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-        self._lines.append(self._dumps(entry))
+        second = int(now)
+        if second != self._second:  # strftime once per second, not once per request
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        entry["time"] = f"{self._second_text}.{int((now - second) * 1000):03d}Z"
+        self._lines.append(self._encode(entry).decode())
         if len(self._lines) >= self._max:
             self.flush()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 import urllib.parse
@@ -252,10 +253,16 @@ def _ratio(value: str | None) -> float:
     return min(1.0, max(0.0, ratio))
 
 
-def _sampler(ratio: float | None, env: Mapping[str, str]) -> Sampler:
-    """``sample_ratio`` wins; else ``OTEL_TRACES_SAMPLER(_ARG)``; else parent-based ratio 1.0."""
+def _sampler(ratio: float | None, env: Mapping[str, str]) -> tuple[Sampler, float | None]:
+    """``sample_ratio`` wins; else ``OTEL_TRACES_SAMPLER(_ARG)``; else parent-based ratio 1.0.
+
+    For the parent-based ratio sampler the root decision is returned separately
+    (second item): ``start_server_span`` draws it before doing any trace work,
+    so an unsampled root request costs one random draw.  The provider's sampler
+    then only has to follow parents (``ParentBased(ALWAYS_ON)``).
+    """
     if ratio is not None:
-        return ParentBased(TraceIdRatioBased(ratio))
+        return ParentBased(ALWAYS_ON), ratio
     name = env.get("OTEL_TRACES_SAMPLER", "parentbased_traceidratio").strip().lower()
     arg = env.get("OTEL_TRACES_SAMPLER_ARG")
     samplers: dict[str, Sampler] = {
@@ -263,12 +270,12 @@ def _sampler(ratio: float | None, env: Mapping[str, str]) -> Sampler:
         "parentbased_always_on": ParentBased(ALWAYS_ON), "parentbased_always_off": ParentBased(ALWAYS_OFF),
     }
     if name == "traceidratio":
-        return TraceIdRatioBased(_ratio(arg))
+        return TraceIdRatioBased(_ratio(arg)), None
     if name in samplers:
-        return samplers[name]
+        return samplers[name], None
     if name != "parentbased_traceidratio":
         log.warning("unsupported OTEL_TRACES_SAMPLER %r; using parentbased_traceidratio", name)
-    return ParentBased(TraceIdRatioBased(_ratio(arg)))
+    return ParentBased(ALWAYS_ON), _ratio(arg)
 
 
 def _resource(config: TelemetryConfig, env: Mapping[str, str]) -> Resource:
@@ -325,6 +332,10 @@ class Tracing:
         self.tracer: trace.Tracer | None = None
         self.shutdown_timeout_s = _shutdown_timeout(env)
         self._guard: _ExportGuard | None = None
+        self._root_ratio: float | None = None
+        self._random = random.random
+        # Headers that carry a parent trace for the configured propagators (baggage alone does not).
+        self._parent_fields = tuple(f for f in ("traceparent", "b3", "x-b3-traceid") if f in self.propagator.fields)
         disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         if exporter is None and not disabled and config.tracing.enabled:
             exporter = _exporter(config, env)
@@ -332,7 +343,8 @@ class Tracing:
             return
         self.export_state = _ExportState(metrics, report_interval_s)
         self._guard = _ExportGuard(exporter, self.export_state)
-        sampler = _CollectorGate(_sampler(config.tracing.sample_ratio, env), self.export_state)
+        inner, self._root_ratio = _sampler(config.tracing.sample_ratio, env)
+        sampler = _CollectorGate(inner, self.export_state)
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
         self.provider = TracerProvider(resource=_resource(config, env), sampler=sampler,
                                        shutdown_on_exit=False)
@@ -343,6 +355,10 @@ class Tracing:
         """The SERVER span for one app request, or None when not recording."""
         if self.tracer is None:
             return None
+        ratio = self._root_ratio
+        if ratio is not None and self._random() >= ratio \
+                and not any(field in headers for field in self._parent_fields):
+            return None  # an unsampled root request: no extract, no span, no attributes
         context = self.propagator.extract(headers)
         span = self.tracer.start_span(name, context=context, kind=SpanKind.SERVER)
         return span if span.is_recording() else None

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
@@ -35,16 +34,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
-    Decision,
     ParentBased,
     Sampler,
-    SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace.span import TraceState
-from opentelemetry.util.types import Attributes
 
 from proxy.config import TelemetryConfig
 from proxy.telemetry.metrics import DROP_REASONS
@@ -193,7 +188,7 @@ class _BatchProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
-class _CollectorGate(Sampler):
+class _CollectorGate:
     """While the collector is failing, record one trace per ``probe_interval_s`` instead of all.
 
     Spans made while exports fail would only be dropped later, after costing
@@ -203,29 +198,21 @@ class _CollectorGate(Sampler):
     still forward the app's own trace headers unchanged.
     """
 
-    def __init__(self, inner: Sampler, state: _ExportState, probe_interval_s: float = 1.0) -> None:
-        self._inner = inner
+    def __init__(self, state: _ExportState, probe_interval_s: float = 1.0) -> None:
         self._state = state
         self._probe_interval = probe_interval_s
         self._next_probe = 0.0
 
-    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
-                      kind: SpanKind | None = None, attributes: Attributes = None,
-                      links: Sequence[Link] | None = None, trace_state: TraceState | None = None,
-                      ) -> SamplingResult:
-        result = self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links,
-                                           trace_state)
-        if self._state.healthy or result.decision is not Decision.RECORD_AND_SAMPLE:
-            return result
+    def admit(self) -> bool:
+        """While exports fail: True for one probe per interval, else count a drop and say False."""
+        if self._state.healthy:
+            return True
         now = time.monotonic()
         if now >= self._next_probe:
             self._next_probe = now + self._probe_interval
-            return result
+            return True
         self._state.dropped(1, "collector_down", "the trace collector is failing, so traces are not recorded")
-        return SamplingResult(Decision.DROP, None, result.trace_state)
-
-    def get_description(self) -> str:
-        return f"CollectorGate{{{self._inner.get_description()}}}"
+        return False
 
 
 def _propagators(names: Sequence[str]) -> TextMapPropagator:
@@ -333,6 +320,7 @@ class Tracing:
         self.shutdown_timeout_s = _shutdown_timeout(env)
         self._guard: _ExportGuard | None = None
         self._root_ratio: float | None = None
+        self._gate: _CollectorGate | None = None
         self._random = random.random
         # Headers that carry a parent trace for the configured propagators (baggage alone does not).
         self._parent_fields = tuple(f for f in ("traceparent", "b3", "x-b3-traceid") if f in self.propagator.fields)
@@ -343,8 +331,8 @@ class Tracing:
             return
         self.export_state = _ExportState(metrics, report_interval_s)
         self._guard = _ExportGuard(exporter, self.export_state)
-        inner, self._root_ratio = _sampler(config.tracing.sample_ratio, env)
-        sampler = _CollectorGate(inner, self.export_state)
+        sampler, self._root_ratio = _sampler(config.tracing.sample_ratio, env)
+        self._gate = _CollectorGate(self.export_state)
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
         self.provider = TracerProvider(resource=_resource(config, env), sampler=sampler,
                                        shutdown_on_exit=False)
@@ -359,6 +347,8 @@ class Tracing:
         if ratio is not None and self._random() >= ratio \
                 and not any(field in headers for field in self._parent_fields):
             return None  # an unsampled root request: no extract, no span, no attributes
+        if self._gate is not None and not self._gate.admit():
+            return None  # the collector is down: skip the span entirely (the app's headers pass through)
         context = self.propagator.extract(headers)
         span = self.tracer.start_span(name, context=context, kind=SpanKind.SERVER)
         return span if span.is_recording() else None

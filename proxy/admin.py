@@ -7,6 +7,7 @@ every listener is bound and turns 503 the moment draining starts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,7 @@ async def status_view(request: web.Request) -> web.Response:
     data["ready"] = sidecar.ready and not sidecar.draining
     data["draining"] = sidecar.draining
     data["listeners"] = sidecar.listener_status()
+    data["tasks"] = len(asyncio.all_tasks())
     return _json(data)
 
 

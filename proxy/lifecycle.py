@@ -39,6 +39,12 @@ __all__ = ["Sidecar"]
 log = logging.getLogger("outrigger")
 
 
+def _parser_limits(config: Config) -> tuple[float, ...]:
+    """The limits fixed into a listener's HTTP parser when it binds."""
+    limits = config.limits
+    return (limits.max_header_bytes, limits.max_headers, limits.header_read_timeout)
+
+
 @dataclass(slots=True)
 class _Listener:
     slot: ListenerSlot
@@ -170,6 +176,8 @@ class Sidecar:
                 return False
             if config.admin != old.config.admin or config.telemetry != old.config.telemetry:
                 log.warning("admin and telemetry changes take effect on restart only")
+            if _parser_limits(config) != _parser_limits(old.config):
+                log.warning("limits.max_header_bytes, max_headers and header_read_timeout take effect on restart")
             wanted = {lst.name: lst for lst in config.listeners}
             for name, current in list(self.listeners.items()):
                 target = wanted.get(name)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from opentelemetry.trace import Status, StatusCode
 
 from proxy import errors
@@ -34,6 +36,7 @@ from proxy.headers import (
     response_headers,
     upstream_headers,
 )
+from proxy.http_guard import GuardedServer
 from proxy.routing import Route, Router
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import RouteMetrics
@@ -119,7 +122,9 @@ class EdgeHandler:
             proxied = await route.handler(outgoing)
             status, attempts = proxied.status, proxied.attempts
             outcome = proxied.error or "upstream"
-            response, bytes_out = await self._stream_back(request, route, proxied, rid)
+            response, bytes_out, broken = await self._stream_back(request, route, proxied, rid)
+            if broken is not None:
+                outcome = broken  # the status was already sent; the metric still shows the failure
             return response
         except errors.ProxyError as error:
             status, outcome, attempts = error.status, error.code, error.attempts
@@ -165,6 +170,25 @@ class EdgeHandler:
                     "bytes_out": bytes_out,
                     "error": None if outcome == "upstream" else outcome,
                 })
+
+    def refuse(self, error: errors.ProxyError) -> web.Response:
+        """The response to a request refused before it could be parsed (see ``proxy.http_guard``)."""
+        rid = uuid.uuid4().hex  # the app's x-request-id, if any, was never parsed
+        response = errors.to_response(error, route=None, upstream=None, request_id=rid)
+        response.force_close()  # the connection's framing cannot be trusted after a parse error
+        self.record_refusal(error.status, error.code, rid)
+        return response
+
+    def record_refusal(self, status: int, code: str, rid: str | None = None) -> None:
+        """Metrics and access log for a request refused or cut off below the router."""
+        ctx = self._ctx
+        ctx.unmatched.request_done("_OTHER", status, code, 0.0)
+        if ctx.access_log is not None:
+            ctx.access_log.record({
+                "request_id": rid, "trace_id": None, "span_id": None, "method": None, "path": None,
+                "route": None, "upstream": None, "status": status, "attempts": 0, "duration_ms": 0.0,
+                "upstream_duration_ms": None, "bytes_in": 0, "bytes_out": 0, "error": code,
+            })
 
     def _error_response(self, error: errors.ProxyError, route: Route | None, rid: str) -> web.Response:
         response = errors.to_response(error, route=route.name if route else None,
@@ -256,8 +280,9 @@ class EdgeHandler:
             yield chunk
 
     async def _stream_back(self, request: web.BaseRequest, route: Route, proxied: ProxyResponse,
-                           rid: str) -> tuple[web.StreamResponse, int]:
-        """The response streamed to the app, and how many body bytes were sent."""
+                           rid: str) -> tuple[web.StreamResponse, int, str | None]:
+        """The response streamed to the app, how many body bytes were sent, and the error code
+        if the upstream body broke off (the app's connection is then aborted)."""
         upstream = proxied.upstream
         headers = response_headers(proxied.headers.items(), connection_listed(proxied.headers))
         headers[REQUEST_ID_HEADER] = rid
@@ -268,12 +293,13 @@ class EdgeHandler:
             response = web.Response(status=proxied.status, body=proxied.body, headers=headers)
             if self._ctx.draining:
                 response.force_close()
-            return response, len(proxied.body)
+            return response, len(proxied.body), None
         response = web.StreamResponse(status=proxied.status, reason=upstream.reason, headers=headers)
         if self._ctx.draining:
             response.force_close()
         completed = False
         sent = 0
+        broken: str | None = None
         try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
@@ -286,6 +312,13 @@ class EdgeHandler:
             # response rather than a silently short one.
             if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
                 route.metrics.timeouts["idle"].inc()
+                broken = errors.UpstreamTimeout.code
+            elif isinstance(exc, errors.ProxyError):
+                broken = exc.code
+            else:  # the upstream connection closed, reset or broke its framing mid-body
+                broken = _body_error_code(exc)
+            log.info("upstream body broke off after %d bytes; aborting the app's connection (%s)", sent, broken,
+                     extra={"request_id": rid})
             if request.transport is not None:
                 request.transport.abort()
         except (ConnectionError, RuntimeError):
@@ -295,12 +328,22 @@ class EdgeHandler:
                 proxied.release()
             else:
                 proxied.close()
-        return response, sent
+        return response, sent, broken
+
+
+def _body_error_code(exc: BaseException) -> str:
+    """``upstream_protocol_error`` when the upstream's body framing was invalid, else ``upstream_reset``."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, aiohttp.ClientPayloadError) and isinstance(cause, BadHttpMessage) \
+            and "not enough data" not in str(cause).lower() and "not completed" not in str(cause).lower():
+        return errors.UpstreamProtocolError.code
+    return errors.UpstreamReset.code
 
 
 def build_server(handler: EdgeHandler, limits: LimitsConfig) -> web.Server:
-    return web.Server(
+    return GuardedServer(
         handler,
+        limits,
         handler_cancellation=True,
         max_line_size=max(8190, int(limits.max_header_bytes)),
         max_field_size=int(limits.max_header_bytes),

@@ -10,10 +10,14 @@ so no policy ever sees an aiohttp exception.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import _EXC_SENTINEL
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from proxy import errors
@@ -35,6 +39,24 @@ def _ssl_context(config: UpstreamConfig) -> ssl.SSLContext | bool:
     if tls.cert_file and tls.key_file:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     return context
+
+
+class _ResponseHandler(ResponseHandler):
+    """aiohttp's client protocol, which also fails the body reader when a response breaks mid-body.
+
+    aiohttp (3.14) records a parse error found mid-body (an invalid chunk size, say)
+    on the protocol only and drops the read timeout: whoever reads the body would wait
+    forever.  Here the body reader gets the error too, so the edge aborts the app's
+    connection at once.
+    """
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        payload = self._payload
+        if isinstance(exc, HttpProcessingError) and payload is not None and not payload.is_eof() \
+                and payload.exception() is None:
+            broken = aiohttp.ClientPayloadError(f"response body broke off: {type(exc).__name__}")
+            payload.set_exception(broken, exc if exc_cause is _EXC_SENTINEL else exc_cause)
+        super().set_exception(exc, exc_cause)
 
 
 class UpstreamPool:
@@ -70,6 +92,8 @@ class UpstreamPool:
             ttl_dns_cache=10,
             enable_cleanup_closed=False,
         )
+        connector._factory = functools.partial(  # type: ignore[assignment]
+            _ResponseHandler, loop=asyncio.get_running_loop())
         self._session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),

@@ -82,7 +82,10 @@ async def test_ten_times_capacity_is_shed_with_bounded_latency_and_no_fd_or_task
         assert len(ok) >= 0.8 * LOAD_S / 0.2 * 10  # the 10 active slots stayed busy
         assert len(shed) > 5 * len(ok)
         p50, p99 = _percentile(shed, 0.5), _percentile(shed, 0.99)
-        assert p99 < 0.05, f"shed p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+        # Quiet machine: p99 about 6 ms. The bound is loose enough for a loaded CI box yet far
+        # below what a request that queued instead of being shed would take (200 ms upstream,
+        # 1 s pending_timeout), so it still catches shedding that is not immediate.
+        assert p50 < 0.05 and p99 < 0.15, f"shed p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
         fds, tasks = await _settle(sidecar, base_fds, base_tasks)
         print(f"\noverload: {len(ok)} served, {len(shed)} shed, shed p50 {p50 * 1000:.1f} ms "
               f"p99 {p99 * 1000:.1f} ms; fds {base_fds} -> {during_fds} during -> {fds}; "

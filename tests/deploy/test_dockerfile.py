@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,17 +22,12 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.process import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "deploy" / "kubernetes"
 BUILD_TIMEOUT = pytest.mark.timeout(1200)  # first use of `image` pip-installs the package
 ENV_ADDRESS = re.compile(r"\$\{(\w+):-([\w.-]+):(\d+)\}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_status(url: str) -> int | None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +15,7 @@ import pytest
 import yaml
 
 from proxy import __version__
+from tests.support.process import SidecarProcess, free_port
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream
 
@@ -24,51 +23,12 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("outrigger")
 COMMANDS = {"console-script": [str(CONSOLE_SCRIPT)], "python-m-proxy": [sys.executable, "-m", "proxy"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _write_config(path: Path, upstream_url: str) -> tuple[int, int]:
-    """A config on free ports at ``path``: (admin port, listener port)."""
-    admin, listener = _free_port(), _free_port()
-    data = base_config(upstream_url)
-    data["admin"]["address"] = f"127.0.0.1:{admin}"
-    data["listeners"][0]["address"] = f"127.0.0.1:{listener}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data))
-    return admin, listener
-
-
-async def _run(command: list[str], args: list[str], admin: int, *, cwd: Path,
-               env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-    """Start ``command run ...`` and wait until its /readyz answers 200."""
-    base_env = {k: v for k, v in os.environ.items() if k != "OUTRIGGER_CONFIG"}
-    proc = await asyncio.create_subprocess_exec(*command, "run", *args, cwd=cwd, env={**base_env, **(env or {})},
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            if proc.returncode is not None:
-                break
-            try:
-                async with session.get(f"http://127.0.0.1:{admin}/readyz") as resp:
-                    if resp.status == 200:
-                        return proc
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    proc.kill()
-    assert proc.stderr is not None
-    raise AssertionError(f"sidecar never became ready: {(await proc.stderr.read()).decode()[-2000:]}")
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> tuple[int, list[str]]:
-    """SIGTERM, then (exit code, stderr lines)."""
-    proc.send_signal(signal.SIGTERM)
-    assert proc.stderr is not None
-    err = await asyncio.wait_for(proc.stderr.read(), 15)
-    return await asyncio.wait_for(proc.wait(), 15), err.decode().splitlines()
+async def _start(command: list[str], upstream_url: str, config_path: Path, *, cwd: Path,
+                 args: list[str] | None = None, env: dict[str, str] | None = None) -> SidecarProcess:
+    """``command run ...`` (``args`` default to ``--config config_path``) on a config written to ``config_path``."""
+    process = SidecarProcess(base_config(upstream_url), config_path=config_path, command=command, args=args, cwd=cwd,
+                             env=env)
+    return await process.start(within_s=10)
 
 
 async def _call(port: int, path: str = "/hello") -> tuple[int, bytes]:
@@ -91,49 +51,46 @@ def test_version_flag_prints_the_package_version(command: list[str]) -> None:
 async def test_run_with_config_flag_proxies_calls_and_exits_0_on_sigterm(
         command: list[str], upstream: ScriptedUpstream, tmp_path: Path) -> None:
     upstream.default = Reply(body=b"through the subprocess")
-    admin, port = _write_config(tmp_path / "custom.yaml", upstream.url)
-    proc = await _run(command, ["--config", str(tmp_path / "custom.yaml")], admin, cwd=tmp_path)
+    sidecar = await _start(command, upstream.url, tmp_path / "custom.yaml", cwd=tmp_path)
     try:
-        assert await _call(port) == (200, b"through the subprocess")
+        assert await _call(sidecar.port) == (200, b"through the subprocess")
     finally:
-        code, _ = await _stop(proc)
+        code = await sidecar.stop(within_s=15)
     assert code == 0
     assert [r.path for r in upstream.requests] == ["/hello"]
 
 
 async def test_run_takes_the_config_path_from_outrigger_config(upstream: ScriptedUpstream,
                                                                tmp_path: Path) -> None:
-    admin, port = _write_config(tmp_path / "elsewhere" / "env.yaml", upstream.url)
-    proc = await _run(COMMANDS["console-script"], [], admin, cwd=tmp_path,
-                      env={"OUTRIGGER_CONFIG": str(tmp_path / "elsewhere" / "env.yaml")})
+    sidecar = await _start(COMMANDS["console-script"], upstream.url, tmp_path / "elsewhere" / "env.yaml",
+                           cwd=tmp_path, args=[], env={"OUTRIGGER_CONFIG": str(tmp_path / "elsewhere" / "env.yaml")})
     try:
-        assert (await _call(port))[0] == 200
+        assert (await _call(sidecar.port))[0] == 200
     finally:
-        assert (await _stop(proc))[0] == 0
+        assert await sidecar.stop(within_s=15) == 0
 
 
 async def test_run_without_flag_or_env_uses_config_outrigger_yaml_in_the_working_directory(
         upstream: ScriptedUpstream, tmp_path: Path) -> None:
-    admin, port = _write_config(tmp_path / "config" / "outrigger.yaml", upstream.url)
-    proc = await _run(COMMANDS["python-m-proxy"], [], admin, cwd=tmp_path)
+    sidecar = await _start(COMMANDS["python-m-proxy"], upstream.url, tmp_path / "config" / "outrigger.yaml",
+                           cwd=tmp_path, args=[])
     try:
-        assert (await _call(port))[0] == 200
+        assert (await _call(sidecar.port))[0] == 200
     finally:
-        assert (await _stop(proc))[0] == 0
+        assert await sidecar.stop(within_s=15) == 0
 
 
 async def test_config_flag_wins_over_outrigger_config(upstream: ScriptedUpstream, tmp_path: Path) -> None:
-    admin, port = _write_config(tmp_path / "flag.yaml", upstream.url)
-    proc = await _run(COMMANDS["console-script"], ["--config", str(tmp_path / "flag.yaml")], admin, cwd=tmp_path,
-                      env={"OUTRIGGER_CONFIG": str(tmp_path / "missing.yaml")})
+    sidecar = await _start(COMMANDS["console-script"], upstream.url, tmp_path / "flag.yaml", cwd=tmp_path,
+                           env={"OUTRIGGER_CONFIG": str(tmp_path / "missing.yaml")})
     try:
-        assert (await _call(port))[0] == 200
+        assert (await _call(sidecar.port))[0] == 200
     finally:
-        assert (await _stop(proc))[0] == 0
+        assert await sidecar.stop(within_s=15) == 0
 
 
 def test_run_with_an_invalid_config_exits_1_listing_errors_and_starts_nothing(tmp_path: Path) -> None:
-    admin = _free_port()
+    admin = free_port()
     data = base_config("http://127.0.0.1:9")
     data["admin"]["address"] = f"127.0.0.1:{admin}"
     data["listeners"][0]["routes"][0]["upstream"] = "paymnts"
@@ -157,10 +114,10 @@ def test_run_with_a_missing_config_file_exits_1_naming_it(tmp_path: Path) -> Non
 
 async def test_logs_are_json_lines_on_stderr_with_time_level_and_message(upstream: ScriptedUpstream,
                                                                        tmp_path: Path) -> None:
-    admin, port = _write_config(tmp_path / "o.yaml", upstream.url)
-    proc = await _run(COMMANDS["console-script"], ["--config", str(tmp_path / "o.yaml")], admin, cwd=tmp_path)
-    await _call(port)
-    code, lines = await _stop(proc)
+    sidecar = await _start(COMMANDS["console-script"], upstream.url, tmp_path / "o.yaml", cwd=tmp_path)
+    await _call(sidecar.port)
+    code = await sidecar.stop(within_s=15)
+    lines = sidecar.stderr().splitlines()
     assert code == 0
     entries: list[dict[str, Any]] = [json.loads(line) for line in lines if line.strip()]
     assert entries, "no log lines on stderr"

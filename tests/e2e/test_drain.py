@@ -3,96 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
+from tests.support.process import SidecarProcess
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream
 
 _CONNECT_SLACK_S = 0.02
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class SidecarProcess:
-    """``python -m proxy run`` on free ports, with its stderr JSON log lines collected as they arrive."""
-
-    def __init__(self, data: dict[str, Any], path: Path) -> None:
-        self.admin = _free_port()
-        self.port = _free_port()
-        data["admin"]["address"] = f"127.0.0.1:{self.admin}"
-        data["listeners"][0]["address"] = f"127.0.0.1:{self.port}"
-        path.write_text(yaml.safe_dump(data))
-        self.path = path
-        self.logs: list[dict[str, Any]] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "--config", str(self.path),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        self._reader = asyncio.ensure_future(self._read_logs())
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                assert self.proc.returncode is None, "sidecar exited during startup"
-                if await self.probe(session, "/readyz") == 200:
-                    return
-                await asyncio.sleep(0.05)
-        raise AssertionError("sidecar never became ready")
-
-    async def _read_logs(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.logs.append(json.loads(line))
-
-    async def probe(self, session: aiohttp.ClientSession, path: str) -> int | None:
-        try:
-            async with session.get(f"http://127.0.0.1:{self.admin}{path}") as resp:
-                return resp.status
-        except aiohttp.ClientConnectionError:
-            return None
-
-    def log_time(self, message_start: str) -> float | None:
-        """Wall-clock time (epoch seconds) of the first log line whose message starts with ``message_start``."""
-        for entry in self.logs:
-            if entry["message"].startswith(message_start):
-                return datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).timestamp()
-        return None
-
-    async def wait_log(self, message_start: str, within_s: float = 10) -> float:
-        deadline = time.monotonic() + within_s
-        while (when := self.log_time(message_start)) is None:
-            assert time.monotonic() < deadline, f"no log line {message_start!r}"
-            await asyncio.sleep(0.01)
-        return when
-
-    async def exit_code(self, within_s: float = 15) -> int:
-        assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), within_s)
-        if self._reader is not None:
-            await asyncio.wait_for(self._reader, within_s)
-        return code
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 @pytest.fixture
@@ -100,10 +24,9 @@ async def make_process(tmp_path: Path) -> AsyncIterator[Any]:
     started: list[SidecarProcess] = []
 
     async def make(data: dict[str, Any]) -> SidecarProcess:
-        process = SidecarProcess(data, tmp_path / f"outrigger-{len(started)}.yaml")
+        process = SidecarProcess(data, directory=tmp_path)
         started.append(process)
-        await process.start()
-        return process
+        return await process.start(within_s=10)
 
     yield make
     for process in started:
@@ -114,20 +37,20 @@ async def test_probes_and_traffic_before_during_and_after_drain(upstream: Script
     data = base_config(upstream.url)
     data["drain"] = {"grace": "1.5s", "timeout": "5s"}
     sidecar: SidecarProcess = await make_process(data)
-    url = f"http://127.0.0.1:{sidecar.port}/work"
+    url = f"{sidecar.url}/work"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-        assert await sidecar.probe(session, "/readyz") == 200
-        assert await sidecar.probe(session, "/healthz") == 200
+        assert await sidecar.admin_status(session, "/readyz") == 200
+        assert await sidecar.admin_status(session, "/healthz") == 200
         async with session.get(url) as resp:
             assert resp.status == 200
 
         assert sidecar.proc is not None
         sidecar.proc.send_signal(signal.SIGTERM)
         signalled, signalled_wall = time.monotonic(), time.time()
-        while await sidecar.probe(session, "/readyz") != 503:
+        while await sidecar.admin_status(session, "/readyz") != 503:
             assert time.monotonic() - signalled < 0.5, "/readyz did not turn 503 at once"
             await asyncio.sleep(0.01)
-        assert await sidecar.probe(session, "/healthz") == 200
+        assert await sidecar.admin_status(session, "/healthz") == 200
 
         # Within the grace period the app's outbound calls are still served...
         async with session.get(url) as resp:
@@ -146,7 +69,7 @@ async def test_probes_and_traffic_before_during_and_after_drain(upstream: Script
         async with await slow as resp:
             assert resp.status == 200
             assert await resp.read() == b"slow but complete"
-    assert await sidecar.exit_code() == 0
+    assert await sidecar.wait(within_s=15) == 0
     assert sidecar.log_time("outrigger stopped") is not None
 
 
@@ -157,7 +80,7 @@ async def _steady_load_through_drain(upstream: ScriptedUpstream, make_process: A
     data["drain"] = {"grace": "1s", "timeout": "5s"}
     upstream.default = Reply(body=b"ok", delay=0.005)
     sidecar: SidecarProcess = await make_process(data)
-    url = f"http://127.0.0.1:{sidecar.port}/load"
+    url = f"{sidecar.url}/load"
     results: list[tuple[float, str]] = []  # (wall-clock start, outcome)
 
     async def one(session: aiohttp.ClientSession) -> None:
@@ -188,7 +111,7 @@ async def _steady_load_through_drain(upstream: ScriptedUpstream, make_process: A
                 signalled = time.time()
             tasks.append(asyncio.ensure_future(one(session)))
         await asyncio.gather(*tasks)  # nothing hangs, before or after the close
-    assert await sidecar.exit_code() == 0
+    assert await sidecar.wait(within_s=15) == 0
     closed = sidecar.log_time("closing listeners")  # logged just before the listening sockets close
     assert closed is not None
     before = [(started, outcome) for started, outcome in results if started < closed]

@@ -11,7 +11,6 @@ time is printed too, as the bottleneck-independent view of the same cost.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import time
@@ -20,7 +19,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.otlp_receiver import SidecarProcess, free_port
+from tests.support.process import SidecarProcess, free_port
 from tests.support.sidecar import base_config
 from tests.support.upstream import ScriptedUpstream
 
@@ -49,8 +48,7 @@ async def drive(session: aiohttp.ClientSession, url: str, requests: int) -> tupl
 
 
 def cpu_seconds(sidecar: SidecarProcess) -> float:
-    assert sidecar.proc is not None
-    with open(f"/proc/{sidecar.proc.pid}/stat") as stat:
+    with open(f"/proc/{sidecar.pid}/stat") as stat:
         fields = stat.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -73,10 +71,10 @@ async def measure(off: SidecarProcess, down: SidecarProcess, rounds: int) -> lis
     return pairs
 
 
-def dropped_spans(sidecar: SidecarProcess) -> dict[str, float]:
+async def dropped_spans(sidecar: SidecarProcess) -> dict[str, float]:
     return {
         s.labels["reason"]: s.value
-        for family in text_string_to_metric_families(sidecar.metrics_text())
+        for family in text_string_to_metric_families(await sidecar.metrics_text())
         for s in family.samples
         if s.name == "outrigger_spans_dropped_total"
     }
@@ -93,23 +91,23 @@ async def test_collector_down_costs_under_ten_percent_throughput_and_no_errors(
     upstream: ScriptedUpstream,
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
-    off = SidecarProcess(config(upstream.url, {"enabled": False})).start()
-    down = SidecarProcess(
+    off = await SidecarProcess(config(upstream.url, {"enabled": False})).start(within_s=10)
+    down = await SidecarProcess(
         config(upstream.url, {"enabled": True, "sample_ratio": 1.0}),
-        {
+        env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": dead,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
             "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
             "OTEL_BSP_EXPORT_TIMEOUT": "1000",
         },
-    ).start()
+    ).start(within_s=10)
     medians: list[float] = []
     try:
         # Warm up until the first export has failed and the gate has shut (about OTEL_EXPORTER_OTLP_TIMEOUT
         # after the first batch): the steady state with the collector down is what is measured.
         deadline = time.monotonic() + 10
-        while dropped_spans(down).get("collector_down", 0) == 0:
-            assert time.monotonic() < deadline, dropped_spans(down)
+        while (await dropped_spans(down)).get("collector_down", 0) == 0:
+            assert time.monotonic() < deadline, await dropped_spans(down)
             await measure(off, down, 1)
         for _ in range(3):  # best of three measurements, each 2 x 2,000 requests per side
             pairs = await measure(off, down, 2 * ROUNDS)
@@ -125,11 +123,11 @@ async def test_collector_down_costs_under_ten_percent_throughput_and_no_errors(
             )
             if medians[-1] >= MIN_RATIO:
                 break
-        dropped = dropped_spans(down)
+        dropped = await dropped_spans(down)
     finally:
-        off.stop()
+        await off.stop(within_s=15)
         started = time.monotonic()
-        assert down.stop() == 0
+        assert await down.stop(within_s=15) == 0
         stop_s = time.monotonic() - started
     assert max(medians) >= MIN_RATIO, medians
 
@@ -138,7 +136,7 @@ async def test_collector_down_costs_under_ten_percent_throughput_and_no_errors(
     assert dropped["collector_down"] > 0  # the gate stopped recording traces: that is the speed-up
     assert stop_s < 4.0, f"drain took {stop_s:.1f}s with the collector down"
 
-    logs = [json.loads(line) for line in down.stderr.splitlines() if line.startswith("{")]
+    logs = down.logs()
     reports = [entry for entry in logs if entry["logger"] == "outrigger.tracing"]
     assert 1 <= len(reports) <= 2, reports  # once per 30s interval (plus at most one on shutdown)
     assert "dropped" in reports[0]["message"]

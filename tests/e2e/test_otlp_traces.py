@@ -15,7 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.otlp_receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan, SidecarProcess
+from tests.support.otlp_receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
+from tests.support.process import SidecarProcess
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream
 
@@ -105,9 +106,9 @@ async def test_grpc_export_shows_the_retry_tree_with_resource_and_continues_the_
     upstream: ScriptedUpstream, grpc_receiver: GrpcOtlpReceiver
 ) -> None:
     upstream.script(Reply(status=503), Reply(status=200))
-    sidecar = SidecarProcess(
+    sidecar = await SidecarProcess(
         traced_config(upstream.url),
-        {
+        env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
             "OTEL_SERVICE_NAME": "checkout-sidecar",
@@ -115,12 +116,12 @@ async def test_grpc_export_shows_the_retry_tree_with_resource_and_continues_the_
             "K8S_POD_NAME": "checkout-7d9f-abc12",
             "K8S_NAMESPACE_NAME": "shop",
         },
-    ).start()
+    ).start(within_s=10)
     try:
         assert await call(sidecar, "/v1/orders/17?secret=1", {"traceparent": TRACEPARENT}) == 200
         assert await call(sidecar, "/v1/orders/18") == 200  # no traceparent: a new root trace
     finally:
-        assert sidecar.stop() == 0
+        assert await sidecar.stop(within_s=15) == 0
     spans = grpc_receiver.wait_for(lambda s: len(s) >= 5, timeout=0.5)  # flushed before exit
     assert len(spans) == 5
     assert_retried_trace(spans, upstream, upstream.port)
@@ -136,7 +137,7 @@ async def test_grpc_export_shows_the_retry_tree_with_resource_and_continues_the_
     assert resource["deployment.environment"] == "test"
     assert all(s.scope == "outrigger" for s in spans)
 
-    log = [json.loads(line) for line in sidecar.stdout.splitlines()]
+    log = [json.loads(line) for line in sidecar.stdout().splitlines()]
     assert [(entry["trace_id"], entry["attempts"]) for entry in log] == [(APP_TRACE, 2), (root.trace_id, 1)]
     assert log[0]["span_id"] == by_kind(spans, APP_TRACE)[0].span_id
 
@@ -145,17 +146,17 @@ async def test_http_protobuf_export_shows_the_same_tree(
     upstream: ScriptedUpstream, http_receiver: HttpOtlpReceiver
 ) -> None:
     upstream.script(Reply(status=503), Reply(status=200))
-    sidecar = SidecarProcess(
+    sidecar = await SidecarProcess(
         traced_config(upstream.url),
-        {
+        env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": http_receiver.endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         },
-    ).start()
+    ).start(within_s=10)
     try:
         assert await call(sidecar, "/v1/orders/17?secret=1", {"traceparent": TRACEPARENT}) == 200
     finally:
-        assert sidecar.stop() == 0
+        assert await sidecar.stop(within_s=15) == 0
     spans = http_receiver.wait_for(lambda s: len(s) >= 3, timeout=0.5)
     assert len(spans) == 3
     assert_retried_trace(spans, upstream, upstream.port)
@@ -169,11 +170,11 @@ async def test_config_endpoint_and_protocol_win_over_nothing_in_the_environment(
     """``telemetry.tracing.endpoint``/``protocol`` alone are enough (no OTEL_* variables)."""
     config = traced_config(upstream.url, endpoint=http_receiver.endpoint, protocol="http/protobuf")
     config["telemetry"]["service_name"] = "from-config"
-    sidecar = SidecarProcess(config).start()
+    sidecar = await SidecarProcess(config).start(within_s=10)
     try:
         assert await call(sidecar, "/v1/orders/1") == 200
     finally:
-        assert sidecar.stop() == 0
+        assert await sidecar.stop(within_s=15) == 0
     spans = http_receiver.wait_for(lambda s: len(s) >= 2, timeout=0.5)
     assert {s.kind for s in spans} == {"SERVER", "CLIENT"}
     assert spans[0].resource["service.name"] == "from-config"
@@ -182,9 +183,9 @@ async def test_config_endpoint_and_protocol_win_over_nothing_in_the_environment(
 async def test_sample_ratio_zero_exports_nothing_but_a_sampled_parent_is_still_followed(
     upstream: ScriptedUpstream, grpc_receiver: GrpcOtlpReceiver
 ) -> None:
-    sidecar = SidecarProcess(
-        traced_config(upstream.url, sample_ratio=0.0), {"OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint}
-    ).start()
+    sidecar = await SidecarProcess(
+        traced_config(upstream.url, sample_ratio=0.0), env={"OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint}
+    ).start(within_s=10)
     try:
         for _ in range(5):
             assert await call(sidecar, "/v1/orders/1") == 200
@@ -192,7 +193,7 @@ async def test_sample_ratio_zero_exports_nothing_but_a_sampled_parent_is_still_f
         assert await call(sidecar, "/v1/orders/2", {"traceparent": unsampled_parent}) == 200
         assert await call(sidecar, "/v1/orders/3", {"traceparent": TRACEPARENT}) == 200
     finally:
-        assert sidecar.stop() == 0
+        assert await sidecar.stop(within_s=15) == 0
     spans = grpc_receiver.wait_for(lambda s: len(s) >= 2, timeout=0.5)
     assert sorted(s.kind for s in spans) == ["CLIENT", "SERVER"]
     assert {s.trace_id for s in spans} == {APP_TRACE}
@@ -200,7 +201,7 @@ async def test_sample_ratio_zero_exports_nothing_but_a_sampled_parent_is_still_f
     # Unsampled requests carry no proxy-made context upstream; an app's own header passes through.
     assert "traceparent" not in upstream.requests[0].headers
     assert upstream.requests[5].headers["traceparent"] == unsampled_parent
-    log = [json.loads(line) for line in sidecar.stdout.splitlines()]
+    log = [json.loads(line) for line in sidecar.stdout().splitlines()]
     assert [entry["trace_id"] for entry in log[:6]] == [None] * 6
 
 
@@ -217,11 +218,11 @@ async def test_b3_propagation_continues_b3_traces_and_injects_b3_upstream(
         config["telemetry"]["propagators"] = ["tracecontext", "b3"]
         env = {"OTEL_PROPAGATORS": "none"}  # the config list wins over the environment
     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = grpc_receiver.endpoint
-    sidecar = SidecarProcess(config, env).start()
+    sidecar = await SidecarProcess(config, env=env).start(within_s=10)
     try:
         assert await call(sidecar, "/v1/orders/1", {"b3": f"{b3_trace}-{b3_span}-1"}) == 200
     finally:
-        assert sidecar.stop() == 0
+        assert await sidecar.stop(within_s=15) == 0
     spans = grpc_receiver.wait_for(lambda s: len(s) >= 2, timeout=0.5)
     server, (client,) = by_kind(spans, b3_trace)
     assert server.parent_span_id == b3_span

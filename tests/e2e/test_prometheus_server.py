@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.support.otlp_receiver import SidecarProcess
+from tests.support.process import SidecarProcess
 from tests.support.prometheus_server import PrometheusServer
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream
@@ -30,7 +30,7 @@ async def test_prometheus_scrapes_exact_request_and_retry_counts(upstream: Scrip
         upstream.script(Reply(status=503), Reply(status=200))
     config = base_config(upstream.url, name="orders")
     config["telemetry"] = {"tracing": {"enabled": True, "exporter": "none"}, "access_log": {"enabled": False}}
-    sidecar = SidecarProcess(config).start()
+    sidecar = await SidecarProcess(config).start(within_s=10)
     prometheus = PrometheusServer(f"127.0.0.1:{sidecar.admin_port}").start()
     try:
         async with aiohttp.ClientSession() as client:
@@ -57,4 +57,4 @@ async def test_prometheus_scrapes_exact_request_and_retry_counts(upstream: Scrip
         assert build["metric"]["version"]
     finally:
         prometheus.stop()
-        sidecar.stop()
+        await sidecar.stop(within_s=15)

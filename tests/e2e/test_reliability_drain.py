@@ -13,7 +13,6 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -81,9 +80,8 @@ async def test_sigterm_at_500_rps_loses_no_request_exits_0_and_flushes_every_spa
     finally:
         await sidecar.kill()
     assert code == 0
-    closing = [e for e in sidecar.logs() if e["message"].startswith("closing listeners")]
-    assert closing, sidecar.stderr()[-2000:]
-    closed = datetime.fromisoformat(closing[0]["time"].replace("Z", "+00:00")).timestamp()
+    closed = sidecar.log_time("closing listeners")
+    assert closed is not None, sidecar.stderr()[-2000:]
 
     assert achieved > 0.9 * RATE, f"the load generator only reached {achieved:.0f} rps"
     before = [(s, t, o) for s, t, o in results if s < closed]

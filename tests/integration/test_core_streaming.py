@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.lifecycle import Sidecar
+from tests.support.process import SidecarProcess
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream, Stream
 
 MiB = 1024 * 1024
 Factory = Callable[..., Awaitable[Sidecar]]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _peak_rss(pid: int) -> int:
@@ -40,37 +30,15 @@ def _peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM in /proc status")
 
 
-async def _wait_ready(admin_port: int, proc: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            assert proc.returncode is None, "sidecar exited during startup"
-            try:
-                async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("sidecar never became ready")
-
-
 @pytest.fixture
 async def sidecar_process(tmp_path: Path, upstream: ScriptedUpstream) -> AsyncIterator[tuple[int, int]]:
     """``outrigger run`` as a subprocess in front of the in-process upstream: (listener port, pid)."""
     data = base_config(upstream.url, timeout={"attempt": "30s", "total": "60s"})
-    data["admin"]["address"] = f"127.0.0.1:{_free_port()}"
-    port = _free_port()
-    data["listeners"][0]["address"] = f"127.0.0.1:{port}"
-    path = tmp_path / "outrigger.yaml"
-    path.write_text(yaml.safe_dump(data))
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "run", "--config", str(path),
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sidecar = await SidecarProcess(data, directory=tmp_path).start(within_s=10)
     try:
-        await _wait_ready(int(data["admin"]["address"].rpartition(":")[2]), proc)
-        yield port, proc.pid
+        yield sidecar.port, sidecar.pid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert await sidecar.stop(within_s=10) == 0
 
 
 async def test_100_mib_upload_and_download_stream_through_with_bounded_peak_memory(

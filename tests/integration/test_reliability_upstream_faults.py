@@ -22,6 +22,7 @@ import pytest
 
 from proxy.lifecycle import Sidecar
 from tests.integration.test_core_tls import certs, https_url  # noqa: F401 - fixtures
+from tests.support.process import free_port
 from tests.support.sidecar import base_config
 
 Factory = Callable[..., Awaitable[Sidecar]]
@@ -128,10 +129,7 @@ async def _assert_fault(sidecar: Sidecar, status: int, code: str, result: str) -
 
 
 async def test_connection_refused_is_503_upstream_connect_failure(sidecar_factory: Factory) -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{port}"))
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{free_port()}"))  # nothing listens there
     await _assert_fault(sidecar, 503, "upstream_connect_failure", "connect_failure")
 
 

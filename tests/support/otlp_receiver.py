@@ -1,4 +1,4 @@
-"""Real OTLP trace receivers on loopback, plus a helper that runs ``outrigger`` as a subprocess.
+"""Real OTLP trace receivers on loopback.
 
 ``GrpcOtlpReceiver`` is a grpcio server implementing the collector's
 ``TraceService`` from the ``opentelemetry-proto`` service definitions;
@@ -6,33 +6,20 @@
 ``ExportTraceServiceRequest``, as an OTLP/HTTP collector does.  Both
 flatten what they receive into ``ReceivedSpan`` records that tests assert
 on.  Neither fakes the SDK: the sidecar's real exporter talks to them over
-real sockets.
-
-``SidecarProcess`` starts ``python -m proxy run --config <file>`` (what
-users run) and stops it with SIGTERM, returning its stdout (the access log)
-and stderr (the JSON logs).
+real sockets.  (``outrigger run`` as a subprocess: ``tests.support.process``.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.server
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc  # type: ignore[import-untyped]
-import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
@@ -40,18 +27,10 @@ __all__ = [
     "GrpcOtlpReceiver",
     "HttpOtlpReceiver",
     "ReceivedSpan",
-    "SidecarProcess",
-    "free_port",
 ]
 
 SPAN_KIND = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 STATUS_CODE = {0: "UNSET", 1: "OK", 2: "ERROR"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _value(value: AnyValue) -> Any:
@@ -231,88 +210,6 @@ class HttpOtlpReceiver:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-class SidecarProcess:
-    """``python -m proxy run`` in a subprocess with free loopback ports chosen up front."""
-
-    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
-        self.admin_port = free_port()
-        self.port = free_port()
-        config = dict(config)
-        config["admin"] = {"address": f"127.0.0.1:{self.admin_port}"}
-        config["listeners"] = [dict(config["listeners"][0], address=f"127.0.0.1:{self.port}")]
-        handle, self.config_path = tempfile.mkstemp(prefix="outrigger-", suffix=".yaml")
-        with os.fdopen(handle, "w") as file:
-            yaml.safe_dump(config, file)
-        clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "K8S_"))}
-        self.env = {**clean, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        # Files, not pipes: an unread pipe would fill up and block the sidecar's access log.
-        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115
-        self.stdout = ""
-        self.stderr = ""
-        self.returncode: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def start(self, timeout: float = 10.0) -> SidecarProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", self.config_path],
-            env=self.env,
-            stdout=self._out,
-            stderr=self._err,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"outrigger exited with {self.proc.returncode}: {self.stderr[-2000:]}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as response,
-            ):
-                if response.status == 200:
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"outrigger not ready after {timeout}s: {self.stderr[-2000:]}")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM (drain), wait, collect output; kill if it does not exit in ``timeout``."""
-        if self.proc is None:
-            return -1
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.returncode = self.proc.returncode
-        self.stdout, self.stderr = self._read(self._out), self._read(self._err)
-        with contextlib.suppress(OSError):
-            os.unlink(self.config_path)
-        return self.returncode
-
-    @staticmethod
-    def _read(file: Any) -> str:
-        file.seek(0)
-        return str(file.read().decode(errors="replace"))
-
-    def metrics_text(self, accept: str | None = None) -> str:
-        request = urllib.request.Request(
-            self.admin_url + "/metrics", headers={"Accept": accept} if accept else {}
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return str(response.read().decode())
 
 
 @contextlib.contextmanager

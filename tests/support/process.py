@@ -1,9 +1,17 @@
-"""``outrigger run`` as a subprocess, for tests that need what users run: a separate process.
+"""``outrigger run`` as a subprocess: the one helper for tests that need what users run.
 
-``SidecarProcess`` writes the config on free loopback ports, starts the
-sidecar, waits for ``/readyz``, and reads the process's resources from
-``/proc``: open file descriptors, resident memory and (through a SIGUSR1
-probe, see below) its asyncio task count.
+``SidecarProcess`` writes the config with free loopback ports for the admin
+server and the first listener, starts the sidecar, waits for ``/readyz`` and
+stops it with SIGTERM (drain).  The child's stdout (the access log) and
+stderr (the JSON logs) go to files that can be read at any time.  It also
+reads the process's resources from ``/proc``: open file descriptors,
+resident memory and (through a SIGUSR1 probe, see below) its asyncio task
+count.
+
+By default the command is ``python -m proxy run --config <file>``; ``command``
+(e.g. the ``outrigger`` console script), ``args`` (everything after ``run``)
+and ``cwd`` replace the parts a CLI test varies.  The environment is the
+test's own minus ``OTEL_*``, ``K8S_*`` and ``OUTRIGGER_*``, plus ``env``.
 
 The task probe: with ``task_probe=True`` the process is started as
 ``python -m tests.support.process --config ...``, which runs the very same
@@ -14,6 +22,7 @@ writes ``len(asyncio.all_tasks())`` to a file.  Nothing else differs.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import signal
@@ -21,6 +30,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +44,7 @@ _PROBE_ENV = "OUTRIGGER_TEST_TASK_PROBE"
 
 
 def free_port() -> int:
+    """A loopback port that nothing listened on a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -40,26 +52,46 @@ def free_port() -> int:
 
 class SidecarProcess:
     def __init__(self, data: dict[str, Any], *, env: dict[str, str] | None = None, task_probe: bool = False,
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, config_path: Path | None = None,
+                 command: Sequence[str] | None = None, args: Sequence[str] | None = None,
+                 cwd: Path | None = None) -> None:
+        """``directory`` holds the config, the output files and the probe file (default: a temporary
+        directory removed with this object); ``config_path`` puts the config elsewhere."""
         self.admin_port = free_port()
         self.port = free_port()
-        data = json.loads(json.dumps(data))
-        data["admin"] = {"address": f"127.0.0.1:{self.admin_port}"}
-        data["listeners"][0]["address"] = f"127.0.0.1:{self.port}"
-        self._dir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="outrigger-"))
-        self.config_path = self._dir / f"outrigger-{self.port}.yaml"
-        self.config_path.write_text(yaml.safe_dump(data))
-        self._probe = self._dir / f"tasks-{self.port}.txt" if task_probe else None
+        if directory is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="outrigger-")
+            directory = Path(self._tmp.name)
+        self.config_path = Path(config_path) if config_path else directory / f"outrigger-{self.port}.yaml"
+        self.write_config(data)
+        self._probe = directory / f"tasks-{self.port}.txt" if task_probe else None
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "K8S_", "OUTRIGGER_"))}
         self.env = {**clean, "PYTHONUNBUFFERED": "1", **(env or {})}
         if self._probe is not None:
             self.env[_PROBE_ENV] = str(self._probe)
+        module = "tests.support.process" if self._probe is not None else "proxy"
+        run_args = ["--config", str(self.config_path)] if args is None else list(args)
+        self.argv = [*(command or [sys.executable, "-m", module]), "run", *run_args]
+        self.cwd = cwd
         self.proc: asyncio.subprocess.Process | None = None
-        self._stderr = self._dir / f"stderr-{self.port}.log"
+        self._stdout = directory / f"stdout-{self.port}.log"
+        self._stderr = directory / f"stderr-{self.port}.log"
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        """Write ``data`` to ``config_path`` with this process's admin and first-listener addresses."""
+        data = copy.deepcopy(data)
+        data["admin"] = {**data.get("admin", {}), "address": f"127.0.0.1:{self.admin_port}"}
+        data["listeners"][0]["address"] = f"127.0.0.1:{self.port}"
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(data))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def pid(self) -> int:
@@ -67,34 +99,58 @@ class SidecarProcess:
         return self.proc.pid
 
     async def start(self, within_s: float = 15.0) -> SidecarProcess:
-        module = "tests.support.process" if self._probe is not None else "proxy"
-        err = self._stderr.open("wb")  # the child writes to it; closed here once inherited
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", module, "run", "--config", str(self.config_path),
-                env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=err)
-        finally:
-            err.close()
+        """Start the process and wait until ``/readyz`` answers 200 (killed if it never does)."""
+        # The child writes to the files; they are closed here once inherited.
+        with self._stdout.open("wb") as out, self._stderr.open("wb") as err:
+            self.proc = await asyncio.create_subprocess_exec(*self.argv, cwd=self.cwd, env=self.env,
+                                                             stdout=out, stderr=err)
         deadline = time.monotonic() + within_s
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 if self.proc.returncode is not None:
                     raise AssertionError(f"sidecar exited during startup: {self.stderr()[-2000:]}")
-                try:
-                    async with session.get(f"http://127.0.0.1:{self.admin_port}/readyz") as resp:
-                        if resp.status == 200:
-                            return self
-                except aiohttp.ClientConnectionError:
-                    pass
+                if await self.admin_status(session, "/readyz") == 200:
+                    return self
                 await asyncio.sleep(0.05)
         await self.kill()
         raise AssertionError(f"sidecar never became ready: {self.stderr()[-2000:]}")
+
+    async def admin_status(self, session: aiohttp.ClientSession, path: str) -> int | None:
+        """The admin server's status for ``path``; None when the connection fails."""
+        try:
+            async with session.get(self.admin_url + path) as resp:
+                return resp.status
+        except aiohttp.ClientConnectionError:
+            return None
+
+    async def metrics_text(self) -> str:
+        async with aiohttp.ClientSession() as session, session.get(self.admin_url + "/metrics") as resp:
+            return await resp.text()
+
+    def stdout(self) -> str:
+        return self._stdout.read_text(errors="replace") if self._stdout.exists() else ""
 
     def stderr(self) -> str:
         return self._stderr.read_text(errors="replace") if self._stderr.exists() else ""
 
     def logs(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.stderr().splitlines() if line.startswith("{")]
+        """The JSON log lines on stderr so far (a line still being written is left out)."""
+        complete = self.stderr().split("\n")[:-1]
+        return [json.loads(line) for line in complete if line.startswith("{")]
+
+    def log_time(self, message_start: str) -> float | None:
+        """Wall-clock time (epoch seconds) of the first log line whose message starts with ``message_start``."""
+        for entry in self.logs():
+            if entry["message"].startswith(message_start):
+                return datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).timestamp()
+        return None
+
+    async def wait_log(self, message_start: str, within_s: float = 10.0) -> float:
+        deadline = time.monotonic() + within_s
+        while (when := self.log_time(message_start)) is None:
+            assert time.monotonic() < deadline, f"no log line {message_start!r}"
+            await asyncio.sleep(0.01)
+        return when
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -116,12 +172,22 @@ class SidecarProcess:
             await asyncio.sleep(0.01)
         raise AssertionError("the task probe did not answer")
 
+    async def wait(self, within_s: float = 20.0) -> int:
+        """The exit code, once the process exits by itself or on a signal sent elsewhere."""
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), within_s)
+
     async def stop(self, within_s: float = 20.0) -> int:
-        """SIGTERM (drain) and the exit code."""
+        """SIGTERM (drain) and the exit code; SIGKILL (a negative code) if it does not exit in ``within_s``."""
         assert self.proc is not None
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), within_s)
+        try:
+            return await self.wait(within_s)
+        except TimeoutError:
+            await self.kill()
+            assert self.proc.returncode is not None
+            return self.proc.returncode
 
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

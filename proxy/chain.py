@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 if TYPE_CHECKING:
-    import aiohttp
     from opentelemetry.trace import Span
+
+    from proxy.h1client import H1Response
 
 __all__ = ["Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
 
@@ -63,8 +64,8 @@ class ProxyRequest:
     """One request from the app, as it moves through a route's chain."""
 
     __slots__ = (
-        "attempt", "body", "deadline", "headers", "idempotency_key", "max_attempts", "method", "path",
-        "rate_key", "request_id", "span", "timeout_override", "upstream_s",
+        "attempt", "attempt_deadline", "body", "deadline", "headers", "idempotency_key", "max_attempts", "method",
+        "path", "rate_key", "request_id", "span", "timeout_override", "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
@@ -80,6 +81,7 @@ class ProxyRequest:
         self.span = span  # the SERVER span while it is recording, else None
         self.deadline = math.inf  # monotonic; set by the deadline policy
         self.attempt = 0  # 1-based, set by the retry policy
+        self.attempt_deadline = math.inf  # monotonic; set by the attempt timeout for the current attempt
         self.idempotency_key = "idempotency-key" in headers
         self.rate_key: str | None = None
         self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
@@ -97,7 +99,7 @@ class ProxyRequest:
 class ProxyResponse:
     """Response headers from the upstream (or a policy), body not yet streamed.
 
-    The edge streams ``upstream.content`` to the app and then calls
+    The edge streams ``upstream``'s body to the app and then calls
     ``release()``; a policy that discards a response (to retry) releases it.
     Callbacks added with ``on_release`` run exactly once either way.
     """
@@ -105,7 +107,7 @@ class ProxyResponse:
     __slots__ = ("_callbacks", "attempts", "body", "error", "headers", "status", "upstream")
 
     def __init__(self, status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str], *,
-                 upstream: aiohttp.ClientResponse | None = None, body: bytes = b"") -> None:
+                 upstream: H1Response | None = None, body: bytes = b"") -> None:
         self.status = status
         self.headers = headers
         self.upstream = upstream

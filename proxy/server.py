@@ -301,11 +301,20 @@ class EdgeHandler:
         sent = 0
         broken: str | None = None
         try:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                sent += len(chunk)
-            await response.write_eof()
+            if upstream.complete:
+                # The whole body came with the head (the common small response): headers and
+                # body leave in one write instead of two.
+                response._send_headers_immediately = False
+                await response.prepare(request)
+                body = upstream.read_all_nowait()
+                sent = len(body)
+                await response.write_eof(body)
+            else:
+                await response.prepare(request)
+                while chunk := await upstream.read():
+                    await response.write(chunk)
+                    sent += len(chunk)
+                await response.write_eof()
             completed = True
         except (TimeoutError, aiohttp.ClientError, errors.ProxyError) as exc:
             # The upstream died or stalled mid-body: abort, so the app sees a broken

@@ -1,10 +1,11 @@
 """Upstream connection pools and the innermost handler of every chain.
 
-One ``UpstreamPool`` (an aiohttp ``ClientSession`` with its own keep-alive
-pool) exists per configured upstream.  ``UpstreamCall`` sends one attempt and
-returns as soon as the response headers arrive; the body is streamed later
-by the edge.  Every aiohttp/OS error is mapped here to a typed ``ProxyError``
-so no policy ever sees an aiohttp exception.
+One ``UpstreamPool`` exists per configured upstream.  It holds a lean HTTP/1.1
+keep-alive pool (``proxy.h1client``) for proxied requests and an aiohttp
+``ClientSession`` for WebSocket upgrades.  ``UpstreamCall`` sends one attempt
+and returns as soon as the response headers arrive; the body is streamed later
+by the edge.  Every client/OS error is mapped to a typed ``ProxyError`` before
+the response head, so no policy ever sees a transport exception.
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import _EXC_SENTINEL
 from aiohttp.http_exceptions import HttpProcessingError
-from yarl import URL
 
 from proxy import errors
 from proxy.chain import ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig
+from proxy.h1pool import ConnectTimeout, H1Pool
 
-__all__ = ["UpstreamCall", "UpstreamPool", "map_client_error"]
+__all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool", "map_client_error"]
 
 ATTEMPT_HEADER = "x-outrigger-attempt"
 EXPECTED_TIMEOUT_HEADER = "x-outrigger-expected-timeout-ms"
@@ -39,6 +41,17 @@ def _ssl_context(config: UpstreamConfig) -> ssl.SSLContext | bool:
     if tls.cert_file and tls.key_file:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     return context
+
+
+def _h1_ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
+    """The verifying context, or with ``tls.verify: false`` one that checks nothing (as aiohttp's ``ssl=False``)."""
+    context = _ssl_context(config)
+    if isinstance(context, ssl.SSLContext):
+        return context
+    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    return unverified
 
 
 class _ResponseHandler(ResponseHandler):
@@ -76,6 +89,7 @@ class UpstreamPool:
         # SNI and certificate name to expect when it differs from the URL's host (tls.server_name).
         self.server_name = config.tls.server_name if parts.scheme == "https" else None
         self._session: aiohttp.ClientSession | None = None
+        self._h1: H1Pool | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -83,7 +97,16 @@ class UpstreamPool:
             raise RuntimeError(f"upstream {self.name} used before start()")
         return self._session
 
+    @property
+    def h1(self) -> H1Pool:
+        if self._h1 is None:
+            raise RuntimeError(f"upstream {self.name} used before start()")
+        return self._h1
+
     async def start(self) -> None:
+        self._h1 = H1Pool(self.name, self.host, self.port, ssl_context=_h1_ssl_context(self.config)
+                          if self.scheme == "https" else None, server_hostname=self.server_name or self.host,
+                          max_connections=self.config.max_connections, idle_timeout_s=self.config.idle_timeout)
         connector = aiohttp.TCPConnector(
             limit=self.config.max_connections,
             limit_per_host=0,
@@ -108,6 +131,8 @@ class UpstreamPool:
         self._session._retry_connection = False
 
     async def close(self) -> None:
+        if self._h1 is not None:
+            await self._h1.close()
         if self._session is not None:
             await self._session.close()
 
@@ -134,22 +159,22 @@ def map_client_error(exc: BaseException, upstream: str) -> errors.ProxyError:
     return errors.UpstreamProtocolError(f"{where} failed: {type(exc).__name__}")
 
 
-class ConnectTimeout(errors.UpstreamConnectFailure):
-    """TCP/TLS connect did not finish within ``timeout.connect``."""
+_GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 when bodiless (as aiohttp)
 
 
 class UpstreamCall:
     """Innermost handler: one attempt against the pool, returning at headers."""
 
-    __slots__ = ("_clock", "_pool", "_server_name", "_timeout")
+    __slots__ = ("_clock", "_connect", "_idle", "_pool", "_target")
 
     def __init__(self, pool: UpstreamPool, timeout: TimeoutConfig, clock: Clock) -> None:
         self._pool = pool
         self._clock = clock
-        # Built once: connect and idle (gap between reads) are enforced by aiohttp;
+        # connect and idle (gap between reads) are enforced by the client;
         # the attempt and total timeouts are enforced by their policies.
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout.connect, sock_read=timeout.idle)
-        self._server_name = pool.server_name
+        self._connect = timeout.connect
+        self._idle = timeout.idle
+        self._target = urlsplit(pool.base).path  # the URL's path prefix, before the request's path
 
     async def __call__(self, request: ProxyRequest) -> ProxyResponse:
         pool = self._pool
@@ -159,22 +184,31 @@ class UpstreamCall:
         remaining = request.deadline - self._clock.now()
         if remaining != float("inf"):
             headers[EXPECTED_TIMEOUT_HEADER] = str(max(0, int(remaining * 1000)))
+        # Waiting for the head, the idle timer only matters when it would fire before the
+        # attempt timeout (with the defaults 30s against 2s): skipping it saves a loop timer
+        # per request.  Both are on the monotonic clock the event loop uses.
+        head_idle = time.monotonic() + self._idle < request.attempt_deadline
+        method = request.method
+        payload = request.body.payload()
+        chunked = False
+        if payload is None:
+            if method not in _GET_METHODS and "Content-Length" not in headers:
+                headers["Content-Length"] = "0"
+        elif isinstance(payload, bytes):
+            if "Content-Length" not in headers:
+                headers["Content-Length"] = str(len(payload))
+        elif "Content-Length" not in headers:
+            headers["Transfer-Encoding"] = "chunked"
+            chunked = True
+        head = "".join([f"{method} {self._target}{request.path} HTTP/1.1\r\n",
+                        *[f"{name}: {value}\r\n" for name, value in headers.items()], "\r\n"])
         try:
-            response = await pool.session.request(
-                request.method,
-                URL(pool.base + request.path, encoded=True),
-                headers=headers,
-                data=request.body.payload(),
-                timeout=self._timeout,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-                server_hostname=self._server_name,
-            )
-        except asyncio.CancelledError:
-            raise
-        except errors.ProxyError:
-            raise  # e.g. RequestTooLarge raised while streaming the body
-        except Exception as exc:  # aiohttp and OS errors only reach here
+            conn = await pool.h1.acquire(self._connect)
+            response = await conn.request(head.encode("utf-8", "surrogateescape"), payload, chunked=chunked,
+                                          head_request=method == "HEAD", idle_s=self._idle,
+                                          head_idle=head_idle)
+        except (errors.ProxyError, asyncio.CancelledError):
+            raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)
+        except Exception as exc:  # anything else from the socket layer
             raise map_client_error(exc, pool.name) from exc
         return ProxyResponse(response.status, response.headers, upstream=response)

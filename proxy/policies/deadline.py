@@ -14,31 +14,37 @@ from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.errors import DeadlineExceeded
 from proxy.telemetry.metrics import RouteMetrics
+from proxy.timers import TimerWheel
 
 
 class Deadline:
-    __slots__ = ("_clock", "_metrics", "_total")
+    __slots__ = ("_clock", "_metrics", "_total", "_wheel")
 
     def __init__(self, total_s: float, clock: Clock, metrics: RouteMetrics) -> None:
         self._total = total_s
         self._clock = clock
         self._metrics = metrics
+        self._wheel: TimerWheel | None = None  # per event loop, made on first use
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         total = self._total
         if request.timeout_override is not None and request.timeout_override < total:
             total = request.timeout_override  # overrides only ever tighten
         request.deadline = self._clock.now() + total
-        timer = asyncio.timeout(total)
+        wheel = self._wheel
+        if wheel is None or wheel.loop is not asyncio.get_running_loop():
+            wheel = self._wheel = TimerWheel(asyncio.get_running_loop())
+        timer = wheel.start(total)
         try:
-            async with timer:
-                return await call_next(request)
-        except TimeoutError:
-            if not timer.expired():
-                raise  # a TimeoutError from below that is not ours must not pose as the deadline
+            return await call_next(request)
+        except asyncio.CancelledError:
+            if not timer.take():
+                raise  # not ours (the app went away, or the sidecar is stopping)
             self._metrics.timeouts["total"].inc()
             if request.span is not None:
                 request.event("deadline_exceeded", {"outrigger.timeout_s": total})
             error = DeadlineExceeded(f"request did not complete within the total timeout of {total:g}s")
             error.attempts = request.attempt
             raise error from None
+        finally:
+            timer.stop()

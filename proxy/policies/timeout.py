@@ -8,28 +8,37 @@ governed by the ``idle`` timeout inside the upstream session.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.errors import UpstreamTimeout
 from proxy.telemetry.metrics import RouteMetrics
+from proxy.timers import TimerWheel
 
 
 class AttemptTimeout:
-    __slots__ = ("_attempt", "_message", "_metrics")
+    __slots__ = ("_attempt", "_message", "_metrics", "_wheel")
 
     def __init__(self, attempt_s: float, upstream: str, metrics: RouteMetrics) -> None:
         self._attempt = attempt_s
         self._metrics = metrics
         self._message = (f"upstream {upstream} sent no response headers within the attempt timeout "
                          f"of {attempt_s:g}s")
+        self._wheel: TimerWheel | None = None  # per event loop, made on first use
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        timer = asyncio.timeout(self._attempt)
+        wheel = self._wheel
+        if wheel is None or wheel.loop is not asyncio.get_running_loop():
+            wheel = self._wheel = TimerWheel(asyncio.get_running_loop())
+        # Lets the upstream call skip its own idle timer when this one is sure to fire first.
+        request.attempt_deadline = time.monotonic() + self._attempt
+        timer = wheel.start(self._attempt)
         try:
-            async with timer:
-                return await call_next(request)
-        except TimeoutError:
-            if not timer.expired():
+            return await call_next(request)
+        except asyncio.CancelledError:
+            if not timer.take():
                 raise
             self._metrics.timeouts["attempt"].inc()
             raise UpstreamTimeout(self._message) from None
+        finally:
+            timer.stop()

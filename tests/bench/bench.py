@@ -542,6 +542,8 @@ class Env:
     haproxy: str | None
     profile: bool
     latency_tool: str
+    sink_http_port: int = 0
+    otlp_protocol: str = "http/protobuf"
 
 
 def _sink_spans(env: Env) -> int:
@@ -572,7 +574,9 @@ def start_target(target: Target, env: Env, port: int,
     if target.kind == "outrigger":
         admin = free_port()
         conf = env.tmp / f"{target.key}.yaml"
-        conf.write_text(render("outrigger.yaml", {**values, "admin_port": admin, "sink_port": env.sink_port,
+        otlp_port = env.sink_port if env.otlp_protocol == "grpc" else env.sink_http_port
+        conf.write_text(render("outrigger.yaml", {**values, "admin_port": admin, "otlp_port": otlp_port,
+                                                  "otlp_protocol": env.otlp_protocol,
                                                   "sample_ratio": target.sample_ratio}))
         script = Path(sys.executable).parent / "outrigger"
         cmd = [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
@@ -799,8 +803,8 @@ def markdown(results: dict[str, TargetResult], goals: list[Goal], meta: dict[str
 
     out = [f"# Outrigger benchmark ({'quick smoke run' if meta['settings']['quick'] else 'full run'})", "",
            f"{meta['when']} · {meta['machine']} · load: {meta['tools']['load']} · upstream: "
-           f"{meta['tools']['upstream']} · pinning: proxy on core {PROXY_CORE}, load generator + upstream + "
-           f"OTLP sink on core {LOAD_CORE}", "",
+           f"{meta['tools']['upstream']} · traces: OTLP {meta.get('otlp_protocol', 'grpc')} to a local sink · "
+           f"pinning: proxy on core {PROXY_CORE}, load generator + upstream + OTLP sink on core {LOAD_CORE}", "",
            "Ratios are against nginx and against the naive aiohttp proxy, measured in the same run.", "",
            "## Throughput and CPU (32 connections, "
            f"{meta['settings']['throughput_s']}s)", "",
@@ -876,7 +880,7 @@ def markdown(results: dict[str, TargetResult], goals: list[Goal], meta: dict[str
 
 @contextlib.contextmanager
 def environment(settings: Settings, *, use_wrk: bool, use_nginx: bool, profile_on: bool,
-                latency_tool: str) -> Iterator[Env]:
+                latency_tool: str, otlp_protocol: str = "http/protobuf") -> Iterator[Env]:
     tmp = Path(tempfile.mkdtemp(prefix="outrigger-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -897,14 +901,16 @@ def environment(settings: Settings, *, use_wrk: bool, use_nginx: bool, profile_o
                              UPSTREAM_CORE, up_log)
         procs.append(upstream)
         wait_ready(upstream, up_port, "/", started, up_log)
-        sink_port = free_port()
+        sink_port, sink_http_port = free_port(), free_port()
         sink_stats = tmp / "sink.json"
         sink = spawn([sys.executable, "-m", "tests.bench.otlp_sink", "--port", str(sink_port),
-                      "--stats", str(sink_stats)], SINK_CORE, tmp / "sink.log")
+                      "--http-port", str(sink_http_port), "--stats", str(sink_stats)], SINK_CORE,
+                     tmp / "sink.log")
         procs.append(sink)
         yield Env(settings, tmp, up_port, upstream.pid, sink.pid, sink_port, sink_stats,
                   use_wrk=use_wrk and shutil.which("wrk") is not None, nginx=nginx, haproxy=haproxy,
-                  profile=profile_on, latency_tool=latency_tool)
+                  profile=profile_on, latency_tool=latency_tool, sink_http_port=sink_http_port,
+                  otlp_protocol=otlp_protocol)
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -941,6 +947,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="1-connection latency: the built-in probe under SCHED_FIFO (default) or wrk")
     parser.add_argument("--profile", action="store_true", help="py-spy profile of each Outrigger target")
     parser.add_argument("--output", default=str(RESULTS), help="results directory")
+    parser.add_argument("--otlp-protocol", choices=["http/protobuf", "grpc"], default="http/protobuf",
+                        help="how Outrigger exports traces to the local OTLP sink (default http/protobuf: the "
+                             "gRPC exporter's import alone costs ~13 MB RSS)")
     args = parser.parse_args(argv)
     settings = Settings.make(args.quick)
     wanted = set(args.only.split(",")) if args.only else {t.key for t in TARGETS}
@@ -952,7 +961,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, TargetResult] = {}
     began = time.perf_counter()
     with environment(settings, use_wrk=not args.no_wrk, use_nginx=not args.no_nginx,
-                     profile_on=args.profile, latency_tool=args.latency_tool) as env:
+                     profile_on=args.profile, latency_tool=args.latency_tool,
+                     otlp_protocol=args.otlp_protocol) as env:
         tools = {"load": "wrk" if env.use_wrk else "built-in asyncio generator",
                  "upstream": "nginx return 200" if env.nginx else "aiohttp (nginx not installed)"}
         for target in TARGETS:
@@ -979,6 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "tools": tools,
+        "otlp_protocol": args.otlp_protocol,
         "versions": {"nginx": _version([env.nginx, "-v"]) if env.nginx else None,
                      "haproxy": _version([env.haproxy, "-v"]) if env.haproxy else None,
                      "wrk": _version(["wrk", "-v"]) if env.use_wrk else None},

@@ -1,0 +1,446 @@
+"""A lean HTTP/1.1 client connection for the upstream path (the innermost handler's transport).
+
+aiohttp's ``ClientSession`` was a third of the sidecar's CPU per request
+(request object, cookie/redirect/auto-header machinery, a timer rescheduled on
+every read).  The upstream path needs far less: one keep-alive pool per
+upstream, a request written in one ``transport.write``, a response head
+parsed by ``httptools`` (llhttp, the C parser uvicorn uses) and a body handed
+over chunk by chunk with backpressure.  WebSockets still use aiohttp's
+session (``UpstreamPool.session``).
+
+Failures before the response head are raised as typed ``ProxyError``s with
+the same codes and messages ``upstream.map_client_error`` gives aiohttp's
+errors; failures mid-body are raised as aiohttp's own exception types
+(``SocketTimeoutError``, ``ClientPayloadError``) so the edge treats both
+clients alike.  Connections are pooled by ``proxy.h1pool``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import httptools
+from aiohttp.http_exceptions import BadHttpMessage
+from multidict import CIMultiDict
+
+from proxy import errors
+
+if TYPE_CHECKING:
+    from proxy.h1pool import H1Pool
+
+__all__ = ["H1Connection", "H1Response"]
+
+# Response head limits, as aiohttp's client has them: a field or line over 8190 bytes or
+# more than 128 header fields is a protocol error.  llhttp hands a header over only once
+# it is complete, so a head that never ends is cut off at the most such a head can be
+# (plus one read of body bytes that may share its packet).
+_MAX_FIELD = 8190
+_MAX_HEADERS = 128
+_MAX_HEAD_READ = _MAX_HEADERS * (2 * _MAX_FIELD + 4) + _MAX_FIELD + 256 * 1024
+_HIGH_WATER = 256 * 1024  # buffered response body that pauses reading from the upstream
+_LOW_WATER = 64 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class _HeadDone(Exception):
+    """Raised from the parser callback to stop parsing after a HEAD response's headers."""
+
+
+class _HeadTooLarge(Exception):
+    """Raised from the parser callback when the response head exceeds aiohttp's limits."""
+
+
+def _idle_error(where: str) -> errors.UpstreamTimeout:
+    error = errors.UpstreamTimeout(f"{where} sent nothing within the idle timeout")
+    error.__cause__ = aiohttp.SocketTimeoutError("idle timeout")  # AttemptTelemetry counts it as idle
+    return error
+
+
+class H1Response:
+    """Status, headers and a streamed body; ``release()`` or ``close()`` exactly once."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "headers", "reason", "status")
+
+    def __init__(self, conn: H1Connection, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+        self._conn: H1Connection | None = conn
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._done = False  # the whole body was received
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # --- fed by the connection ---
+
+    def _feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > _HIGH_WATER and self._conn is not None:
+            self._conn.pause_reading()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._done and self._error is None:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- read by the edge ---
+
+    @property
+    def complete(self) -> bool:
+        """The whole body is already here (``read_all_nowait`` then returns it)."""
+        return self._done and self._error is None
+
+    def read_all_nowait(self) -> bytes:
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return data
+
+    async def read(self) -> bytes:
+        """The next piece of the body, ``b""`` at its end."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered < _LOW_WATER and self._conn is not None:
+                    self._conn.resume_reading()
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            conn = self._conn
+            if conn is None:
+                raise aiohttp.ClientPayloadError("response body read after the connection was closed")
+            waiter = self._waiter = conn.loop.create_future()
+            await conn.wait_idle(waiter)
+
+    def release(self) -> None:
+        """Done with the response: the connection goes back to the pool when its body was read to the end."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.response_released(self._done and self._error is None and not self._chunks)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class H1Connection(asyncio.Protocol):
+    """One upstream connection; serves one request at a time."""
+
+    def __init__(self, pool: H1Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[str, str]] = []
+        self._reason = ""
+        self._head: asyncio.Future[H1Response] | None = None
+        self._response: H1Response | None = None
+        self._head_request = False
+        self._informational = False
+        self._keep_alive = True
+        self._length_known = True  # Content-Length or chunked: the body does not end at EOF
+        self._received = False  # any byte of the current response arrived
+        self._head_bytes = 0  # bytes received before the current response's head was complete
+        self._message_done = False
+        self._closed = False
+        self._paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._last_data = 0.0
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_target: asyncio.Future[Any] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._idle_s: float | None = None  # the route's idle (read gap) timeout for the current request
+        self.idle_since = 0.0
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        self._received = True
+        if self._response is None:
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD_READ:
+                self._broken(BadHttpMessage("response head too large"))
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadDone):
+                self._parser = httptools.HttpResponseParser(self)  # a HEAD response ends at its headers
+            elif isinstance(exc.__context__, _HeadTooLarge):
+                self._broken(BadHttpMessage("response head too large"))
+            else:
+                self._broken(exc)
+        except httptools.HttpParserUpgrade:
+            self._broken(BadHttpMessage("unexpected protocol upgrade"))
+        except httptools.HttpParserError as exc:
+            self._broken(BadHttpMessage(str(exc)))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost settles what was in flight
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.transport = None
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        head = self._head
+        if head is not None and not head.done():
+            where = f"upstream {self.pool.name}"
+            if self._received:
+                head.set_exception(errors.UpstreamReset(f"connection to {where} was reset before response headers"))
+            else:
+                head.set_exception(errors.UpstreamReset(
+                    f"{where} closed the connection before sending response headers"))
+        response = self._response
+        if response is not None and not self._message_done:
+            if not self._length_known and exc is None:
+                self._message_done = True  # a close-delimited body ends here
+                response._finish()
+            else:
+                response._fail(aiohttp.ClientPayloadError(
+                    "upstream closed the connection before the response body ended"))
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("upstream connection lost"))
+        self.pool.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # --- httptools callbacks ---
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+
+    # Decoded as aiohttp does (UTF-8, undecodable bytes kept as surrogates), so values reach
+    # the app byte for byte.
+    def on_status(self, status: bytes) -> None:
+        if len(status) > _MAX_FIELD:
+            raise _HeadTooLarge
+        self._reason = status.decode("utf-8", "surrogateescape")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) > _MAX_FIELD or len(value) > _MAX_FIELD or len(self._headers) >= _MAX_HEADERS:
+            raise _HeadTooLarge
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            self._informational = True  # 100 Continue and friends: wait for the real response
+            self._reason = ""
+            return
+        headers: CIMultiDict[str] = CIMultiDict(self._headers)
+        self._keep_alive = parser.should_keep_alive()
+        no_body = self._head_request or status in _NO_BODY_STATUS
+        self._length_known = no_body or "Content-Length" in headers or "chunked" in \
+            headers.get("Transfer-Encoding", "").lower()
+        response = self._response = H1Response(self, status, self._reason, headers)
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(response)
+        if self._head_request:
+            self._message_done = True
+            response._finish()
+            raise _HeadDone
+
+    def on_body(self, body: bytes) -> None:
+        response = self._response
+        if response is not None:
+            response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self._message_done = True
+        if self._response is not None:
+            self._response._finish()
+
+    # --- flow control and timers ---
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    async def wait_idle(self, waiter: asyncio.Future[Any]) -> None:
+        """Await ``waiter``; fail it when nothing arrives for the pool's idle timeout."""
+        idle = self._idle_s
+        if idle is None:
+            await waiter
+            return
+        self._idle_target = waiter
+        self._idle_handle = self.loop.call_at(self._last_data + idle, self._idle_check)
+        try:
+            await waiter
+        finally:
+            self._idle_target = None
+            if self._idle_handle is not None:
+                self._idle_handle.cancel()
+                self._idle_handle = None
+
+    def _idle_check(self) -> None:
+        self._idle_handle = None
+        target = self._idle_target
+        if target is None or target.done():
+            return
+        idle = self._idle_s
+        assert idle is not None
+        due = self._last_data + idle
+        if self.loop.time() < due:  # data came meanwhile: wait for the rest of the gap
+            self._idle_handle = self.loop.call_at(due, self._idle_check)
+            return
+        if target is self._head:
+            target.set_exception(_idle_error(f"upstream {self.pool.name}"))
+        else:
+            if self._response is not None:
+                self._response._fail(aiohttp.SocketTimeoutError("upstream sent nothing within the idle timeout"))
+                self._response._wake()
+        self.close()
+
+    def _broken(self, error: BaseException) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(errors.UpstreamProtocolError(
+                f"upstream {self.pool.name} sent an invalid HTTP response"))
+        elif self._response is not None:
+            broken = aiohttp.ClientPayloadError(f"response body broke off: {type(error).__name__}")
+            broken.__cause__ = error
+            self._response._fail(broken)
+        self.close()
+
+    # --- one request ---
+
+    async def request(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
+                      chunked: bool, head_request: bool, idle_s: float | None,
+                      head_idle: bool = True) -> H1Response:
+        """Send one request; its response once the head is parsed.
+
+        ``idle_s`` bounds every gap between reads; ``head_idle=False`` skips that timer
+        while waiting for the head, for a caller whose own timeout fires sooner anyway.
+        """
+        transport = self.transport
+        if transport is None or self._closed:
+            raise errors.UpstreamReset(f"connection to upstream {self.pool.name} was reset before response headers")
+        self._headers = []
+        self._response = None
+        self._message_done = False
+        self._received = False
+        self._head_bytes = 0
+        self._head_request = head_request
+        self._idle_s = idle_s
+        self._informational = False
+        self._last_data = self.loop.time()
+        future: asyncio.Future[H1Response] = self.loop.create_future()
+        self._head = future
+        if body is None or isinstance(body, bytes):
+            transport.write(head + body if body else head)
+        else:
+            transport.write(head)
+            self._sender = self.loop.create_task(self._send(body, chunked, future))
+        try:
+            if head_idle:
+                await self.wait_idle(future)
+            else:
+                await future
+            return future.result()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._head = None
+
+    async def _send(self, body: AsyncIterator[bytes], chunked: bool, head: asyncio.Future[H1Response]) -> None:
+        try:
+            async for chunk in body:
+                if self.transport is None:
+                    return
+                if not chunk:
+                    continue
+                if chunked:
+                    self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    self.transport.write(chunk)
+                if self._write_paused:
+                    self._drain = self.loop.create_future()
+                    await self._drain
+            if chunked and self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            raise
+        except errors.ProxyError as exc:  # e.g. the app's body grew past limits.max_body_bytes
+            if not head.done():
+                head.set_exception(exc)
+            self.close()
+        except Exception:  # the app's stream or the upstream socket broke: the attempt is reset
+            if not head.done():
+                head.set_exception(errors.UpstreamReset(
+                    f"connection to upstream {self.pool.name} was reset before response headers"))
+            self.close()
+        finally:
+            self._sender = None
+
+    def response_released(self, body_read: bool) -> None:
+        if body_read and self._message_done and self._keep_alive and self._sender is None and not self._closed:
+            self._response = None
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        if not self._closed:
+            self._closed = True
+            # connection_lost follows from the loop; the pool forgets this connection now
+            self.pool.connection_closed(self)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self.transport is not None and not self.transport.is_closing()

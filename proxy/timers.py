@@ -1,0 +1,119 @@
+"""Cheap timeouts for the hot path: many deadlines on one event-loop timer.
+
+``asyncio.timeout`` arms and cancels a loop timer per use (a libuv timer
+under uvloop), about 4 µs a time; the deadline and the attempt timeout pay it
+on every request although they almost never fire.  A ``TimerWheel`` keeps
+pending deadlines in millisecond buckets and arms one loop timer for the
+earliest bucket that still holds one, so starting and stopping a timeout is
+a dict and set operation.  Buckets emptied by ``stop`` are dropped at once;
+the loop timer then fires at most once per stale bucket and re-arms.
+
+Semantics follow ``asyncio.timeout``: on expiry the task is cancelled, and the
+owner turns that ``CancelledError`` into its timeout only when no other
+cancellation is pending (``Task.uncancel`` accounting).  Expiry may come up
+to a millisecond late (or, like any loop timer, a hair early).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+from typing import Any
+
+__all__ = ["Expiry", "TimerWheel"]
+
+_RESOLUTION_S = 0.001
+
+
+class Expiry:
+    """One pending timeout of one task."""
+
+    __slots__ = ("_cancelling", "_task", "_wheel", "bucket", "expired", "handled")
+
+    def __init__(self, wheel: TimerWheel, task: asyncio.Task[Any], bucket: int) -> None:
+        self._wheel = wheel
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.bucket = bucket
+        self.expired = False
+        self.handled = False
+
+    def fire(self) -> None:
+        if not self._task.done():
+            self.expired = True
+            self._task.cancel()
+
+    def take(self) -> bool:
+        """After a ``CancelledError``: True when it was this timeout's (the owner then raises its own error)."""
+        if not self.expired or self.handled:
+            return False
+        self.handled = True
+        return self._task.uncancel() <= self._cancelling
+
+    def stop(self) -> None:
+        """Leave the wheel; settle the task's cancel count if expiry raced a normal finish."""
+        self._wheel.discard(self)
+        if self.expired and not self.handled:
+            self.handled = True
+            self._task.uncancel()
+
+
+class TimerWheel:
+    """Pending ``Expiry`` objects of one event loop, bucketed by millisecond."""
+
+    __slots__ = ("_armed", "_buckets", "_handle", "_heap", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._buckets: dict[int, set[Expiry]] = {}
+        self._heap: list[int] = []
+        self._armed = math.inf  # the bucket the loop timer is set for
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self, delay_s: float) -> Expiry:
+        """A timeout for the current task, ``delay_s`` from now."""
+        task = asyncio.current_task(self.loop)
+        assert task is not None, "a timeout needs a running task"
+        bucket = math.ceil((self.loop.time() + delay_s) / _RESOLUTION_S)
+        expiry = Expiry(self, task, bucket)
+        pending = self._buckets.get(bucket)
+        if pending is None:
+            self._buckets[bucket] = {expiry}
+            heapq.heappush(self._heap, bucket)
+            if bucket < self._armed:
+                self._arm(bucket)
+        else:
+            pending.add(expiry)
+        return expiry
+
+    def discard(self, expiry: Expiry) -> None:
+        pending = self._buckets.get(expiry.bucket)
+        if pending is not None:
+            pending.discard(expiry)
+            if not pending:
+                del self._buckets[expiry.bucket]
+
+    def _arm(self, bucket: int) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed = bucket
+        self._handle = self.loop.call_at(bucket * _RESOLUTION_S, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed = math.inf
+        now = self.loop.time() / _RESOLUTION_S + 0.5  # the loop may run a timer a hair before its time
+        heap, buckets = self._heap, self._buckets
+        while heap and heap[0] <= now:
+            due = buckets.pop(heapq.heappop(heap), None)
+            if due:
+                for expiry in due:
+                    expiry.fire()
+        while heap and heap[0] not in buckets:  # buckets emptied by stop(): nothing to wake up for
+            heapq.heappop(heap)
+        if heap:
+            self._arm(heap[0])
+
+    def __len__(self) -> int:
+        return sum(len(pending) for pending in self._buckets.values())

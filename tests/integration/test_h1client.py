@@ -1,0 +1,322 @@
+"""The lean upstream client (``proxy.h1client``) against raw loopback servers.
+
+Each upstream here is a few lines of ``asyncio.start_server`` that writes exact
+bytes, so framing, keep-alive and failure cases are under the test's control.
+The sidecar-level behaviour (status codes, metrics, aborts) is covered by the
+core, streaming and upstream-fault suites; these pin down the client itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp.http_exceptions import BadHttpMessage
+
+from proxy import errors
+from proxy.h1client import H1Response
+from proxy.h1pool import H1Pool
+
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.connections = 0
+        self.closed = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.behaviour(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Callable[[Behaviour], Awaitable[tuple[RawServer, H1Pool]]]]:
+    servers: list[RawServer] = []
+    pools: list[H1Pool] = []
+
+    async def make(behaviour: Behaviour, *, max_connections: int = 10,
+                   idle_timeout_s: float = 5.0) -> tuple[RawServer, H1Pool]:
+        server = RawServer(behaviour)
+        port = await server.start()
+        pool = H1Pool("svc", "127.0.0.1", port, ssl_context=None, server_hostname=None,
+                      max_connections=max_connections, idle_timeout_s=idle_timeout_s)
+        servers.append(server)
+        pools.append(pool)
+        return server, pool
+
+    yield make  # type: ignore[misc]
+    for pool in pools:
+        await pool.close()
+    for server in servers:
+        await server.stop()
+
+
+async def get(pool: H1Pool, method: str = "GET", body: bytes | AsyncIterator[bytes] | None = None,
+              *, chunked: bool = False, idle_s: float | None = 5.0) -> H1Response:
+    conn = await pool.acquire(1.0)
+    head = f"{method} /x HTTP/1.1\r\nHost: svc\r\n"
+    head += "Transfer-Encoding: chunked\r\n" if chunked else ""
+    head += f"Content-Length: {len(body)}\r\n" if isinstance(body, bytes) else ""
+    return await conn.request((head + "\r\n").encode(), body, chunked=chunked, head_request=method == "HEAD",
+                              idle_s=idle_s)
+
+
+async def body_of(response: H1Response) -> bytes:
+    out = b""
+    while chunk := await response.read():
+        out += chunk
+    response.release()
+    return out
+
+
+def keep_alive(reply: bytes) -> Behaviour:
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(reply)
+            await writer.drain()
+    return behaviour
+
+
+async def test_keep_alive_connection_is_reused_for_sequential_requests(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server, pool = await raw(behaviour)
+    for _ in range(3):
+        response = await get(pool)
+        assert (response.status, response.reason, await body_of(response)) == (200, "OK", b"ok")
+    assert server.connections == 1
+
+
+async def test_max_connections_makes_a_second_caller_wait_for_the_first_connection(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(0.02)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n!")
+            await writer.drain()
+
+    async def one() -> bytes:
+        return await body_of(await get(pool))
+
+    server, pool = await raw(behaviour, max_connections=1)
+    assert await asyncio.wait_for(asyncio.gather(one(), one(), one()), 5) == [b"!", b"!", b"!"]
+    assert server.connections == 1
+
+
+async def test_idle_pooled_connection_is_closed_after_idle_timeout(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # EOF when the pool closes it
+
+    server, pool = await raw(behaviour, idle_timeout_s=0.05)
+    await body_of(await get(pool))
+    await asyncio.sleep(0.3)
+    assert server.closed == 1
+
+
+async def test_chunked_response_is_decoded(raw) -> None:  # type: ignore[no-untyped-def]
+    _, pool = await raw(keep_alive(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                   b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"))
+    assert await body_of(await get(pool)) == b"abcde"
+
+
+async def test_close_delimited_body_ends_at_eof_and_the_connection_is_not_reused(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        await writer.drain()
+
+    server, pool = await raw(behaviour)
+    assert await body_of(await get(pool)) == b"until the end"
+    assert await body_of(await get(pool)) == b"until the end"
+    assert server.connections == 2
+
+
+async def test_head_response_has_no_body_and_the_connection_stays_usable(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            await writer.drain()
+
+    server, pool = await raw(behaviour)
+    head = await get(pool, "HEAD")
+    assert head.headers["Content-Length"] == "5" and await body_of(head) == b""
+    assert await body_of(await get(pool)) == b"hello"
+    assert server.connections == 1
+
+
+async def test_interim_100_continue_is_skipped(raw) -> None:  # type: ignore[no-untyped-def]
+    _, pool = await raw(keep_alive(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx"))
+    response = await get(pool, "POST", b"data")
+    assert (response.status, await body_of(response)) == (201, b"x")
+
+
+async def test_204_and_304_have_no_body_and_keep_the_connection(raw) -> None:  # type: ignore[no-untyped-def]
+    _, pool = await raw(keep_alive(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    for _ in range(2):
+        response = await get(pool)
+        assert (response.status, await body_of(response)) == (204, b"")
+
+
+async def test_streamed_request_body_is_sent_chunked(raw) -> None:  # type: ignore[no-untyped-def]
+    received = asyncio.get_running_loop().create_future()
+
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.set_result(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"ab"
+        yield b"cde"
+
+    _, pool = await raw(behaviour)
+    await body_of(await get(pool, "POST", stream(), chunked=True))
+    assert await received == b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+
+
+async def test_nothing_before_the_head_within_idle_is_an_upstream_timeout_caused_by_socket_timeout(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(5)
+
+    _, pool = await raw(behaviour)
+    with pytest.raises(errors.UpstreamTimeout) as caught:
+        await get(pool, idle_s=0.05)
+    assert isinstance(caught.value.__cause__, aiohttp.SocketTimeoutError)
+
+
+async def test_stalled_body_fails_the_read_with_socket_timeout(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    _, pool = await raw(behaviour)
+    response = await get(pool, idle_s=0.05)
+    assert await response.read() == b"abc"
+    with pytest.raises(aiohttp.SocketTimeoutError):
+        await response.read()
+    response.close()
+
+
+async def test_body_cut_short_is_a_payload_error_without_a_parse_cause(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+
+    _, pool = await raw(behaviour)
+    response = await get(pool)
+    with pytest.raises(aiohttp.ClientPayloadError) as caught:
+        await body_of(response)
+    assert not isinstance(caught.value.__cause__, BadHttpMessage)
+    response.close()
+
+
+async def test_invalid_chunk_framing_is_a_payload_error_caused_by_bad_http_message(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    _, pool = await raw(behaviour)
+    response = await get(pool)
+    with pytest.raises(aiohttp.ClientPayloadError) as caught:
+        await body_of(response)
+    assert isinstance(caught.value.__cause__, BadHttpMessage)
+    response.close()
+
+
+async def test_garbage_instead_of_a_head_is_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    _, pool = await raw(behaviour)
+    with pytest.raises(errors.UpstreamProtocolError):
+        await get(pool)
+
+
+async def test_close_before_the_head_is_an_upstream_reset(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+
+    _, pool = await raw(behaviour)
+    with pytest.raises(errors.UpstreamReset):
+        await get(pool)
+
+
+async def test_refused_connection_is_an_upstream_connect_failure_that_was_not_sent() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    pool = H1Pool("svc", "127.0.0.1", port, ssl_context=None, server_hostname=None, max_connections=1,
+                  idle_timeout_s=1.0)
+    with pytest.raises(errors.UpstreamConnectFailure) as caught:
+        await pool.acquire(1.0)
+    assert caught.value.sent is False
+    await pool.close()
+
+
+async def test_header_field_over_8190_bytes_is_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
+    _, pool = await raw(keep_alive(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 0\r\n\r\n"))
+    with pytest.raises(errors.UpstreamProtocolError):
+        await get(pool)
+
+
+async def test_head_that_never_ends_is_cut_off_as_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(400):
+            writer.write(b"a" * 8192)
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    _, pool = await raw(behaviour)
+    with pytest.raises(errors.UpstreamProtocolError):
+        await get(pool)
+
+
+async def test_utf8_header_values_and_reason_come_through_unchanged(raw) -> None:  # type: ignore[no-untyped-def]
+    _, pool = await raw(keep_alive("HTTP/1.1 200 Très bien\r\nX-Name: Zoë\r\nContent-Length: 0\r\n\r\n".encode()))
+    response = await get(pool)
+    assert (response.reason, response.headers["X-Name"]) == ("Très bien", "Zoë")
+    await body_of(response)

@@ -65,7 +65,7 @@ class ProxyRequest:
 
     __slots__ = (
         "attempt", "attempt_deadline", "body", "deadline", "headers", "idempotency_key", "max_attempts", "method",
-        "path", "rate_key", "request_id", "span", "timeout_override", "upstream_s",
+        "path", "request_id", "span", "timeout_override", "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
@@ -83,7 +83,6 @@ class ProxyRequest:
         self.attempt = 0  # 1-based, set by the retry policy
         self.attempt_deadline = math.inf  # monotonic; set by the attempt timeout for the current attempt
         self.idempotency_key = "idempotency-key" in headers
-        self.rate_key: str | None = None
         self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
 
     @property

@@ -11,15 +11,11 @@ the response head, so no policy ever sees a transport exception.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 import time
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.helpers import _EXC_SENTINEL
-from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import errors
 from proxy.chain import ProxyRequest, ProxyResponse
@@ -54,26 +50,8 @@ def _h1_ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
     return unverified
 
 
-class _ResponseHandler(ResponseHandler):
-    """aiohttp's client protocol, which also fails the body reader when a response breaks mid-body.
-
-    aiohttp (3.14) records a parse error found mid-body (an invalid chunk size, say)
-    on the protocol only and drops the read timeout: whoever reads the body would wait
-    forever.  Here the body reader gets the error too, so the edge aborts the app's
-    connection at once.
-    """
-
-    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
-        payload = self._payload
-        if isinstance(exc, HttpProcessingError) and payload is not None and not payload.is_eof() \
-                and payload.exception() is None:
-            broken = aiohttp.ClientPayloadError(f"response body broke off: {type(exc).__name__}")
-            payload.set_exception(broken, exc if exc_cause is _EXC_SENTINEL else exc_cause)
-        super().set_exception(exc, exc_cause)
-
-
 class UpstreamPool:
-    """A named upstream: its base URL, TLS settings and pooled session."""
+    """A named upstream: its base URL, TLS settings, the keep-alive pool and the WebSocket session."""
 
     def __init__(self, name: str, config: UpstreamConfig) -> None:
         self.name = name
@@ -107,6 +85,7 @@ class UpstreamPool:
         self._h1 = H1Pool(self.name, self.host, self.port, ssl_context=_h1_ssl_context(self.config)
                           if self.scheme == "https" else None, server_hostname=self.server_name or self.host,
                           max_connections=self.config.max_connections, idle_timeout_s=self.config.idle_timeout)
+        # Only WebSocket upgrades use aiohttp's client; every proxied request goes through h1.
         connector = aiohttp.TCPConnector(
             limit=self.config.max_connections,
             limit_per_host=0,
@@ -115,8 +94,6 @@ class UpstreamPool:
             ttl_dns_cache=10,
             enable_cleanup_closed=False,
         )
-        connector._factory = functools.partial(  # type: ignore[assignment]
-            _ResponseHandler, loop=asyncio.get_running_loop())
         self._session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -125,10 +102,6 @@ class UpstreamPool:
             timeout=aiohttp.ClientTimeout(total=None),
             raise_for_status=False,
         )
-        # aiohttp silently resends idempotent requests once when a pooled connection
-        # drops; Outrigger's retry policy owns every resend so that each one is counted,
-        # budgeted and traced.
-        self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._h1 is not None:

@@ -144,6 +144,8 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def _check_url(url: str) -> str | None:
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        return f"the upstream url must not contain whitespace or control characters: {url!r}"
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         return f"unsupported scheme in {url!r}; use http:// or https://"

@@ -196,7 +196,7 @@ class UpstreamConfig(Block, frozen=True):
 
 
 class MatchConfig(Block, frozen=True):
-    path_prefix: Annotated[str, msgspec.Meta(pattern=r"^/")] = "/"
+    path_prefix: Annotated[str, msgspec.Meta(pattern=r"^/[^\s]*$")] = "/"
     methods: tuple[Annotated[str, msgspec.Meta(pattern=r"^[A-Z]+$")], ...] | None = None
     headers: dict[str, str] | None = None
 
@@ -205,7 +205,7 @@ class RouteConfig(Block, frozen=True):
     name: Name
     upstream: str
     match: MatchConfig = msgspec.field(default_factory=MatchConfig)
-    rewrite_prefix: Annotated[str, msgspec.Meta(pattern=r"^/")] | None = None
+    rewrite_prefix: Annotated[str, msgspec.Meta(pattern=r"^/[^\s]*$")] | None = None
     timeout: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     circuit_breaker: CircuitBreakerConfig = msgspec.field(default_factory=CircuitBreakerConfig)

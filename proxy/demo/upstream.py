@@ -25,7 +25,6 @@ class FlakyBehaviour:
     slow_rate: float = 0.02
     slow_latency_s: float = 2.0
     rng: random.Random = field(default_factory=random.Random)
-    served: int = 0
     outcomes: dict[str, int] = field(default_factory=lambda: {"ok": 0, "503": 0, "reset": 0, "slow": 0})
 
 
@@ -34,7 +33,6 @@ UPSTREAM: web.AppKey[FlakyBehaviour] = web.AppKey("behaviour")
 
 async def handle(request: web.Request) -> web.StreamResponse:
     behaviour = request.app[UPSTREAM]
-    behaviour.served += 1
     await request.read()
     roll = behaviour.rng.random()
     if roll < behaviour.reset_rate:

@@ -90,3 +90,19 @@ def test_validate_command_never_tracebacks(tmp_path: Path, doc: Any) -> None:
     assert "Traceback" not in stderr.getvalue()
     if code == 1:
         assert stderr.getvalue().startswith("outrigger: ")
+
+
+def test_whitespace_in_prefixes_and_upstream_urls_is_refused_so_no_request_line_can_be_injected() -> None:
+    """These values are written into the upstream request line verbatim."""
+    import pytest
+
+    base = _valid_base()
+    bad_route = yaml.safe_dump({**base, "listeners": [{**base["listeners"][0], "routes": [
+        {"name": "r", "upstream": "svc", "rewrite_prefix": "/a\r\nX-Evil: 1"}]}]})
+    with pytest.raises(ConfigError) as route_error:
+        load_config(bad_route, env={})
+    assert [i.path for i in route_error.value.issues] == ["listeners[0].routes[0].rewrite_prefix"]
+    bad_url = yaml.safe_dump({**base, "upstreams": {"svc": {"url": "http://127.0.0.1:8080/a b"}}})
+    with pytest.raises(ConfigError) as url_error:
+        load_config(bad_url, env={})
+    assert [i.path for i in url_error.value.issues] == ["upstreams.svc.url"]

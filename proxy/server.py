@@ -4,8 +4,8 @@
 the outermost layer of every request and the only place that turns a
 ``ProxyError`` (or an unexpected exception) into a response.  It owns the
 per-request telemetry: the SERVER span, the request metrics and the access
-log line.  Bodies stream in both directions; only the bounded retry buffer
-is ever held in memory.
+log line.  Bodies (``proxy.bodies``) stream in both directions; only the bounded retry
+buffer is ever held in memory.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage
 from opentelemetry.trace import Status, StatusCode
 
 from proxy import errors
-from proxy.chain import ProxyRequest, ProxyResponse, RequestBody
+from proxy.bodies import NO_BODY, read_request_body, stream_response
+from proxy.chain import ProxyRequest
 from proxy.clock import Clock
 from proxy.config import LimitsConfig
 from proxy.headers import (
@@ -49,9 +47,6 @@ log = logging.getLogger("outrigger.server")
 # A '.' or '..' segment, with the dots or the separators percent-encoded or as backslashes
 # (some upstreams decode %2F or treat '\' as '/', and would then walk up the tree).
 _DOT_SEGMENT = re.compile(r"(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:$|/|\\|%2f|%5c)", re.IGNORECASE)
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_STREAM_CHUNK = 64 * 1024
-_NO_BODY = RequestBody(None)  # immutable in practice: payload() of a bodiless request is always None
 
 
 @dataclass(slots=True)
@@ -122,7 +117,12 @@ class EdgeHandler:
             proxied = await route.handler(outgoing)
             status, attempts = proxied.status, proxied.attempts
             outcome = proxied.error or "upstream"
-            response, bytes_out, broken = await self._stream_back(request, route, proxied, rid)
+            headers = response_headers(proxied.headers.items(), connection_listed(proxied.headers))
+            headers[REQUEST_ID_HEADER] = rid
+            headers[ATTEMPTS_HEADER] = str(proxied.attempts)
+            response, bytes_out, broken = await stream_response(
+                request, proxied, headers, draining=ctx.draining, idle_timeouts=route.metrics.timeouts["idle"],
+                rid=rid)
             if broken is not None:
                 outcome = broken  # the status was already sent; the metric still shows the failure
             return response
@@ -233,121 +233,16 @@ class EdgeHandler:
             started = self._ctx.clock.now()
             try:
                 async with asyncio.timeout(total):
-                    body = await self._read_body(request, route.buffer_limit)
+                    body = await read_request_body(request, route.buffer_limit, self.slot.limits.max_body_bytes)
             except TimeoutError:
                 route.metrics.timeouts["total"].inc()
                 raise errors.DeadlineExceeded(
                     f"request body was not received within the total timeout of {total:g}s") from None
             timeout_s = max(0.0, total - (self._ctx.clock.now() - started))
         else:
-            body = _NO_BODY
+            body = NO_BODY
         return ProxyRequest(request.method, route.upstream_path(request.raw_path), headers, body,
                             request_id=rid, max_attempts=max_attempts, timeout_override=timeout_s, span=span)
-
-    async def _read_body(self, request: web.BaseRequest, buffer_limit: int) -> RequestBody:
-        if not request.body_exists:
-            return RequestBody(None)
-        max_body = self.slot.limits.max_body_bytes
-        length = request.content_length
-        if max_body is not None and length is not None and length > max_body:
-            raise errors.RequestTooLarge(f"request body of {length} bytes exceeds limits.max_body_bytes "
-                                         f"({max_body})")
-        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-            # The low-level server does not answer Expect itself; a client such as curl
-            # would otherwise wait before sending the body.  Not forwarded upstream.
-            await request.writer.write(_CONTINUE)
-        content = request.content
-        if length is not None and length > buffer_limit:
-            return RequestBody(stream=self._body_stream(content, max_body, 0))
-        buffered = bytearray()
-        while len(buffered) <= buffer_limit:
-            chunk = await content.readany()
-            if not chunk:
-                if length is not None and len(buffered) < length:
-                    raise errors.BadRequest("request body ended before its Content-Length")
-                return RequestBody(bytes(buffered))
-            buffered += chunk
-            if max_body is not None and len(buffered) > max_body:
-                raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({max_body})")
-        return RequestBody(prefix=bytes(buffered), stream=self._body_stream(content, max_body, len(buffered)))
-
-    @staticmethod
-    async def _body_stream(content: aiohttp.StreamReader, max_body: int | None, seen: int) -> AsyncIterator[bytes]:
-        async for chunk in content.iter_chunked(_STREAM_CHUNK):
-            seen += len(chunk)
-            if max_body is not None and seen > max_body:
-                raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({max_body})")
-            yield chunk
-
-    async def _stream_back(self, request: web.BaseRequest, route: Route, proxied: ProxyResponse,
-                           rid: str) -> tuple[web.StreamResponse, int, str | None]:
-        """The response streamed to the app, how many body bytes were sent, and the error code
-        if the upstream body broke off (the app's connection is then aborted)."""
-        upstream = proxied.upstream
-        headers = response_headers(proxied.headers.items(), connection_listed(proxied.headers))
-        headers[REQUEST_ID_HEADER] = rid
-        headers[ATTEMPTS_HEADER] = str(proxied.attempts)
-        response: web.StreamResponse
-        if upstream is None:  # generated by a policy (fallback)
-            proxied.release()
-            response = web.Response(status=proxied.status, body=proxied.body, headers=headers)
-            if self._ctx.draining:
-                response.force_close()
-            return response, len(proxied.body), None
-        response = web.StreamResponse(status=proxied.status, reason=upstream.reason, headers=headers)
-        if self._ctx.draining:
-            response.force_close()
-        completed = False
-        sent = 0
-        broken: str | None = None
-        try:
-            if upstream.complete:
-                # The whole body came with the head (the common small response): headers and
-                # body leave in one write instead of two.
-                response._send_headers_immediately = False
-                await response.prepare(request)
-                body = upstream.read_all_nowait()
-                sent = len(body)
-                await response.write_eof(body)
-            else:
-                await response.prepare(request)
-                while chunk := await upstream.read():
-                    await response.write(chunk)
-                    sent += len(chunk)
-                await response.write_eof()
-            completed = True
-        except (TimeoutError, aiohttp.ClientError, errors.ProxyError) as exc:
-            # The upstream died or stalled mid-body: abort, so the app sees a broken
-            # response rather than a silently short one.
-            if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
-                route.metrics.timeouts["idle"].inc()
-                broken = errors.UpstreamTimeout.code
-            elif isinstance(exc, errors.ProxyError):
-                broken = exc.code
-            else:  # the upstream connection closed, reset or broke its framing mid-body
-                broken = _body_error_code(exc)
-            log.info("upstream body broke off after %d bytes; aborting the app's connection (%s)", sent, broken,
-                     extra={"request_id": rid})
-            if request.transport is not None:
-                request.transport.abort()
-        except (ConnectionError, RuntimeError):
-            pass  # the app went away mid-body
-        finally:
-            if completed:
-                proxied.release()
-            else:
-                proxied.close()
-        return response, sent, broken
-
-
-def _body_error_code(exc: BaseException) -> str:
-    """``upstream_protocol_error`` when the upstream's body framing was invalid, else ``upstream_reset``."""
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, aiohttp.ClientPayloadError) and isinstance(cause, BadHttpMessage) \
-            and "not enough data" not in str(cause).lower() and "not completed" not in str(cause).lower():
-        return errors.UpstreamProtocolError.code
-    return errors.UpstreamReset.code
-
 
 def build_server(handler: EdgeHandler, limits: LimitsConfig) -> web.Server:
     return GuardedServer(

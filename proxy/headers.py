@@ -58,7 +58,12 @@ def request_id(headers: CIMultiDictProxy[str]) -> str:
     value = headers.get(REQUEST_ID_HEADER)
     if value is not None and _REQUEST_ID.fullmatch(value):
         return value
-    return os.urandom(16).hex()  # 128 random bits as 32 hex digits, like uuid4().hex at a quarter of the cost
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """128 random bits as 32 hex digits, like ``uuid4().hex`` at a quarter of the cost."""
+    return os.urandom(16).hex()
 
 
 def valid_traceparent(value: str) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from proxy.headers import (
     ATTEMPTS_HEADER,
     REQUEST_ID_HEADER,
     connection_listed,
+    new_request_id,
     parse_overrides,
     request_id,
     response_headers,
@@ -173,7 +173,7 @@ class EdgeHandler:
 
     def refuse(self, error: errors.ProxyError) -> web.Response:
         """The response to a request refused before it could be parsed (see ``proxy.http_guard``)."""
-        rid = uuid.uuid4().hex  # the app's x-request-id, if any, was never parsed
+        rid = new_request_id()  # the app's x-request-id, if any, was never parsed
         response = errors.to_response(error, route=None, upstream=None, request_id=rid)
         response.force_close()  # the connection's framing cannot be trusted after a parse error
         self.record_refusal(error.status, error.code, rid)

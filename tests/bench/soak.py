@@ -96,15 +96,6 @@ def soak_config(url: str) -> dict[str, Any]:
     }
 
 
-async def _settle(sidecar: SidecarProcess, fds: int, tasks: int, within_s: float = 10.0) -> tuple[int, int]:
-    deadline = time.monotonic() + within_s
-    while True:
-        now_fds, now_tasks = sidecar.fd_count(), await sidecar.task_count()
-        if (now_fds <= fds and now_tasks <= tasks) or time.monotonic() > deadline:
-            return now_fds, now_tasks
-        await asyncio.sleep(0.2)
-
-
 async def run_soak(total: int, checkpoint: int, directory: Path | None = None) -> dict[str, Any]:
     """Run ``total`` requests; RSS is compared between ``checkpoint`` requests and the end."""
     upstream = MixUpstream()
@@ -141,7 +132,7 @@ async def run_soak(total: int, checkpoint: int, directory: Path | None = None) -
             await asyncio.gather(*(worker(session) for _ in range(CONCURRENCY)))
         elapsed = time.monotonic() - started
         rss[total] = sidecar.rss_bytes()
-        fds, tasks = await _settle(sidecar, base_fds, base_tasks)
+        fds, tasks = await sidecar.settle(base_fds, base_tasks)
         exit_code = await sidecar.stop()
     finally:
         await sidecar.kill()

@@ -27,16 +27,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _settle(sidecar: SidecarProcess, fds: int, tasks: int, within_s: float = 10.0) -> tuple[int, int]:
-    """Wait for the FD and task counts to come back to (at most) the baseline; the last reading."""
-    deadline = time.monotonic() + within_s
-    while True:
-        now_fds, now_tasks = sidecar.fd_count(), await sidecar.task_count()
-        if (now_fds <= fds and now_tasks <= tasks) or time.monotonic() > deadline:
-            return now_fds, now_tasks
-        await asyncio.sleep(0.2)
-
-
 async def test_ten_times_capacity_is_shed_with_bounded_latency_and_no_fd_or_task_leak(
         upstream: ScriptedUpstream, tmp_path: Path) -> None:
     upstream.default = Reply(body=b"ok", delay=0.2)
@@ -86,7 +76,7 @@ async def test_ten_times_capacity_is_shed_with_bounded_latency_and_no_fd_or_task
         # below what a request that queued instead of being shed would take (200 ms upstream,
         # 1 s pending_timeout), so it still catches shedding that is not immediate.
         assert p50 < 0.05 and p99 < 0.15, f"shed p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
-        fds, tasks = await _settle(sidecar, base_fds, base_tasks)
+        fds, tasks = await sidecar.settle(base_fds, base_tasks)
         print(f"\noverload: {len(ok)} served, {len(shed)} shed, shed p50 {p50 * 1000:.1f} ms "
               f"p99 {p99 * 1000:.1f} ms; fds {base_fds} -> {during_fds} during -> {fds}; "
               f"tasks {base_tasks} -> {tasks}")

@@ -177,6 +177,15 @@ class SidecarProcess:
         assert self.proc is not None
         return await asyncio.wait_for(self.proc.wait(), within_s)
 
+    async def settle(self, fds: int, tasks: int, within_s: float = 10.0) -> tuple[int, int]:
+        """Wait for the FD and task counts to come back to (at most) the baseline; the last reading."""
+        deadline = time.monotonic() + within_s
+        while True:
+            now_fds, now_tasks = self.fd_count(), await self.task_count()
+            if (now_fds <= fds and now_tasks <= tasks) or time.monotonic() > deadline:
+                return now_fds, now_tasks
+            await asyncio.sleep(0.2)
+
     async def stop(self, within_s: float = 20.0) -> int:
         """SIGTERM (drain) and the exit code; SIGKILL (a negative code) if it does not exit in ``within_s``."""
         assert self.proc is not None

@@ -166,3 +166,22 @@ async def test_garbage_override_is_a_400(upstream: ScriptedUpstream, sidecar_fac
     async with client.get(url(sidecar), headers={header: value}) as resp:
         assert resp.status == 400
     assert upstream.requests == []
+
+
+async def test_a_promised_body_that_never_arrives_ends_with_504_at_the_total_timeout(
+        upstream: ScriptedUpstream, sidecar_factory) -> None:
+    """Found by the raw-request fuzzer: Content-Length: 5 and then silence must not hold the request open."""
+    import asyncio
+    import time
+
+    sidecar = await sidecar_factory(base_config(upstream.url, timeout={"attempt": "300ms", "total": "500ms"}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port("main"))
+    started = time.monotonic()
+    writer.write(b"GET / HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    elapsed = time.monotonic() - started
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 504")
+    assert b"x-outrigger-error: deadline_exceeded" in head.lower()
+    assert 0.4 <= elapsed < 2.0
+    assert upstream.requests == []

@@ -21,7 +21,9 @@ from proxy.lifecycle import Sidecar
 from tests.support.sidecar import base_config, start_sidecar
 from tests.support.upstream import ScriptedUpstream
 
-BOUND_S = 2.0  # answer or close within this (header_read_timeout is 300ms here)
+# Answer or close within this: header_read_timeout (300ms here) bounds a stalled head, and the
+# route's total timeout (1s here) bounds a head whose promised body never comes.
+BOUND_S = 2.0
 QUIET_S = 0.2
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9]{2} ")
 
@@ -58,6 +60,7 @@ def loop_and_sidecar() -> AsyncIterator[tuple[asyncio.AbstractEventLoop, Sidecar
     loop.run_until_complete(upstream.start())
     data = base_config(upstream.url)
     data["limits"] = {"header_read_timeout": "300ms", "max_body_bytes": "1KiB"}
+    data["defaults"]["timeout"] = {"connect": "1s", "attempt": "1s", "total": "1s", "idle": "1s"}
     sidecar = loop.run_until_complete(start_sidecar(data))
     yield loop, sidecar
     loop.run_until_complete(sidecar.stop())

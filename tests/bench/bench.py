@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_port
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent.parent
 TEMPLATES = BENCH_DIR / "templates"
@@ -196,12 +198,6 @@ class Window:
 
 
 # --- processes ---
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # The machine may be shared (other people's test runs): when root, every benchmark

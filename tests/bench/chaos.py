@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -42,6 +41,8 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
+
+from tests.support.ports import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[2]
@@ -103,12 +104,6 @@ class ChaosUpstream:
 
 
 # --- the sidecar, as a separate process ---------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class SidecarProcess:

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from proxy import __version__
-from tests.support.process import SidecarProcess, free_port
+from tests.support.ports import free_port
+from tests.support.process import SidecarProcess
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream
 

@@ -19,7 +19,8 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.process import SidecarProcess, free_port
+from tests.support.ports import free_port
+from tests.support.process import SidecarProcess
 from tests.support.sidecar import base_config
 from tests.support.upstream import ScriptedUpstream
 

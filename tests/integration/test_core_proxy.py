@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 
 from proxy.chain import ProxyRequest, ProxyResponse
 from proxy.lifecycle import Sidecar
+from tests.support.ports import free_port
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, Reset, ScriptedUpstream
 
@@ -69,9 +69,7 @@ class RawUpstream:
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()  # nothing listens there
 
 
 def _no_retry(url: str, **route: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +13,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
 from proxy.lifecycle import Sidecar
+from tests.support.ports import free_port
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream
 
@@ -136,9 +136,7 @@ async def test_subprotocol_chosen_by_the_upstream_is_returned_to_the_app(
 
 async def test_upgrade_to_an_unreachable_upstream_is_503_upstream_connect_failure(
         sidecar_factory: Factory, client: aiohttp.ClientSession) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens there
     sidecar = await sidecar_factory(base_config(f"http://127.0.0.1:{port}"))
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect(f"ws://127.0.0.1:{sidecar.port('main')}/")

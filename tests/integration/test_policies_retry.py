@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
 import aiohttp
 
+from tests.support.ports import free_port
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, Reset, ScriptedUpstream
 
@@ -22,9 +22,7 @@ def retries(sidecar: Any, reason: str) -> float:
 
 
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()  # nothing listens there
 
 
 async def test_connect_failure_is_retried_even_for_post(sidecar_factory, client: aiohttp.ClientSession) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from proxy.lifecycle import Sidecar
 from tests.integration.test_core_tls import certs, https_url  # noqa: F401 - fixtures
-from tests.support.process import free_port
+from tests.support.ports import free_port
 from tests.support.sidecar import base_config
 
 Factory = Callable[..., Awaitable[Sidecar]]

@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -38,16 +37,11 @@ from typing import Any
 import aiohttp
 import yaml
 
+from tests.support.ports import free_port
+
 __all__ = ["SidecarProcess", "free_port"]
 
 _PROBE_ENV = "OUTRIGGER_TEST_TASK_PROBE"
-
-
-def free_port() -> int:
-    """A loopback port that nothing listened on a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class SidecarProcess:

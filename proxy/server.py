@@ -36,7 +36,7 @@ from proxy.headers import (
 )
 from proxy.http_guard import GuardedServer
 from proxy.routing import Route, Router
-from proxy.telemetry.access_log import AccessLog
+from proxy.telemetry.access_log import AccessEntry, AccessLog
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.telemetry.tracing import Tracing
 from proxy.websocket import proxy_websocket
@@ -154,22 +154,22 @@ class EdgeHandler:
                 self._end_server_span(span, request, route, status, outcome, attempts)
             metrics.request_done(request.method, status, outcome, elapsed, exemplar)
             if ctx.access_log is not None:
-                ctx.access_log.record({
-                    "request_id": rid,
-                    "trace_id": exemplar["trace_id"] if exemplar else None,
-                    "span_id": f"{span.get_span_context().span_id:016x}" if span is not None else None,
-                    "method": request.method,
-                    "path": request.path[:512],
-                    "route": route.name if route else None,
-                    "upstream": route.upstream if route else None,
-                    "status": status,
-                    "attempts": attempts,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "upstream_duration_ms": round(outgoing.upstream_s * 1000, 3) if outgoing is not None else None,
-                    "bytes_in": request.content_length or 0,
-                    "bytes_out": bytes_out,
-                    "error": None if outcome == "upstream" else outcome,
-                })
+                ctx.access_log.record(AccessEntry(
+                    request_id=rid,
+                    trace_id=exemplar["trace_id"] if exemplar else None,
+                    span_id=f"{span.get_span_context().span_id:016x}" if span is not None else None,
+                    method=request.method,
+                    path=request.path[:512],
+                    route=route.name if route else None,
+                    upstream=route.upstream if route else None,
+                    status=status,
+                    attempts=attempts,
+                    duration_ms=round(elapsed * 1000, 3),
+                    upstream_duration_ms=round(outgoing.upstream_s * 1000, 3) if outgoing is not None else None,
+                    bytes_in=request.content_length or 0,
+                    bytes_out=bytes_out,
+                    error=None if outcome == "upstream" else outcome,
+                ))
 
     def refuse(self, error: errors.ProxyError) -> web.Response:
         """The response to a request refused before it could be parsed (see ``proxy.http_guard``)."""
@@ -184,11 +184,7 @@ class EdgeHandler:
         ctx = self._ctx
         ctx.unmatched.request_done("_OTHER", status, code, 0.0)
         if ctx.access_log is not None:
-            ctx.access_log.record({
-                "request_id": rid, "trace_id": None, "span_id": None, "method": None, "path": None,
-                "route": None, "upstream": None, "status": status, "attempts": 0, "duration_ms": 0.0,
-                "upstream_duration_ms": None, "bytes_in": 0, "bytes_out": 0, "error": code,
-            })
+            ctx.access_log.record(AccessEntry(request_id=rid, status=status, error=code))
 
     def _error_response(self, error: errors.ProxyError, route: Route | None, rid: str) -> web.Response:
         response = errors.to_response(error, route=route.name if route else None,

@@ -13,11 +13,31 @@ import asyncio
 import contextlib
 import sys
 import time
-from typing import IO, Any
+from typing import IO
 
 import msgspec
 
-__all__ = ["AccessLog"]
+__all__ = ["AccessEntry", "AccessLog"]
+
+
+class AccessEntry(msgspec.Struct, kw_only=True):
+    """One access-log line; a request refused below the router leaves the request fields None."""
+
+    request_id: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    method: str | None = None
+    path: str | None = None
+    route: str | None = None
+    upstream: str | None = None
+    status: int
+    attempts: int = 0
+    duration_ms: float = 0.0
+    upstream_duration_ms: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    time: str = ""  # set by AccessLog.record
 
 
 class AccessLog:
@@ -41,12 +61,12 @@ class AccessLog:
             await asyncio.sleep(self._interval)
             self.flush()
 
-    def record(self, entry: dict[str, Any]) -> None:
+    def record(self, entry: AccessEntry) -> None:
         now = time.time()  # one reading, so the milliseconds belong to the same second
         second = int(now)
         if second != self._second:  # strftime once per second, not once per request
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        entry["time"] = f"{self._second_text}.{int((now - second) * 1000):03d}Z"
+        entry.time = f"{self._second_text}.{int((now - second) * 1000):03d}Z"
         self._lines.append(self._encode(entry).decode())
         if len(self._lines) >= self._max:
             self.flush()

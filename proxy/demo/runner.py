@@ -154,14 +154,23 @@ async def _demo(duration_s: float, concurrency: int, failure_rate: float) -> int
         tasks = [asyncio.create_task(_caller(session, direct_url, direct, stop_at, False)) for _ in range(concurrency)]
         tasks += [asyncio.create_task(_caller(session, sidecar_url, via, stop_at, True)) for _ in range(concurrency)]
         started = time.monotonic()
+        # On a terminal one line is rewritten every second; into a file or pipe, a line every 5 seconds.
+        live = sys.stdout.isatty()
+        ticks = 0
         while not all(t.done() for t in tasks):
             await asyncio.sleep(1.0)
+            ticks += 1
             elapsed = time.monotonic() - started
-            sys.stdout.write(
-                f"\r  [{elapsed:5.1f}s] direct: {direct.ok}/{direct.total} ok   "
-                f"via outrigger: {via.ok}/{via.total} ok   ")
+            progress = f"  [{elapsed:5.1f}s] direct: {direct.ok}/{direct.total} ok   " \
+                       f"via outrigger: {via.ok}/{via.total} ok"
+            if live:
+                sys.stdout.write(f"\r{progress}   ")
+            elif ticks % 5 == 0:
+                sys.stdout.write(f"{progress}\n")
             sys.stdout.flush()
         await asyncio.gather(*tasks)
+    if live:
+        print()
     print()
     _print_table(direct, via)
     _print_metrics(sidecar.metrics)

@@ -46,7 +46,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsConfig, "telemetry": TelemetryConfig,
 }
 _KNOWN_TOP = {"version", "listeners", "upstreams", *_SECTIONS}
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ${VAR}, ${VAR:-default}, and $${...} for a literal ${...} (as in Docker Compose).
+_ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ADMIN_ADDRESS_ENV = "OUTRIGGER_ADMIN_ADDRESS"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
@@ -109,18 +111,59 @@ def _split_comment(line: str) -> tuple[str, str]:
     return line, ""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.1 traps removed.
+
+    Only ``true``/``false`` are booleans (YAML 1.2): in YAML 1.1 a bare ``on``,
+    ``off``, ``yes`` or ``no`` is a boolean too, which would turn the key
+    ``fallback.on`` into ``True``.  And a key given twice in one mapping is an
+    error instead of the last one silently winning.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def _substitute_env(text: str, env: Mapping[str, str], issues: list[ConfigIssue]) -> str:
-    """Replace ${VAR} and ${VAR:-default} outside comments; an unset VAR with no default is an error."""
+    """Replace ${VAR} and ${VAR:-default} outside comments, with the shell's meaning.
+
+    ``${VAR:-default}`` takes the default when VAR is unset or empty; ``${VAR}``
+    takes VAR as it is, and an unset VAR with no default is an error.
+    ``$${VAR}`` stands for the literal text ``${VAR}``.
+    """
     out: list[str] = []
     for number, line in enumerate(text.split("\n"), start=1):
         content, comment = _split_comment(line)
 
         def repl(match: re.Match[str], number: int = number) -> str:
-            name, default = match[1], match[2]
-            if name in env:
-                return env[name]
+            escaped, name, default = match[1], match[2], match[3]
+            if escaped:
+                return match[0][1:]
+            value = env.get(name)
             if default is not None:
-                return default
+                return value if value else default
+            if value is not None:
+                return value
             issues.append(ConfigIssue(f"line {number}", f"environment variable {name} is not set "
                                                          f"(use ${{{name}:-default}})"))
             return ""
@@ -283,7 +326,7 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
     issues: list[ConfigIssue] = []
     text = _substitute_env(text, os.environ if env is None else env, issues)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -291,6 +334,11 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         raise ConfigError([*issues, ConfigIssue(where, f"invalid YAML: {problem}")], source) from None
     if not isinstance(raw, dict):
         raise ConfigError([*issues, ConfigIssue("", "the config must be a YAML mapping")], source)
+    admin_env = (os.environ if env is None else env).get(_ADMIN_ADDRESS_ENV)
+    if admin_env and isinstance(raw.get("admin", {}), dict) and "address" not in (raw.get("admin") or {}):
+        # The container images and manifests set this to expose the probes to the kubelet
+        # without every user config having to mention it; an explicit admin.address wins.
+        raw["admin"] = {**(raw.get("admin") or {}), "address": admin_env}
     for key in raw:
         if key not in _KNOWN_TOP:
             issues.append(ConfigIssue(str(key), "unknown key"))

@@ -223,6 +223,87 @@ def test_env_var_in_comment_is_ignored_even_when_unset() -> None:
     load_config(_ENV_DOC, env={"LISTEN": "127.0.0.1:1"})
 
 
+
+def test_env_var_default_is_used_when_set_but_empty_as_in_the_shell() -> None:
+    config = load_config(_ENV_DOC, env={"LISTEN": "127.0.0.1:15009", "SVC_URL": ""})
+    assert config.upstreams["svc"].url == "http://fallback:8080"
+
+
+def test_env_var_without_default_set_but_empty_is_substituted_empty() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_ENV_DOC, env={"LISTEN": ""})
+    assert [str(i) for i in info.value.issues] == ["listeners[0].address: invalid address ''; expected host:port"]
+
+
+def test_double_dollar_is_a_literal_env_reference() -> None:
+    doc = _ENV_DOC.replace('rewrite', '').replace("routes: [{name: d, upstream: svc}]",
+                                                  'routes: [{name: d, upstream: svc, fallback: {body: "$${PRICE}"}}]')
+    config = load_config(doc, env={"LISTEN": "127.0.0.1:1", "PRICE": "substituted"})
+    fallback = config.listeners[0].routes[0].fallback
+    assert fallback is not None and fallback.body == "${PRICE}"
+
+
+def test_admin_address_env_var_applies_when_the_config_sets_no_admin_address() -> None:
+    doc = _ENV_DOC.replace('admin: {address: "127.0.0.1:9901"}\n', "")
+    config = load_config(doc, env={"LISTEN": "127.0.0.1:1", "OUTRIGGER_ADMIN_ADDRESS": "0.0.0.0:9911"})
+    assert config.admin.address == "0.0.0.0:9911"
+    assert load_config(doc, env={"LISTEN": "127.0.0.1:1"}).admin.address == "127.0.0.1:9901"  # the default
+    # An explicit admin.address wins over the variable.
+    config = load_config(_ENV_DOC, env={"LISTEN": "127.0.0.1:1", "OUTRIGGER_ADMIN_ADDRESS": "0.0.0.0:9911"})
+    assert config.admin.address == "127.0.0.1:9901"
+
+
+def test_admin_address_env_var_with_a_bad_value_is_an_error_at_admin_address() -> None:
+    doc = _ENV_DOC.replace('admin: {address: "127.0.0.1:9901"}\n', "")
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, env={"LISTEN": "127.0.0.1:1", "OUTRIGGER_ADMIN_ADDRESS": "nonsense"})
+    assert [i.path for i in info.value.issues] == ["admin.address"]
+
+
+# --- YAML: 1.2 booleans, duplicate keys ---
+
+
+_FALLBACK_DOC = """version: 1
+upstreams: {svc: {url: "http://svc:8080"}}
+listeners:
+  - name: main
+    address: "127.0.0.1:15001"
+    routes:
+      - name: d
+        upstream: svc
+        fallback:
+          status: 200
+          body: '{"items": []}'
+          on: [circuit_open, overflow]
+"""
+
+
+def test_fallback_on_key_written_bare_as_in_the_readme_is_a_key_not_a_boolean() -> None:
+    fallback = load_config(_FALLBACK_DOC, env={}).listeners[0].routes[0].fallback
+    assert fallback is not None and fallback.on == ("circuit_open", "overflow")
+
+
+def test_yes_and_no_are_strings_so_a_yaml_1_1_boolean_is_an_error_at_its_path() -> None:
+    doc = _FALLBACK_DOC + "telemetry: {access_log: {enabled: no}}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, env={})
+    assert [i.path for i in info.value.issues] == ["telemetry.access_log.enabled"]
+    assert load_config(doc.replace("enabled: no", "enabled: false"), env={}).telemetry.access_log.enabled is False
+
+
+@pytest.mark.parametrize(("doc", "line"), [
+    (_FALLBACK_DOC.replace("upstreams: {svc: {url: \"http://svc:8080\"}}",
+                           "upstreams:\n  svc: {url: \"http://svc:8080\"}\n  svc: {url: \"http://other:8080\"}"), 4),
+    (_FALLBACK_DOC + "drain: {grace: 1s}\ndrain: {grace: 2s}\n", 14),
+])
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(doc: str, line: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, env={})
+    [issue] = info.value.issues
+    assert issue.path.startswith(f"line {line},")
+    assert "duplicate key" in issue.message and "first given on line" in issue.message
+
+
 # --- units ---
 
 
@@ -334,3 +415,21 @@ def test_validate_of_a_missing_file_exits_1_without_traceback(tmp_path: Path) ->
     result = _validate(tmp_path / "absent.yaml")
     assert result.returncode == 1
     assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_readme_policy_blocks_validate_as_written_under_defaults() -> None:
+    """The README's "Policy blocks" YAML, pasted as it stands (fallback's bare ``on:`` included)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.partition("### Policy blocks")[2].partition("```yaml\n")[2].partition("```")[0]
+    assert "fallback:" in block and "\n  on: [" in block
+    indented = "\n".join("  " + line for line in block.splitlines())
+    doc = f"""\
+version: 1
+defaults:
+{indented}
+upstreams: {{svc: {{url: "http://svc:8080"}}}}
+listeners: [{{name: main, address: "127.0.0.1:15001", routes: [{{name: d, upstream: svc}}]}}]
+"""
+    route = load_config(doc, env={}).listeners[0].routes[0]
+    assert route.fallback is not None and route.fallback.on == ("circuit_open",)
+    assert route.retry.max_attempts == 3

@@ -1,8 +1,8 @@
 """Admin server: probes, metrics, the active config and runtime status.
 
 Served on its own port (never a proxy port), by default on 127.0.0.1 only.
-``/healthz`` answers while the event loop runs; ``/readyz`` is 200 only once
-every listener is bound and turns 503 the moment draining starts.
+``/healthz`` answers while the event loop runs; ``/readyz`` is 200 only while
+every configured listener is bound and turns 503 the moment draining starts.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ async def readyz(request: web.Request) -> web.Response:
         return _json({"status": "draining"}, 503)
     if not sidecar.ready:
         return _json({"status": "starting"}, 503)
+    unbound = sidecar.unbound_listeners()
+    if unbound:  # a reload could not re-bind them: the app's calls to them would be refused
+        return _json({"status": "listeners_down", "listeners": unbound}, 503)
     return _json({"status": "ready", "version": sidecar.runtime.version})
 
 
@@ -71,7 +74,7 @@ async def config_view(request: web.Request) -> web.Response:
 async def status_view(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
     data = sidecar.runtime.status(sidecar.clock)
-    data["ready"] = sidecar.ready and not sidecar.draining
+    data["ready"] = sidecar.ready and not sidecar.draining and not sidecar.unbound_listeners()
     data["draining"] = sidecar.draining
     data["listeners"] = sidecar.listener_status()
     data["tasks"] = len(asyncio.all_tasks())

@@ -4,8 +4,13 @@
 reloads config (file watcher and SIGHUP) and drains on SIGTERM/SIGINT:
 ``/readyz`` turns 503 at once, outbound calls are still served for
 ``drain.grace`` (the app may still be shutting down), then listeners close,
-in-flight requests get up to ``drain.timeout``, telemetry is flushed and the
-process exits 0.
+in-flight requests get up to ``drain.timeout`` (then are cancelled, within
+``_CANCEL_WAIT_S`` twice over), telemetry is flushed and the process exits 0.
+
+A reload binds new and moved listeners before it closes anything, so one
+that cannot bind rejects the reload and the active config keeps serving.
+Admin, telemetry and the parser limits are fixed at start: a reload keeps
+them as they are, and ``/config`` shows the settings in effect.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
@@ -37,6 +43,9 @@ from proxy.telemetry.tracing import Tracing
 __all__ = ["Sidecar"]
 
 log = logging.getLogger("outrigger")
+# After drain.timeout, requests still in flight are cancelled: aiohttp's shutdown waits this
+# long for them to finish, then this long again after cancelling them.
+_CANCEL_WAIT_S = 0.25
 
 
 def _parser_limits(config: Config) -> tuple[float, ...]:
@@ -76,7 +85,8 @@ class Sidecar:
         self._admin_runner: web.AppRunner | None = None
         self._watch_interval = watch_interval_s
         self._watch_task: asyncio.Task[None] | None = None
-        self._file_state: tuple[Any, ...] | None = None
+        self._file_state: tuple[Any, ...] | None = None  # the file as last read by a reload
+        self._applied_state: tuple[Any, ...] | None = None  # the file as last applied
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -95,11 +105,13 @@ class Sidecar:
         self.admin_port = self._bound_port(admin_site)
         config = self.runtime.config
         for listener in config.listeners:
-            await self._bind(listener.name, listener.address, config.limits)
+            self.listeners[listener.name] = await self._open_listener(listener.name, listener.address, config.limits,
+                                                                      self.runtime)
         if self.access_log is not None:
             self.access_log.start()
+        if self.config_path is not None:
+            self._file_state = self._applied_state = self._stat_config()
         if self.config_path is not None and self._watch_interval > 0:
-            self._file_state = self._stat_config()
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         self.ready = True
         log.info("outrigger ready", extra={"config": self.runtime.version})
@@ -110,16 +122,21 @@ class Sidecar:
         sockets = getattr(server, "sockets", None) or []
         return int(sockets[0].getsockname()[1]) if sockets else 0
 
-    async def _bind(self, name: str, address: str, limits: LimitsConfig) -> None:
+    async def _open_listener(self, name: str, address: str, limits: LimitsConfig, runtime: Runtime) -> _Listener:
+        """Bind one listener (OSError when the address cannot be bound; nothing is left open then)."""
         host, port = parse_address(address)
-        slot = ListenerSlot(name, address, self.runtime.routers[name], limits)
+        slot = ListenerSlot(name, address, runtime.routers[name], limits)
         handler = EdgeHandler(slot, self._edge)
         runner = web.ServerRunner(build_server(handler, limits), handle_signals=False,
-                                  shutdown_timeout=self.runtime.config.drain.timeout)
+                                  shutdown_timeout=_CANCEL_WAIT_S)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
-        await site.start()
-        self.listeners[name] = _Listener(slot, handler, runner, site, self._bound_port(site))
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return _Listener(slot, handler, runner, site, self._bound_port(site))
 
     def port(self, listener: str) -> int:
         return self.listeners[listener].port
@@ -127,6 +144,10 @@ class Sidecar:
     def listener_status(self) -> dict[str, Any]:
         return {name: {"address": lst.slot.address, "port": lst.port, "inflight": lst.handler.inflight}
                 for name, lst in self.listeners.items()}
+
+    def unbound_listeners(self) -> list[str]:
+        """Configured listeners that are not bound (a reload could not re-bind them): not ready."""
+        return [lst.name for lst in self.runtime.config.listeners if lst.name not in self.listeners]
 
     # --- reload ---
 
@@ -145,55 +166,123 @@ class Sidecar:
             await asyncio.sleep(self._watch_interval)
             state = await asyncio.to_thread(self._stat_config)
             if state is not None and state != self._file_state:
-                self._file_state = state
                 await self.reload_from_file()
 
     async def reload_from_file(self) -> bool:
+        """Load the config file and apply it (the file watcher and SIGHUP); never raises.
+
+        A file already applied as it stands is not applied again, so an edit
+        followed by SIGHUP reloads once, whichever of the two sees it first; a
+        file whose reload failed is tried again on SIGHUP.
+        """
         if self.config_path is None:
             return False
+        state = await asyncio.to_thread(self._stat_config)
+        if state is not None and state == self._applied_state:
+            log.info("config file unchanged since it was applied; nothing to reload",
+                     extra={"config": self.config_path})
+            return True
+        self._file_state = state  # the watcher does not try this version again
         try:
             config = await asyncio.to_thread(load_config_file, self.config_path)
         except ConfigError as exc:
-            self.metrics.config_reloads.labels(result="failure").inc()
-            log.error("config reload rejected; keeping the active config: %s", exc,
-                      extra={"config": self.config_path})
-            return False
-        return await self.apply(config)
+            return self._reload_failed(f"config reload rejected; keeping the active config: {exc}")
+        try:
+            applied = await self.apply(config)
+        except Exception as exc:  # a bug must not end the watcher: the next edit is still picked up
+            log.exception("config reload failed", extra={"config": self.config_path})
+            return self._reload_failed(f"config reload failed; keeping the active config: {exc}")
+        if applied:
+            self._applied_state = state
+        return applied
+
+    def _reload_failed(self, message: str) -> bool:
+        self.metrics.config_reloads.labels(result="failure").inc()
+        log.error(message, extra={"config": self.config_path})
+        return False
+
+    @staticmethod
+    def _effective(new: Config, active: Config) -> Config:
+        """What a reload applies: all of ``new`` but admin, telemetry and the parser limits, fixed at start."""
+        fixed = [name for name, changed in (
+            ("admin", new.admin != active.admin),
+            ("telemetry", new.telemetry != active.telemetry),
+            ("limits.max_header_bytes, max_headers and header_read_timeout",
+             _parser_limits(new) != _parser_limits(active)),
+        ) if changed]
+        if fixed:
+            log.warning("changes to %s take effect on restart only; the running values stay (see /config)",
+                        ", ".join(fixed))
+        limits = msgspec.structs.replace(new.limits, max_header_bytes=active.limits.max_header_bytes,
+                                         max_headers=active.limits.max_headers,
+                                         header_read_timeout=active.limits.header_read_timeout)
+        return msgspec.structs.replace(new, admin=active.admin, telemetry=active.telemetry, limits=limits)
 
     async def apply(self, config: Config) -> bool:
-        """Swap in a validated config; unchanged state carries over."""
+        """Swap in a validated config; unchanged state carries over.
+
+        New and moved listeners are bound first: if one cannot bind, nothing has
+        changed yet, the reload is rejected and the active config keeps serving.
+        """
         async with self._reload_lock:
             old = self.runtime
+            config = self._effective(config, old.config)
             try:
                 runtime = build_runtime(config, metrics=self.metrics, tracing=self.tracing, clock=self.clock,
                                         rng=self.rng, previous=old)
+            except Exception as exc:
+                return self._reload_failed(f"config reload failed while building the runtime: {exc}")
+            try:
                 for pool in runtime.new_pools:
                     await pool.start()
-                runtime.new_pools.clear()
             except Exception as exc:
-                self.metrics.config_reloads.labels(result="failure").inc()
-                log.error("config reload failed while building the runtime: %s", exc)
-                return False
-            if config.admin != old.config.admin or config.telemetry != old.config.telemetry:
-                log.warning("admin and telemetry changes take effect on restart only")
-            if _parser_limits(config) != _parser_limits(old.config):
-                log.warning("limits.max_header_bytes, max_headers and header_read_timeout take effect on restart")
-            wanted = {lst.name: lst for lst in config.listeners}
-            for name, current in list(self.listeners.items()):
-                target = wanted.get(name)
-                if target is None or target.address != current.slot.address:
-                    del self.listeners[name]
-                    self._spawn(self._close_listener(current))
+                await self._close_pools(runtime.new_pools)
+                return self._reload_failed(f"config reload failed while starting upstream pools: {exc}")
+            started, runtime.new_pools = runtime.new_pools, []
+            wanted = {lst.name: (index, lst) for index, lst in enumerate(config.listeners)}
+            leaving = {name: current for name, current in self.listeners.items()
+                       if name not in wanted or wanted[name][1].address != current.slot.address}
+            freed = {current.slot.address for current in leaving.values()}
+            to_bind = [(index, lst) for name, (index, lst) in wanted.items()
+                       if name not in self.listeners or name in leaving]
+            bound: dict[str, _Listener] = {}
+            for index, lst in to_bind:
+                if lst.address in freed:
+                    continue  # one of ours holds it: bound once that one has stopped accepting, below
+                try:
+                    bound[lst.name] = await self._open_listener(lst.name, lst.address, config.limits, runtime)
+                except OSError as exc:
+                    for listener in bound.values():
+                        await listener.runner.cleanup()
+                    await self._close_pools(started)
+                    return self._reload_failed(
+                        f"config reload rejected; keeping the active config: listeners[{index}].address: "
+                        f"cannot bind {lst.address}: {exc.strerror or exc}")
+            for name, current in leaving.items():
+                del self.listeners[name]
+                await current.site.stop()  # stop accepting now; in-flight requests finish in the background
+                self._spawn(self._close_listener(current, config.drain.timeout))
             self.runtime = runtime
-            for name, lst in wanted.items():
+            for name in wanted:
                 if name in self.listeners:
                     slot = self.listeners[name].slot
                     slot.router = runtime.routers[name]  # atomic swap; in-flight keep their route
                     slot.limits = config.limits
-                else:
-                    await self._bind(name, lst.address, config.limits)
+            self.listeners.update(bound)
+            failed = []
+            for index, lst in to_bind:
+                if lst.name in self.listeners:
+                    continue
+                try:
+                    self.listeners[lst.name] = await self._open_listener(lst.name, lst.address, config.limits,
+                                                                         runtime)
+                except OSError as exc:  # taken by someone else in between: not ready until a reload fixes it
+                    failed.append(f"listeners[{index}].address: cannot bind {lst.address}: {exc.strerror or exc}")
             if runtime.retired_pools:
                 self._spawn(self._retire(runtime.retired_pools, config.drain.timeout))
+            if failed:
+                return self._reload_failed("config applied, but listeners are down (/readyz is 503): "
+                                           + "; ".join(failed))
             self.metrics.config_reloads.labels(result="success").inc()
             log.info("config reloaded", extra={"config": runtime.version})
             return True
@@ -204,8 +293,23 @@ class Sidecar:
         task.add_done_callback(self._background.discard)
 
     @staticmethod
-    async def _close_listener(listener: _Listener) -> None:
+    async def _finish_inflight(listeners: list[_Listener], timeout_s: float) -> None:
+        """Wait until no request is in flight on ``listeners``, for at most ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        # Polled (only while draining or closing a listener) so the request path pays for no event.
+        while any(lst.handler.inflight for lst in listeners) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    async def _close_listener(self, listener: _Listener, timeout_s: float) -> None:
+        await self._finish_inflight([listener], timeout_s)
         await listener.runner.cleanup()
+
+    @staticmethod
+    async def _close_pools(pools: list[Any]) -> None:
+        for pool in pools:
+            with contextlib.suppress(Exception):
+                await pool.close()
 
     @staticmethod
     async def _retire(pools: list[Any], after_s: float) -> None:
@@ -234,6 +338,7 @@ class Sidecar:
         for lst in self.listeners.values():
             await lst.site.stop()  # stop accepting; connections already open keep being served
         await asyncio.sleep(0.05)
+        await self._finish_inflight(list(self.listeners.values()), drain.timeout)
         await asyncio.gather(*(lst.runner.cleanup() for lst in self.listeners.values()))
         await self.stop()
 

@@ -136,3 +136,28 @@ async def test_no_request_started_before_the_listener_closed_fails_under_steady_
 async def test_no_request_over_keep_alive_connections_started_before_the_listener_closed_fails(
         upstream: ScriptedUpstream, make_process: Any) -> None:
     await _steady_load_through_drain(upstream, make_process, keep_alive=True)
+
+
+async def test_a_request_stuck_past_drain_timeout_is_cut_off_and_the_process_exits_soon_after(
+        upstream: ScriptedUpstream, make_process: Any) -> None:
+    """drain.timeout bounds the wait for in-flight requests once (aiohttp's own shutdown would wait it twice)."""
+    data = base_config(upstream.url)
+    data["drain"] = {"grace": "0s", "timeout": "2s"}
+    data["defaults"]["timeout"] = {"attempt": "30s", "total": "60s"}
+    sidecar: SidecarProcess = await make_process(data)
+    upstream.script(Reply(body=b"too late", delay=20.0))
+    async with aiohttp.ClientSession() as session:
+        stuck = asyncio.ensure_future(session.get(f"{sidecar.url}/stuck"))
+        await asyncio.sleep(0.3)
+        assert not stuck.done()
+        assert sidecar.proc is not None
+        sidecar.proc.send_signal(signal.SIGTERM)
+        closing = await sidecar.wait_log("closing listeners")
+        assert await sidecar.wait(within_s=15) == 0
+        stopped = sidecar.log_time("outrigger stopped")
+        assert stopped is not None
+        # 2s for the stuck request, then at most 2 x 0.25s while it is cancelled, plus the telemetry flush.
+        assert 1.9 <= stopped - closing <= 3.2, stopped - closing
+        with pytest.raises(aiohttp.ClientError):  # the app sees its connection end, not a hang
+            async with await stuck as resp:
+                await resp.read()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import aiohttp
 import yaml
 
 from proxy.lifecycle import Sidecar
+from tests.support.ports import free_port
 from tests.support.sidecar import base_config, start_sidecar
 from tests.support.upstream import Reply, ScriptedUpstream
 
@@ -235,5 +237,92 @@ async def test_fifty_reloads_alternating_valid_and_invalid_under_load_fail_no_re
         assert done > 100
         assert _reloads(sidecar, "success") == 25
         assert _reloads(sidecar, "failure") == 25
+    finally:
+        await sidecar.stop()
+
+
+async def test_listener_moved_to_a_busy_address_rejects_the_reload_and_the_old_listener_keeps_serving(
+        tmp_path: Path, upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    data = base_config(upstream.url)
+    path = tmp_path / "outrigger.yaml"
+    _write(path, data)
+    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0.05)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        busy = blocker.getsockname()[1]
+        try:
+            port, version = sidecar.port("main"), sidecar.runtime.version
+            moved = copy.deepcopy(data)
+            moved["listeners"][0]["address"] = f"127.0.0.1:{busy}"
+            _write(path, moved)
+            await _wait_for(lambda: _reloads(sidecar, "failure") == 1)
+            assert _reloads(sidecar, "success") == 0
+            assert sidecar.runtime.version == version and sidecar.port("main") == port
+            async with client.get(f"http://127.0.0.1:{port}/still-served") as resp:
+                assert resp.status == 200
+            async with client.get(f"http://127.0.0.1:{sidecar.admin_port}/readyz") as resp:
+                assert resp.status == 200
+            assert (await _admin_json(client, sidecar, "/config"))["version"] == version
+            # The watcher lives on: the next edit is picked up.
+            fixed = copy.deepcopy(data)
+            fixed["listeners"][0]["routes"][0]["rewrite_prefix"] = "/v2"
+            _write(path, fixed)
+            await _wait_for(lambda: _reloads(sidecar, "success") == 1)
+            async with client.get(f"http://127.0.0.1:{port}/x") as resp:
+                assert resp.status == 200
+            assert upstream.requests[-1].path == "/v2x"
+        finally:
+            await sidecar.stop()
+
+
+async def test_two_listeners_can_swap_addresses_in_one_reload(
+        upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    first, second = free_port(), free_port()
+    data = base_config(upstream.url)
+    data["listeners"][0]["address"] = f"127.0.0.1:{first}"
+    data["listeners"].append({"name": "second", "address": f"127.0.0.1:{second}",
+                              "routes": [{"name": "all", "upstream": "svc", "rewrite_prefix": "/second"}]})
+    sidecar = await start_sidecar(data)
+    try:
+        swapped = copy.deepcopy(data)
+        swapped["listeners"][0]["address"], swapped["listeners"][1]["address"] = \
+            swapped["listeners"][1]["address"], swapped["listeners"][0]["address"]
+        assert await sidecar.apply(_config(swapped))
+        assert (sidecar.port("main"), sidecar.port("second")) == (second, first)
+        async with client.get(f"http://127.0.0.1:{first}/x") as resp:
+            assert resp.status == 200
+        assert upstream.requests[-1].path == "/secondx"
+        async with client.get(f"http://127.0.0.1:{second}/y") as resp:
+            assert resp.status == 200
+        assert upstream.requests[-1].path == "/y"
+    finally:
+        await sidecar.stop()
+
+
+async def test_admin_telemetry_and_parser_limits_stay_as_started_and_config_shows_what_is_in_effect(
+        upstream: ScriptedUpstream, client: aiohttp.ClientSession, caplog: Any) -> None:
+    data = base_config(upstream.url)
+    sidecar = await start_sidecar(data)
+    try:
+        before = (await _admin_json(client, sidecar, "/config"))["config"]
+        changed = copy.deepcopy(data)
+        changed["admin"] = {"address": f"127.0.0.1:{free_port()}"}
+        logging_on = before["telemetry"]["access_log"]["enabled"]
+        changed.setdefault("telemetry", {})["access_log"] = {"enabled": not logging_on}
+        changed["limits"] = {"max_header_bytes": "2KiB", "max_body_bytes": 10}
+        with caplog.at_level("WARNING", logger="outrigger"):
+            assert await sidecar.apply(_config(changed))
+        assert "take effect on restart only" in caplog.text
+        after = (await _admin_json(client, sidecar, "/config"))["config"]
+        assert after["admin"] == before["admin"]
+        assert after["telemetry"] == before["telemetry"]
+        assert after["limits"]["max_header_bytes"] == before["limits"]["max_header_bytes"]
+        assert after["limits"]["max_body_bytes"] == 10  # not a parser limit: applied at once
+        async with client.post(f"http://127.0.0.1:{sidecar.port('main')}/upload", data=b"x" * 100) as resp:
+            assert resp.status == 413
+        async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/big-header",
+                              headers={"x-big": "v" * 4000}) as resp:
+            assert resp.status == 200  # the 64KiB header limit of the running parser still holds
     finally:
         await sidecar.stop()

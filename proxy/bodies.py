@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
@@ -63,6 +63,26 @@ async def _body_stream(content: aiohttp.StreamReader, max_body: int | None, seen
         yield chunk
 
 
+class _PassThroughResponse(web.StreamResponse):
+    """A proxied response: aiohttp's default Content-Type and Server are not added to the upstream's headers.
+
+    (An intermediary does not label content its origin left unlabelled, nor
+    announce a server the upstream did not name.)
+    """
+
+    def __init__(self, *, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        super().__init__(status=status, reason=reason, headers=headers)
+        self._upstream_named = (hdrs.CONTENT_TYPE in headers, hdrs.SERVER in headers)
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        had_type, had_server = self._upstream_named
+        if not had_type:
+            self._headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            self._headers.popall(hdrs.SERVER, None)
+
+
 async def stream_response(request: web.BaseRequest, proxied: ProxyResponse, headers: CIMultiDict[str], *,
                           draining: bool, idle_timeouts: Any, rid: str) -> tuple[web.StreamResponse, int, str | None]:
     """The response streamed to the app, how many body bytes were sent, and the error code
@@ -75,7 +95,7 @@ async def stream_response(request: web.BaseRequest, proxied: ProxyResponse, head
         if draining:
             response.force_close()
         return response, len(proxied.body), None
-    response = web.StreamResponse(status=proxied.status, reason=upstream.reason, headers=headers)
+    response = _PassThroughResponse(status=proxied.status, reason=upstream.reason, headers=headers)
     if draining:
         response.force_close()
     completed = False

@@ -32,7 +32,7 @@ from proxy import errors
 if TYPE_CHECKING:
     from proxy.h1pool import H1Pool
 
-__all__ = ["H1Connection", "H1Response"]
+__all__ = ["H1Connection", "H1Response", "StaleConnection"]
 
 # Response head limits, as aiohttp's client has them: a field or line over 8190 bytes or
 # more than 128 header fields is a protocol error.  llhttp hands a header over only once
@@ -44,6 +44,19 @@ _MAX_HEAD_READ = _MAX_HEADERS * (2 * _MAX_FIELD + 4) + _MAX_FIELD + 256 * 1024
 _HIGH_WATER = 256 * 1024  # buffered response body that pauses reading from the upstream
 _LOW_WATER = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+
+
+class StaleConnection(errors.UpstreamReset):
+    """A reused keep-alive connection closed before a single byte of the response came back.
+
+    The upstream closed it while idle (its keep-alive timeout) just as this
+    request went out: a race, not an upstream failure.  ``UpstreamCall``
+    resends an idempotent request on another connection, outside the retry policy.
+    """
+
+
+class _UnsupportedCoding(Exception):
+    """Raised from the parser callback for a Transfer-Encoding other than chunked."""
 
 
 class _HeadDone(Exception):
@@ -135,10 +148,15 @@ class H1Response:
             await conn.wait_idle(waiter)
 
     def release(self) -> None:
-        """Done with the response: the connection goes back to the pool when its body was read to the end."""
+        """Done with the response: the connection goes back to the pool when the whole body arrived.
+
+        Body bytes still buffered here are dropped (a retried response's body is never
+        read): the connection itself is at a message boundary and stays reusable.
+        """
         conn, self._conn = self._conn, None
+        self._chunks.clear()
         if conn is not None:
-            conn.response_released(self._done and self._error is None and not self._chunks)
+            conn.response_released(self._done and self._error is None)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -175,6 +193,7 @@ class H1Connection(asyncio.Protocol):
         self._sender: asyncio.Task[None] | None = None
         self._idle_s: float | None = None  # the route's idle (read gap) timeout for the current request
         self.idle_since = 0.0
+        self.requests = 0  # requests sent on this connection, the current one included
 
     # --- asyncio.Protocol ---
 
@@ -217,6 +236,9 @@ class H1Connection(asyncio.Protocol):
             where = f"upstream {self.pool.name}"
             if self._received:
                 head.set_exception(errors.UpstreamReset(f"connection to {where} was reset before response headers"))
+            elif self.requests > 1:
+                head.set_exception(StaleConnection(
+                    f"{where} closed a reused keep-alive connection before sending response headers"))
             else:
                 head.set_exception(errors.UpstreamReset(
                     f"{where} closed the connection before sending response headers"))
@@ -267,6 +289,10 @@ class H1Connection(asyncio.Protocol):
             self._reason = ""
             return
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # gzip, deflate...: the app could not tell it gets a coded body once the header is gone.
+            raise _UnsupportedCoding
         self._keep_alive = parser.should_keep_alive()
         no_body = self._head_request or status in _NO_BODY_STATUS
         self._length_known = no_body or "Content-Length" in headers or "chunked" in \
@@ -364,6 +390,7 @@ class H1Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed:
             raise errors.UpstreamReset(f"connection to upstream {self.pool.name} was reset before response headers")
+        self.requests += 1
         self._headers = []
         self._response = None
         self._message_done = False

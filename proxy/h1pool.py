@@ -43,14 +43,22 @@ class H1Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def acquire(self, connect_timeout_s: float | None) -> H1Connection:
+    async def acquire(self, connect_timeout_s: float | None, *, fresh: bool = False) -> H1Connection:
+        """A connection for one request: the most recently idle one, or a new one.
+
+        ``fresh`` skips the idle ones (a stale one just failed); at the limit the
+        oldest idle connection is closed to make room.
+        """
         idle = self._idle
         while True:
-            while idle:
+            while idle and not fresh:
                 conn = idle.pop()
                 if conn.alive:
                     return conn
-            if self._limit <= 0 or len(self._open) + self._connecting < self._limit:
+            at_limit = self._limit > 0 and len(self._open) + self._connecting >= self._limit
+            if fresh and at_limit and idle:
+                idle.pop(0).close()  # its connection_lost frees the slot and wakes a waiter (us)
+            if not at_limit:
                 return await self._connect(connect_timeout_s)
             waiter = self.loop.create_future()
             self._waiters.append(waiter)

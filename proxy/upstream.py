@@ -21,6 +21,7 @@ from proxy import errors
 from proxy.chain import ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig
+from proxy.h1client import StaleConnection
 from proxy.h1pool import ConnectTimeout, H1Pool
 
 __all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool", "map_client_error"]
@@ -174,14 +175,28 @@ class UpstreamCall:
             headers["Transfer-Encoding"] = "chunked"
             chunked = True
         head = "".join([f"{method} {self._target}{request.path} HTTP/1.1\r\n",
-                        *[f"{name}: {value}\r\n" for name, value in headers.items()], "\r\n"])
-        try:
-            conn = await pool.h1.acquire(self._connect)
-            response = await conn.request(head.encode("utf-8", "surrogateescape"), payload, chunked=chunked,
-                                          head_request=method == "HEAD", idle_s=self._idle,
-                                          head_idle=head_idle)
-        except (errors.ProxyError, asyncio.CancelledError):
-            raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)
-        except Exception as exc:  # anything else from the socket layer
-            raise map_client_error(exc, pool.name) from exc
-        return ProxyResponse(response.status, response.headers, upstream=response)
+                        *[f"{name}: {value}\r\n" for name, value in headers.items()], "\r\n"]
+                       ).encode("utf-8", "surrogateescape")
+        fresh = False
+        while True:
+            try:
+                conn = await pool.h1.acquire(self._connect, fresh=fresh)
+                response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
+                                              idle_s=self._idle, head_idle=head_idle)
+            except StaleConnection:
+                # The upstream closed an idle pooled connection as this request went out (its
+                # keep-alive timeout racing ours): an idempotent request is sent once more, on a new
+                # connection, as Go's client does. Not a policy retry: a new connection cannot be
+                # stale, so this at most doubles an attempt, and only after a reused one failed.
+                replayable = payload is None or isinstance(payload, bytes)
+                if fresh or not (request.idempotent and replayable):
+                    raise
+                fresh = True
+                if request.span is not None:
+                    request.event("stale_connection_resent", {"outrigger.attempt": request.attempt or 1})
+                continue
+            except (errors.ProxyError, asyncio.CancelledError):
+                raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)
+            except Exception as exc:  # anything else from the socket layer
+                raise map_client_error(exc, pool.name) from exc
+            return ProxyResponse(response.status, response.headers, upstream=response)

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 
 from proxy import errors
-from proxy.h1client import H1Response
+from proxy.h1client import H1Response, StaleConnection
 from proxy.h1pool import H1Pool
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -278,7 +278,42 @@ async def test_close_before_the_head_is_an_upstream_reset(raw) -> None:  # type:
         await reader.readuntil(b"\r\n\r\n")
 
     _, pool = await raw(behaviour)
-    with pytest.raises(errors.UpstreamReset):
+    with pytest.raises(errors.UpstreamReset) as info:
+        await get(pool)
+    assert not isinstance(info.value, StaleConnection)  # a new connection is never stale
+
+
+async def test_reused_connection_closed_before_any_response_byte_is_a_stale_connection(raw) -> None:  # type: ignore[no-untyped-def]
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the keep-alive timeout fires as the next request arrives
+
+    server, pool = await raw(behaviour)
+    assert await body_of(await get(pool)) == b"ok"
+    with pytest.raises(StaleConnection):
+        await get(pool)
+    assert server.connections == 1
+
+
+async def test_a_complete_response_released_unread_leaves_its_connection_reusable(raw) -> None:  # type: ignore[no-untyped-def]
+    """A retried 503's body is never read: its connection still goes back to the pool."""
+    server, pool = await raw(keep_alive(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"))
+    for _ in range(3):
+        response = await get(pool)
+        assert response.status == 503
+        await asyncio.sleep(0.01)  # the body arrives
+        assert response.complete
+        response.release()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate", "chunked, chunked"])
+async def test_transfer_coding_other_than_chunked_is_an_upstream_protocol_error(raw, coding: str) -> None:  # type: ignore[no-untyped-def]
+    reply = f"HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n2\r\nok\r\n0\r\n\r\n".encode()
+    _, pool = await raw(keep_alive(reply))
+    with pytest.raises(errors.UpstreamProtocolError):
         await get(pool)
 
 

@@ -337,3 +337,81 @@ async def test_sidecar_keeps_serving_after_every_fault(
                 pass
         async with session.get(f"http://127.0.0.1:{sidecar.port('main')}/x") as resp:
             assert (resp.status, await resp.read()) == (200, b"ok")
+
+
+# --- keep-alive races and connection reuse ---
+
+
+def _close_on_second_request(close: Callable[[asyncio.StreamWriter], None]) -> Behaviour:
+    """Answer one request, then close as the next one arrives without answering it (a keep-alive timeout race)."""
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        await writer.drain()
+        while True:
+            await _read_head(reader)
+            close(writer)
+            return
+    return behaviour
+
+
+@pytest.mark.parametrize("close", [_rst, lambda writer: writer.close()], ids=["rst", "fin"])
+async def test_idempotent_request_on_a_pooled_connection_the_upstream_just_closed_is_resent_transparently(
+        raw_upstream: Any, sidecar_factory: Factory, close: Callable[[asyncio.StreamWriter], None]) -> None:
+    upstream = await raw_upstream(_close_on_second_request(close))
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{upstream.port}"))
+    url = f"http://127.0.0.1:{sidecar.port('main')}/fault"
+    async with aiohttp.ClientSession() as session:
+        for expected_connections in (1, 2, 3):
+            async with session.get(url) as resp:  # retries are off: only the transparent resend can save it
+                assert resp.status == 200, resp.headers.get("x-outrigger-error")
+                assert await resp.read() == b"first"
+                assert resp.headers["x-outrigger-attempts"] == "1"
+            assert upstream.connections == expected_connections
+    assert _attempts(sidecar, "success") == 3
+    assert _sample(sidecar, "outrigger_retries_total", route="default", upstream="svc", reason="reset") == 0
+
+
+async def test_post_on_a_pooled_connection_the_upstream_just_closed_is_not_resent(
+        raw_upstream: Any, sidecar_factory: Factory) -> None:
+    upstream = await raw_upstream(_close_on_second_request(_rst))
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{upstream.port}"))
+    url = f"http://127.0.0.1:{sidecar.port('main')}/fault"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=b"pay") as resp:
+            assert resp.status == 200
+        async with session.post(url, data=b"pay") as resp:  # it may have been processed: never sent twice
+            assert (resp.status, resp.headers.get("x-outrigger-error")) == (502, "upstream_reset")
+    assert upstream.connections == 1
+
+
+async def test_a_retried_503_leaves_its_connection_in_the_pool_for_the_next_attempt(
+        raw_upstream: Any, sidecar_factory: Factory) -> None:
+    replies = iter([b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"] * 2
+                   + [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_head(reader)
+            writer.write(next(replies))
+            await writer.drain()
+
+    upstream = await raw_upstream(behaviour)
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{upstream.port}",
+                                            retry={"max_attempts": 3, "backoff": {"base": "1ms", "max": "2ms"}}))
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{sidecar.port('main')}/fault") as resp:
+        assert resp.status == 200
+        assert resp.headers["x-outrigger-attempts"] == "3"
+    assert upstream.connections == 1  # all three attempts on one keep-alive connection
+
+
+async def test_response_headers_are_passed_as_sent_without_a_default_content_type_or_server(
+        raw_upstream: Any, sidecar_factory: Factory) -> None:
+    upstream = await raw_upstream(_close_on_second_request(_rst))
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{upstream.port}"))
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{sidecar.port('main')}/fault") as resp:
+        assert resp.status == 200 and await resp.read() == b"first"
+        assert "Content-Type" not in resp.headers
+        assert "Server" not in resp.headers

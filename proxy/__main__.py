@@ -16,10 +16,19 @@ from proxy.config import ConfigError, load_config_file, parse_address
 from proxy.config.units import parse_duration
 
 DEFAULT_CONFIG = "./config/outrigger.yaml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _config_path(arg: str | None) -> str:
     return arg or os.environ.get("OUTRIGGER_CONFIG") or DEFAULT_CONFIG
+
+
+def _address(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _print_errors(exc: ConfigError) -> None:
@@ -37,10 +46,18 @@ def _use_uvloop() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import prometheus_client
+
     from proxy.lifecycle import Sidecar
     from proxy.logs import configure_logging
 
+    if args.log_level not in LOG_LEVELS:  # the default comes from $OUTRIGGER_LOG_LEVEL, which argparse never checks
+        print(f"outrigger: OUTRIGGER_LOG_LEVEL: unknown level {args.log_level!r}; use one of {', '.join(LOG_LEVELS)}",
+              file=sys.stderr)
+        return 2
     configure_logging(args.log_level)
+    # One series per counter and histogram, not two: the *_created twins only double what Prometheus stores.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     path = _config_path(args.config)
     try:
         config = load_config_file(path)
@@ -119,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch-interval", type=parse_duration, default=2.0,
                      help="how often to poll the config file for changes; 0 disables polling (SIGHUP still reloads)")
     run.add_argument("--log-level", default=os.environ.get("OUTRIGGER_LOG_LEVEL", "info"),
-                     choices=["debug", "info", "warning", "error"])
+                     choices=LOG_LEVELS, help="log level (default: $OUTRIGGER_LOG_LEVEL, then info)")
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a config file and exit")
@@ -143,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_demo_upstream)
 
     wait = sub.add_parser("wait-ready", help="wait until the admin /readyz answers 200")
-    wait.add_argument("--address", default="127.0.0.1:9901")
+    wait.add_argument("--address", default="127.0.0.1:9901", type=_address,
+                      help="the admin address, host:port (127.0.0.1:9901)")
     wait.add_argument("--timeout", type=parse_duration, default=60.0)
     wait.set_defaults(func=cmd_wait_ready)
 

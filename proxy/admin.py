@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
@@ -39,7 +40,9 @@ def redact(config: dict[str, Any]) -> dict[str, Any]:
                 route["match"]["headers"] = {name: REDACTED for name in headers}
     tracing = config.get("telemetry", {}).get("tracing", {})
     if tracing.get("endpoint"):
-        tracing["endpoint"] = tracing["endpoint"].split("@")[-1]  # drop userinfo credentials
+        parts = urlsplit(tracing["endpoint"])
+        if "@" in parts.netloc:  # drop userinfo credentials, keep the scheme
+            tracing["endpoint"] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return config
 
 

@@ -370,7 +370,11 @@ class Sidecar:
             loop.add_signal_handler(sig, on_stop_signal)
         with contextlib.suppress(NotImplementedError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file()))
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # close what did start (pools, sessions, the admin server) before exiting
+            raise
         # The process is this sidecar: everything built so far lives until exit, so move
         # it out of the collector's view and collect the young generation less often
         # (measured: about 10% less CPU per request).

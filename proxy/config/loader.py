@@ -49,6 +49,8 @@ _KNOWN_TOP = {"version", "listeners", "upstreams", *_SECTIONS}
 # ${VAR}, ${VAR:-default}, and $${...} for a literal ${...} (as in Docker Compose).
 _ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ADMIN_ADDRESS_ENV = "OUTRIGGER_ADMIN_ADDRESS"
+_WILDCARDS = frozenset({"0.0.0.0", "::", "*"})
+_LOOPBACK_ALIASES = {"localhost": "127.0.0.1"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
@@ -194,6 +196,9 @@ def _check_url(url: str) -> str | None:
         return f"unsupported scheme in {url!r}; use http:// or https://"
     if not parts.hostname:
         return f"missing host in {url!r}"
+    if "@" in parts.netloc:
+        return ("credentials in the upstream url are not supported (they would not be sent); "
+                "let the app send its Authorization header")
     if parts.query or parts.fragment:
         return f"the upstream url may carry a path prefix but no query or fragment: {url!r}"
     try:
@@ -381,13 +386,17 @@ def _check_addresses(listeners: list[ListenerConfig], admin: AdminConfig | None,
         names.add(lst.name)
     for path, address in entries:
         try:
-            key = parse_address(address)
+            host, port = parse_address(address)
         except ValueError as exc:
             issues.append(ConfigIssue(path, str(exc)))
             continue
-        if key in seen and key[1] != 0:
-            issues.append(ConfigIssue(path, f"address {address} is already used by {seen[key]}"))
-        seen.setdefault(key, path)
+        host = _LOOPBACK_ALIASES.get(host, host)
+        # Two sockets on one port collide when their hosts are the same or either is a wildcard.
+        clash = next((other for (other_host, other_port), other in seen.items() if port != 0 and port == other_port
+                      and (host == other_host or host in _WILDCARDS or other_host in _WILDCARDS)), None)
+        if clash is not None:
+            issues.append(ConfigIssue(path, f"address {address} is already used by {clash}"))
+        seen.setdefault((host, port), path)
 
 
 def load_config_file(path: str, *, env: Mapping[str, str] | None = None) -> Config:

@@ -234,6 +234,12 @@ class LimitsConfig(Block, frozen=True):
     max_body_bytes: Size | None = None
     header_read_timeout: Duration = Duration(10.0)
 
+    def __post_init__(self) -> None:
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes ({int(self.max_header_bytes)}) must be at least 1KiB: "
+                             "every request would be refused with 431")
+        _positive("header_read_timeout", self.header_read_timeout)
+
 
 class TracingConfig(Block, frozen=True):
     enabled: bool = True

@@ -113,6 +113,52 @@ def test_run_with_a_missing_config_file_exits_1_naming_it(tmp_path: Path) -> Non
     assert "config/outrigger.yaml" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_run_on_a_listener_address_already_in_use_exits_1_naming_it_and_closes_what_it_opened(tmp_path: Path) -> None:
+    data = base_config("http://127.0.0.1:9")
+    data["admin"]["address"] = f"127.0.0.1:{free_port()}"
+    path = tmp_path / "busy.yaml"
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        data["listeners"][0]["address"] = f"127.0.0.1:{blocker.getsockname()[1]}"
+        path.write_text(yaml.safe_dump(data))
+        result = subprocess.run([str(CONSOLE_SCRIPT), "run", "--config", str(path)], capture_output=True, text=True,
+                                timeout=30, check=False)
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "address already in use" in result.stderr.lower()
+    assert "Unclosed" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unknown_outrigger_log_level_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    env = {**os.environ, "OUTRIGGER_LOG_LEVEL": "verbose"}
+    result = subprocess.run([str(CONSOLE_SCRIPT), "run", "--config", str(path)], capture_output=True, text=True,
+                            timeout=30, check=False, env=env)
+    assert result.returncode == 2
+    assert "OUTRIGGER_LOG_LEVEL: unknown level 'verbose'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wait_ready_with_a_malformed_address_is_a_usage_error() -> None:
+    result = subprocess.run([str(CONSOLE_SCRIPT), "wait-ready", "--address", "nonsense"], capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert "--address" in result.stderr and "invalid address 'nonsense'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_metrics_carry_no_created_twins_of_counters_and_histograms(upstream: ScriptedUpstream,
+                                                                          tmp_path: Path) -> None:
+    sidecar = await _start(COMMANDS["console-script"], upstream.url, tmp_path / "outrigger.yaml", cwd=tmp_path)
+    try:
+        assert (await _call(sidecar.port))[0] == 200
+        text = await sidecar.metrics_text()
+        assert "outrigger_requests_total{" in text
+        assert "_created" not in text
+    finally:
+        assert await sidecar.stop() == 0
+
+
 async def test_logs_are_json_lines_on_stderr_with_time_level_and_message(upstream: ScriptedUpstream,
                                                                        tmp_path: Path) -> None:
     sidecar = await _start(COMMANDS["console-script"], upstream.url, tmp_path / "o.yaml", cwd=tmp_path)

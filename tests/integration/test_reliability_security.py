@@ -59,7 +59,7 @@ async def test_config_endpoint_redacts_tls_paths_matched_header_values_and_endpo
     config = json.loads(text)["config"]
     assert config["upstreams"]["svc"]["tls"]["key_file"] == "[redacted]"
     assert config["listeners"][0]["routes"][0]["match"]["headers"] == {"x-api-key": "[redacted]"}
-    assert config["telemetry"]["tracing"]["endpoint"] == "otel.example:4317"
+    assert config["telemetry"]["tracing"]["endpoint"] == "http://otel.example:4317"  # scheme kept
 
 
 # --- upstream TLS ---

@@ -109,6 +109,36 @@ def test_two_listeners_on_one_address_is_an_error_at_the_second() -> None:
     assert issues == ["listeners[1].address: address 127.0.0.1:15001 is already used by listeners[0].address"]
 
 
+@pytest.mark.parametrize(("first", "second"), [
+    ("127.0.0.1:15001", "0.0.0.0:15001"), ("0.0.0.0:15001", "127.0.0.1:15001"), ("127.0.0.1:15001", "localhost:15001"),
+    ("[::]:15001", "127.0.0.1:15001"),
+])
+def test_a_wildcard_or_loopback_alias_on_the_same_port_is_an_address_clash(first: str, second: str) -> None:
+    def edit(d: dict[str, Any]) -> None:
+        d["listeners"][0]["address"] = first
+        d["listeners"].append({"name": "other", "address": second, "routes": [{"name": "r", "upstream": "payments"}]})
+    assert _issues(edit) == [f"listeners[1].address: address {second} is already used by listeners[0].address"]
+
+
+def test_same_port_on_two_different_specific_hosts_is_allowed() -> None:
+    def edit(d: dict[str, Any]) -> None:
+        d["listeners"].append({"name": "other", "address": "127.0.0.2:15001",
+                               "routes": [{"name": "r", "upstream": "payments"}]})
+    assert len(_load(edit).listeners) == 2
+
+
+def test_credentials_in_an_upstream_url_are_an_error_not_silently_dropped() -> None:
+    issues = _issues(lambda d: d["upstreams"]["payments"].update(url="https://svc:s3cr3t@payments:8443/base"))
+    assert len(issues) == 1 and issues[0].startswith("upstreams.payments.url: credentials in the upstream url")
+    assert "s3cr3t" not in issues[0]
+
+
+@pytest.mark.parametrize("size", [0, 100, "1000"])
+def test_max_header_bytes_below_1kib_is_an_error(size: Any) -> None:
+    issues = _issues(lambda d: d.update(limits={"max_header_bytes": size}))
+    assert len(issues) == 1 and issues[0].startswith("limits: max_header_bytes") and "at least 1KiB" in issues[0]
+
+
 def test_listener_on_the_admin_address_is_an_error() -> None:
     issues = _issues(lambda d: d["listeners"][0].update(address="127.0.0.1:9901"))
     assert issues == ["listeners[0].address: address 127.0.0.1:9901 is already used by admin.address"]

@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -81,8 +82,33 @@ def _join(base: str, sub: str) -> str:
     return base + sub if sub.startswith("[") else f"{base}.{sub}"
 
 
+def _struct_in(tp: Any) -> type[msgspec.Struct] | None:
+    """The config block type ``tp`` is (``Block`` or ``Block | None``), else None."""
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return tp
+    structs = [arg for arg in typing.get_args(tp) if isinstance(arg, type) and issubclass(arg, msgspec.Struct)]
+    return structs[0] if len(structs) == 1 and type(None) in typing.get_args(tp) else None
+
+
 def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T | None:
-    """msgspec.convert with the error path rewritten relative to ``path``."""
+    """msgspec.convert with the error path rewritten relative to ``path``.
+
+    A block is checked key by key first, so that every bad key of it is
+    reported, not only the first one msgspec meets; checks across keys
+    (``attempt`` longer than ``total``) run once each key is valid.
+    """
+    struct = _struct_in(tp)
+    if struct is not None and isinstance(raw, dict):
+        fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
+        found = len(issues)
+        for key, value in raw.items():
+            field = fields.get(key)
+            if field is None:
+                issues.append(ConfigIssue(_join(path, str(key)), "unknown key"))
+            else:
+                _convert(value, field.type, _join(path, str(key)), issues)
+        if len(issues) > found:
+            return None
     try:
         return msgspec.convert(raw, tp, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:

@@ -463,3 +463,16 @@ listeners: [{{name: main, address: "127.0.0.1:15001", routes: [{{name: d, upstre
     route = load_config(doc, env={}).listeners[0].routes[0]
     assert route.fallback is not None and route.fallback.on == ("circuit_open",)
     assert route.retry.max_attempts == 3
+
+
+def test_every_bad_key_of_one_block_is_reported_not_only_the_first() -> None:
+    def edit(d: dict[str, Any]) -> None:
+        d["telemetry"] = {"tracing": {"exporter": "jaeger", "sample_ratio": "lots"}, "acess_log": {}}
+        d["defaults"]["retry"] = {"max_attempts": "three", "backof": {}}
+    assert sorted(_issues(edit)) == sorted([
+        "telemetry.tracing.exporter: Invalid enum value 'jaeger'",
+        "telemetry.tracing.sample_ratio: Expected `float | null`, got `str`",
+        "telemetry.acess_log: unknown key",
+        "defaults.retry.max_attempts: Expected `int`, got `str`",
+        "defaults.retry.backof: unknown key",
+    ])

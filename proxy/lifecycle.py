@@ -34,7 +34,7 @@ from proxy import __version__
 from proxy.admin import build_admin_app
 from proxy.app import Runtime, build_runtime
 from proxy.clock import Clock, SystemClock
-from proxy.config import Config, ConfigError, LimitsConfig, load_config_file, parse_address
+from proxy.config import UNROUTED, Config, ConfigError, LimitsConfig, load_config_file, parse_address
 from proxy.server import EdgeContext, EdgeHandler, ListenerSlot, build_server
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import Metrics
@@ -77,7 +77,7 @@ class Sidecar:
         self.runtime: Runtime = build_runtime(config, metrics=self.metrics, tracing=self.tracing,
                                               clock=self.clock, rng=self.rng)
         self._edge = EdgeContext(self.clock, self.tracing, self.access_log,
-                                 self.metrics.for_route("none", "none"))
+                                 self.metrics.for_route(UNROUTED, UNROUTED))
         self.listeners: dict[str, _Listener] = {}
         self.admin_port = 0
         self.ready = False

@@ -37,7 +37,7 @@ from proxy.config.types import (
 )
 from proxy.config.units import Duration, Size, decode_hook
 
-__all__ = ["ConfigError", "ConfigIssue", "config_hash", "load_config", "load_config_file", "parse_address"]
+__all__ = ["UNROUTED", "ConfigError", "ConfigIssue", "config_hash", "load_config", "load_config_file", "parse_address"]
 
 T = TypeVar("T")
 _ROUTE_BLOCKS = ("timeout", "retry", "circuit_breaker", "rate_limit", "fallback")
@@ -50,6 +50,7 @@ _KNOWN_TOP = {"version", "listeners", "upstreams", *_SECTIONS}
 # ${VAR}, ${VAR:-default}, and $${...} for a literal ${...} (as in Docker Compose).
 _ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ADMIN_ADDRESS_ENV = "OUTRIGGER_ADMIN_ADDRESS"
+UNROUTED = "none"  # the route (and upstream) label of requests no route matched
 _WILDCARDS = frozenset({"0.0.0.0", "::", "*"})
 _LOOPBACK_ALIASES = {"localhost": "127.0.0.1"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -389,12 +390,21 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         raise ConfigError(issues, source)
     listeners = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
     _check_addresses(listeners, sections.get("admin"), issues)
+    # Route names are the `route` label of every metric and span: unique across listeners, and
+    # never "none", the label of requests no route matched.
+    seen: dict[str, str] = {}
     for li, listener in enumerate(listeners):
-        seen: set[str] = set()
         for ri, route in enumerate(listener.routes):
-            if route.name in seen:
-                issues.append(ConfigIssue(f"listeners[{li}].routes[{ri}].name", f"duplicate route name '{route.name}'"))
-            seen.add(route.name)
+            path = f"listeners[{li}].routes[{ri}]"
+            if route.name == UNROUTED:
+                issues.append(ConfigIssue(f"{path}.name", f"route name '{UNROUTED}' is reserved for requests "
+                                                          "no route matched"))
+            elif route.name in seen:
+                where = seen[route.name]
+                issues.append(ConfigIssue(f"{path}.name", f"duplicate route name '{route.name}'" + (
+                    "" if where.startswith(f"listeners[{li}].") else
+                    f" (also {where}; route names label metrics, so they are unique across listeners)")))
+            seen.setdefault(route.name, path)
     if issues:
         raise ConfigError(issues, source)
     return Config(version=1, listeners=tuple(listeners), upstreams=upstreams, **sections)

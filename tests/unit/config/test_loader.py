@@ -476,3 +476,22 @@ def test_every_bad_key_of_one_block_is_reported_not_only_the_first() -> None:
         "defaults.retry.max_attempts: Expected `int`, got `str`",
         "defaults.retry.backof: unknown key",
     ])
+
+
+def test_a_route_name_repeated_in_one_listener_is_an_error() -> None:
+    issues = _issues(lambda d: _route(d, 1).update(name="charges"))
+    assert issues == ["listeners[0].routes[1].name: duplicate route name 'charges'"]
+
+
+def test_a_route_name_repeated_in_another_listener_is_an_error_naming_both() -> None:
+    def edit(d: dict[str, Any]) -> None:
+        d["listeners"].append({"name": "other", "address": "127.0.0.1:15002",
+                               "routes": [{"name": "charges", "upstream": "payments"}]})
+    assert _issues(edit) == [
+        "listeners[1].routes[0].name: duplicate route name 'charges' (also listeners[0].routes[0]; "
+        "route names label metrics, so they are unique across listeners)"]
+
+
+def test_the_route_name_none_is_reserved_for_unrouted_requests() -> None:
+    issues = _issues(lambda d: _route(d, 1).update(name="none"))
+    assert issues == ["listeners[0].routes[1].name: route name 'none' is reserved for requests no route matched"]

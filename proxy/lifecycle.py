@@ -101,12 +101,20 @@ class Sidecar:
         self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None, handle_signals=False)
         await self._admin_runner.setup()
         admin_site = web.TCPSite(self._admin_runner, host, port, reuse_address=True)
-        await admin_site.start()
+        address = self.runtime.config.admin.address
+        try:
+            await admin_site.start()
+        except OSError as exc:
+            raise OSError(f"admin.address {address}: cannot bind: {exc.strerror or exc}") from exc
         self.admin_port = self._bound_port(admin_site)
         config = self.runtime.config
-        for listener in config.listeners:
-            self.listeners[listener.name] = await self._open_listener(listener.name, listener.address, config.limits,
-                                                                      self.runtime)
+        for index, listener in enumerate(config.listeners):
+            try:
+                self.listeners[listener.name] = await self._open_listener(listener.name, listener.address,
+                                                                          config.limits, self.runtime)
+            except OSError as exc:
+                raise OSError(f"listeners[{index}].address {listener.address}: cannot bind: "
+                                  f"{exc.strerror or exc}") from exc
         if self.access_log is not None:
             self.access_log.start()
         if self.config_path is not None:

@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import ssl
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -272,10 +273,14 @@ def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]
         problem = _check_url(upstream.url)
         if problem:
             issues.append(ConfigIssue(f"{path}.url", problem))
+        missing = False
         for key in ("ca_file", "cert_file", "key_file"):
             file = getattr(upstream.tls, key)
             if file is not None and not os.path.isfile(file):
                 issues.append(ConfigIssue(f"{path}.tls.{key}", f"file not found: {file}"))
+                missing = True
+        if not missing:
+            _check_tls_files(upstream, path, issues)
         # Effective per-upstream blocks: defaults < upstream.
         blocks: dict[str, Any] = {}
         for block in _UPSTREAM_BLOCKS:
@@ -284,6 +289,23 @@ def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]
         if all(v is not None for v in blocks.values()):
             result[name] = msgspec.structs.replace(upstream, **blocks)
     return result
+
+
+def _check_tls_files(upstream: UpstreamConfig, path: str, issues: list[ConfigIssue]) -> None:
+    """Load the TLS files as the upstream pool will, so that a bad one is an error here, with its path."""
+    tls = upstream.tls
+    context = ssl.create_default_context()
+    if tls.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=tls.ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            issues.append(ConfigIssue(f"{path}.tls.ca_file", f"not a PEM CA certificate file ({exc})"))
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            issues.append(ConfigIssue(f"{path}.tls.cert_file",
+                                      f"cert_file and key_file are not a matching PEM certificate and key ({exc})"))
 
 
 def _block_type(block: str) -> Any:

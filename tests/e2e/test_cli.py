@@ -125,7 +125,8 @@ def test_run_on_a_listener_address_already_in_use_exits_1_naming_it_and_closes_w
         result = subprocess.run([str(CONSOLE_SCRIPT), "run", "--config", str(path)], capture_output=True, text=True,
                                 timeout=30, check=False)
     assert result.returncode == 1
-    assert "cannot start" in result.stderr and "address already in use" in result.stderr.lower()
+    assert "cannot start: listeners[0].address 127.0.0.1:" in result.stderr
+    assert "address already in use" in result.stderr.lower()
     assert "Unclosed" not in result.stderr and "Traceback" not in result.stderr
 
 

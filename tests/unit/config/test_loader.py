@@ -495,3 +495,18 @@ def test_a_route_name_repeated_in_another_listener_is_an_error_naming_both() -> 
 def test_the_route_name_none_is_reserved_for_unrouted_requests() -> None:
     issues = _issues(lambda d: _route(d, 1).update(name="none"))
     assert issues == ["listeners[0].routes[1].name: route name 'none' is reserved for requests no route matched"]
+
+
+def test_a_ca_file_that_is_not_a_certificate_is_an_error_at_its_path(tmp_path: Path) -> None:
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    issues = _issues(lambda d: d["upstreams"]["payments"].update(tls={"ca_file": str(bogus)}))
+    assert len(issues) == 1 and issues[0].startswith("upstreams.payments.tls.ca_file: not a PEM CA certificate file")
+
+
+def test_a_client_cert_and_key_that_do_not_load_are_an_error_at_cert_file(tmp_path: Path) -> None:
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    key.write_text("nope\n")
+    issues = _issues(lambda d: d["upstreams"]["payments"].update(tls={"cert_file": str(cert), "key_file": str(key)}))
+    assert len(issues) == 1 and issues[0].startswith("upstreams.payments.tls.cert_file: cert_file and key_file")

@@ -295,8 +295,7 @@ class H1Connection(asyncio.Protocol):
             raise _UnsupportedCoding
         self._keep_alive = parser.should_keep_alive()
         no_body = self._head_request or status in _NO_BODY_STATUS
-        self._length_known = no_body or "Content-Length" in headers or "chunked" in \
-            headers.get("Transfer-Encoding", "").lower()
+        self._length_known = no_body or "Content-Length" in headers or coding is not None  # chunked
         response = self._response = H1Response(self, status, self._reason, headers)
         head = self._head
         if head is not None and not head.done():

@@ -344,12 +344,15 @@ class Tracing:
         if self.tracer is None:
             return None
         ratio = self._root_ratio
-        if ratio is not None and self._random() >= ratio \
-                and not any(field in headers for field in self._parent_fields):
+        parent_header = any(field in headers for field in self._parent_fields)
+        if ratio is not None and not parent_header and self._random() >= ratio:
             return None  # an unsampled root request: no extract, no span, no attributes
         if self._gate is not None and not self._gate.admit():
             return None  # the collector is down: skip the span entirely (the app's headers pass through)
         context = self.propagator.extract(headers)
+        if ratio is not None and parent_header and not trace.get_current_span(context).get_span_context().is_valid \
+                and self._random() >= ratio:
+            return None  # the parent header was malformed: a root request after all, so the ratio decides
         span = self.tracer.start_span(name, context=context, kind=SpanKind.SERVER)
         return span if span.is_recording() else None
 

@@ -81,6 +81,22 @@ def test_a_sampled_parent_is_followed_even_at_ratio_zero() -> None:
     tracing.shutdown()
 
 
+@pytest.mark.parametrize("headers", [
+    {"traceparent": "garbage"}, {"traceparent": ""},
+    {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    {"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"},
+])
+def test_a_malformed_parent_header_is_a_root_request_so_the_ratio_decides(headers: dict[str, str]) -> None:
+    tracing = Tracing(telemetry(0.0), env={}, exporter=InMemorySpanExporter())
+    assert tracing.start_server_span("GET r", CIMultiDict(headers)) is None
+    tracing.shutdown()
+    tracing = Tracing(telemetry(1.0), env={}, exporter=InMemorySpanExporter())
+    span = tracing.start_server_span("GET r", CIMultiDict(headers))
+    assert span is not None and span.is_recording() and span.parent is None  # type: ignore[attr-defined]
+    span.end()
+    tracing.shutdown()
+
+
 @pytest.mark.parametrize(
     "env, config",
     [

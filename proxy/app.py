@@ -31,7 +31,7 @@ from proxy.policies.retry import Retry
 from proxy.policies.timeout import AttemptTimeout
 from proxy.routing import Route, Router
 from proxy.telemetry.attempts import AttemptTelemetry
-from proxy.telemetry.metrics import Metrics, UpstreamMetrics
+from proxy.telemetry.metrics import BreakerMetrics, Metrics, UpstreamMetrics
 from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamCall, UpstreamPool
 
@@ -91,12 +91,10 @@ def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
     return snapshot
 
 
-def _breaker(config: Any, clock: Clock, rng: random.Random, metrics: UpstreamMetrics) -> CircuitBreaker:
+def _breaker(config: Any, clock: Clock, rng: random.Random, metrics: BreakerMetrics) -> CircuitBreaker:
     def on_transition(old: BreakerState, new: BreakerState) -> None:
-        metrics.breaker_transition(old.value, new.value)
-    breaker = CircuitBreaker(config, clock, rng, on_transition)
-    metrics.breaker_state["closed"].set(1)
-    return breaker
+        metrics.transition(old.value, new.value)
+    return CircuitBreaker(config, clock, rng, on_transition)
 
 
 class _Carry:
@@ -143,7 +141,7 @@ def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | No
     assert breaker_config is not None and concurrency is not None  # resolved by the loader
     up_metrics = old.metrics if old is not None else metrics.for_upstream(name)
     breaker = old.breaker if old is not None and old.pool.config.circuit_breaker == breaker_config else (
-        _breaker(breaker_config, clock, rng, up_metrics) if breaker_config.enabled else None)
+        _breaker(breaker_config, clock, rng, metrics.for_breaker(name)) if breaker_config.enabled else None)
     bulkhead = old.bulkhead if old is not None and old.pool.config.concurrency == concurrency else (
         Bulkhead(concurrency, name, up_metrics))
     return UpstreamRuntime(UpstreamPool(name, config), breaker, bulkhead, up_metrics)
@@ -165,31 +163,37 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     # no deadline, budget, breaker probe or connection.
     if config.rate_limit is not None:
         limiter = carry.route_part(key, "rate_limit", config, "rate_limit") \
-            or RateLimit(config.rate_limit, clock, route_metrics)
+            or RateLimit(config.rate_limit, clock, route_metrics, config.timeout.total)
+        limiter.total_timeout_s = config.timeout.total  # a carried-over limiter keeps its tokens, not its timeout
         policies.append(limiter)
         status["rate_limit"] = limiter
 
     # Deadline (total timeout): outside retry, so one clock bounds all tries and backoff.
     policies.append(Deadline(config.timeout.total, clock, route_metrics))
 
-    # Retry: outside the breaker and bulkhead, so each attempt is gated and counted separately.
+    # The route's breaker: the upstream's, or its own with `scope: route`.
+    breaker = upstream.breaker
+    cb = config.circuit_breaker
+    if cb.enabled and cb.scope == "route":
+        old = carry.route_part(key, "circuit_breaker", config, "circuit_breaker")
+        breaker = old if old is not None else _breaker(
+            cb, clock, rng, metrics.for_breaker(f"{config.upstream}/{config.name}"))
+    if not cb.enabled:
+        breaker = None
+
+    # Retry: outside the breaker and bulkhead, so each attempt is gated and counted separately;
+    # it asks the breaker first, so a retry it would refuse does not replace the last answer.
     old_retry = carry.route_part(key, "retry", config, "retry")
     budget = old_retry.budget if old_retry is not None else RetryBudget.from_config(config.retry.budget, clock)
     retry = Retry(config.retry, budget=budget, backoff=backoff_from_config(config.retry.backoff, rng),
-                  clock=clock, metrics=route_metrics)
+                  clock=clock, metrics=route_metrics, gate=breaker.would_admit if breaker is not None else None)
     status["retry"] = retry
     if config.retry.max_attempts > 1:
         policies.append(retry)
 
     # Circuit breaker: per attempt, so a retry is never sent to an open upstream;
     # outside the bulkhead, so fast-fails take no concurrency slot.
-    breaker = upstream.breaker
-    cb = config.circuit_breaker
-    if cb.enabled and cb.scope == "route":
-        old = carry.route_part(key, "circuit_breaker", config, "circuit_breaker")
-        breaker = old if old is not None else _breaker(
-            cb, clock, rng, metrics.for_upstream(f"{config.upstream}/{config.name}"))
-    if breaker is not None and cb.enabled:
+    if breaker is not None:
         breaker_policy = CircuitBreakerPolicy(breaker, cb.failure_status_codes, clock,
                                               f"upstream {config.upstream}")
         policies.append(breaker_policy)

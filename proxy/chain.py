@@ -64,7 +64,7 @@ class ProxyRequest:
     """One request from the app, as it moves through a route's chain."""
 
     __slots__ = (
-        "attempt", "attempt_deadline", "body", "deadline", "headers", "idempotency_key", "max_attempts", "method",
+        "attempt", "body", "deadline", "headers", "idempotency_key", "max_attempts", "method",
         "path", "request_id", "span", "timeout_override", "upstream_s",
     )
 
@@ -81,7 +81,6 @@ class ProxyRequest:
         self.span = span  # the SERVER span while it is recording, else None
         self.deadline = math.inf  # monotonic; set by the deadline policy
         self.attempt = 0  # 1-based, set by the retry policy
-        self.attempt_deadline = math.inf  # monotonic; set by the attempt timeout for the current attempt
         self.idempotency_key = "idempotency-key" in headers
         self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
 

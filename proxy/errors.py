@@ -31,6 +31,7 @@ class ProxyError(Exception):
     retry_kind: ClassVar[str | None] = None  # the retry_on value this error matches
     breaker_failure: ClassVar[bool] = False  # counts against the upstream's circuit breaker
     sent: ClassVar[bool] = True  # the request may have reached the upstream
+    attempted: ClassVar[bool] = True  # an attempt was made (False: refused before one went out)
 
     def __init__(self, message: str, *, retry_after: float | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
@@ -66,7 +67,7 @@ class HeadersTooLarge(ProxyError):
 
 
 class RateLimited(ProxyError):
-    status, code = 429, "rate_limited"
+    status, code, sent, attempted = 429, "rate_limited", False, False
 
 
 class UpstreamConnectFailure(ProxyError):
@@ -98,11 +99,11 @@ class DeadlineExceeded(ProxyError):
 
 
 class CircuitOpen(ProxyError):
-    status, code, sent = 503, "circuit_open", False
+    status, code, sent, attempted = 503, "circuit_open", False, False
 
 
 class Overflow(ProxyError):
-    status, code, sent = 503, "overflow", False
+    status, code, sent, attempted = 503, "overflow", False, False
 
 
 def retry_after_header(seconds: float) -> str:

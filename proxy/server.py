@@ -189,8 +189,7 @@ class EdgeHandler:
     def _error_response(self, error: errors.ProxyError, route: Route | None, rid: str) -> web.Response:
         response = errors.to_response(error, route=route.name if route else None,
                                       upstream=route.upstream if route else None, request_id=rid)
-        if error.attempts:
-            response.headers[ATTEMPTS_HEADER] = str(error.attempts)
+        response.headers[ATTEMPTS_HEADER] = str(error.attempts)
         if self._ctx.draining:
             response.force_close()
         return response

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -144,8 +143,9 @@ class UpstreamCall:
     def __init__(self, pool: UpstreamPool, timeout: TimeoutConfig, clock: Clock) -> None:
         self._pool = pool
         self._clock = clock
-        # connect and idle (gap between reads) are enforced by the client;
-        # the attempt and total timeouts are enforced by their policies.
+        # connect and idle (the gap between body reads) are enforced by the client; the attempt
+        # timeout (until response headers) and the total are enforced by their policies, so idle
+        # does not also bound the wait for the head (which would cap the attempt at idle).
         self._connect = timeout.connect
         self._idle = timeout.idle
         self._target = urlsplit(pool.base).path  # the URL's path prefix, before the request's path
@@ -158,10 +158,6 @@ class UpstreamCall:
         remaining = request.deadline - self._clock.now()
         if remaining != float("inf"):
             headers[EXPECTED_TIMEOUT_HEADER] = str(max(0, int(remaining * 1000)))
-        # Waiting for the head, the idle timer only matters when it would fire before the
-        # attempt timeout (with the defaults 30s against 2s): skipping it saves a loop timer
-        # per request.  Both are on the monotonic clock the event loop uses.
-        head_idle = time.monotonic() + self._idle < request.attempt_deadline
         method = request.method
         payload = request.body.payload()
         chunked = False
@@ -182,7 +178,7 @@ class UpstreamCall:
             try:
                 conn = await pool.h1.acquire(self._connect, fresh=fresh)
                 response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
-                                              idle_s=self._idle, head_idle=head_idle)
+                                              idle_s=self._idle, head_idle=False)
             except StaleConnection:
                 # The upstream closed an idle pooled connection as this request went out (its
                 # keep-alive timeout racing ours): an idempotent request is sent once more, on a new

@@ -155,7 +155,7 @@ FallbackOn = Literal[
 
 class FallbackConfig(Block, frozen=True):
     status: StatusCode = 503
-    body: str = ""
+    body: str = '{"degraded": true}'
     content_type: str = "application/json"
     on: tuple[FallbackOn, ...] = ("circuit_open",)
 

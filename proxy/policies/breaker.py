@@ -8,6 +8,11 @@ been seen).  OPEN refuses calls until ``open_until``; the first
 ``half_open_requests`` probes out.  That many probe successes close the
 breaker; one probe failure re-opens it for longer.
 
+``try_acquire`` hands out a ticket, the number of the state period the call
+was admitted in; outcomes are reported with it.  In HALF_OPEN only the
+period's own probes decide: a call admitted while CLOSED that finishes during
+HALF_OPEN says nothing about whether the upstream recovered.
+
 Open duration (Linkerd failure-accrual style): the k-th consecutive opening
 (k = 0 first, reset when the breaker closes) lasts
 ``d_k = min(max, min * 2^k)`` plus upward jitter, capped at max::
@@ -49,7 +54,7 @@ Transition = Callable[[BreakerState, BreakerState], None]
 class CircuitBreaker:
     __slots__ = (
         "_clock", "_consecutive", "_entered_at", "_fr", "_fr_window", "_k", "_k_cap", "_on_transition",
-        "_open_until", "_probe_ok", "_probes", "_rng", "_sc", "_sc_window", "_state", "cfg",
+        "_open_until", "_period", "_probe_ok", "_probes", "_rng", "_sc", "_sc_window", "_state", "cfg",
     )
 
     def __init__(
@@ -72,6 +77,7 @@ class CircuitBreaker:
         self._rng = rng
         self._on_transition = on_transition
         self._state = BreakerState.CLOSED
+        self._period = 1  # numbers the state periods; tickets carry it (never 0, so a ticket is truthy)
         self._entered_at = clock.now()
         self._open_until = 0.0
         self._consecutive = 0
@@ -134,21 +140,32 @@ class CircuitBreaker:
 
     # --- events ---
 
-    def try_acquire(self) -> bool:
-        """Ask permission for one call; True means the caller must report exactly one outcome."""
+    def would_admit(self) -> bool:
+        """Whether ``try_acquire`` would admit a call now (changes nothing)."""
+        state = self._state
+        if state is BreakerState.OPEN:
+            return self._clock.now() >= self._open_until
+        return state is BreakerState.CLOSED or self._probes < self.cfg.half_open_requests
+
+    def try_acquire(self) -> int | None:
+        """Ask permission for one call: None, or a ticket to report exactly one outcome with."""
         state = self._state
         if state is BreakerState.CLOSED:
-            return True
+            return self._period
         if state is BreakerState.OPEN:
             if self._clock.now() < self._open_until:
-                return False
+                return None
             self._enter(BreakerState.HALF_OPEN)
         if self._probes < self.cfg.half_open_requests:
             self._probes += 1
-            return True
-        return False
+            return self._period
+        return None
 
-    def record_success(self, duration_s: float) -> None:
+    def _is_probe(self, ticket: int | None) -> bool:
+        """In HALF_OPEN: the call is one of this period's probes (None: the caller keeps no ticket)."""
+        return self._probes > 0 and (ticket is None or ticket == self._period)
+
+    def record_success(self, duration_s: float, ticket: int | None = None) -> None:
         """An acquired call finished OK (the caller decides what OK means; 4xx usually is)."""
         state = self._state
         if state is BreakerState.CLOSED:
@@ -156,15 +173,15 @@ class CircuitBreaker:
             self._feed(duration_s, failed=False)
             if self._slow_rate_tripped():
                 self._trip()
-        elif state is BreakerState.HALF_OPEN and self._probes > 0:
-            # With no probe outstanding this must be a call admitted before the trip; ignore it.
+        elif state is BreakerState.HALF_OPEN and self._is_probe(ticket):
+            # Not a probe: a call admitted before the trip; it says nothing about recovery.
             self._probes -= 1
             self._probe_ok += 1
             if self._probe_ok >= self.cfg.half_open_requests:
                 self._close()
         # OPEN: a call admitted before the trip finished late; it says nothing new.
 
-    def record_failure(self, duration_s: float) -> None:
+    def record_failure(self, duration_s: float, ticket: int | None = None) -> None:
         """An acquired call failed (by the caller's definition: 5xx, reset, timeout...)."""
         state = self._state
         if state is BreakerState.CLOSED:
@@ -176,14 +193,14 @@ class CircuitBreaker:
                 or self._slow_rate_tripped()
             ):
                 self._trip()
-        elif state is BreakerState.HALF_OPEN and self._probes > 0:
+        elif state is BreakerState.HALF_OPEN and self._is_probe(ticket):
             self._probes -= 1
             self._consecutive += 1
             self._trip()
 
-    def record_cancelled(self) -> None:
+    def record_cancelled(self, ticket: int | None = None) -> None:
         """An acquired call ended with no verdict (client went away): free its probe slot."""
-        if self._state is BreakerState.HALF_OPEN and self._probes > 0:
+        if self._state is BreakerState.HALF_OPEN and self._is_probe(ticket):
             self._probes -= 1
 
     # --- internals ---
@@ -221,6 +238,7 @@ class CircuitBreaker:
     def _enter(self, new: BreakerState) -> None:
         old = self._state
         self._state = new
+        self._period += 1
         self._entered_at = self._clock.now()
         self._probes = 0
         self._probe_ok = 0

@@ -4,6 +4,9 @@ Outermost policy, so a rejected request costs nothing downstream: no
 deadline, no retry budget, no breaker probe, no connection.  Over the limit
 it answers 429 ``rate_limited`` with ``Retry-After`` and the IETF
 ``RateLimit-*`` headers, or (``mode: queue``) waits up to ``max_wait``.
+A queue wait is part of the request's total timeout: it never runs past it
+(a request whose token is due later is refused at once), and the deadline
+inside gets only what the wait left.
 The limit is per sidecar process: N replicas allow N times the rate.
 """
 
@@ -18,12 +21,18 @@ from proxy.errors import RateLimited
 from proxy.policies.token_bucket import KeyedTokenBuckets, TokenBucket
 from proxy.telemetry.metrics import RouteMetrics
 
+_MIN_LEFT_S = 0.001  # a queued request keeps at least this much of its deadline for the upstream
+
 
 class RateLimit:
-    __slots__ = ("_burst", "_clock", "_header", "_keyed", "_max_wait", "_metrics", "_queue", "_single")
+    __slots__ = ("_burst", "_clock", "_header", "_keyed", "_max_wait", "_metrics", "_queue", "_single",
+                 "total_timeout_s")
 
-    def __init__(self, config: RateLimitConfig, clock: Clock, metrics: RouteMetrics) -> None:
+    def __init__(self, config: RateLimitConfig, clock: Clock, metrics: RouteMetrics,
+                 total_timeout_s: float = math.inf) -> None:
+        """``total_timeout_s`` is the route's ``timeout.total``, which a queue wait must stay within."""
         self._clock = clock
+        self.total_timeout_s = total_timeout_s
         self._metrics = metrics
         self._burst = str(config.burst)
         self._queue = config.mode == "queue"
@@ -53,12 +62,17 @@ class RateLimit:
         if bucket.try_take():
             return await call_next(request)
         if self._queue:
-            wait = bucket.reserve(self._max_wait)
+            total = self.total_timeout_s if request.timeout_override is None \
+                else min(self.total_timeout_s, request.timeout_override)
+            max_wait = min(self._max_wait, total - _MIN_LEFT_S)  # never wait past the deadline
+            wait = bucket.reserve(max_wait) if max_wait >= 0.0 else None
             if wait is not None:
                 if request.span is not None:
                     request.event("rate_limit_queued", {"outrigger.wait_s": wait})
                 if wait > 0.0:
                     await self._clock.sleep(wait)
+                    if total != math.inf:
+                        request.timeout_override = total - wait  # the deadline gets what the wait left
                 return await call_next(request)
         self._metrics.rate_limited.inc()
         retry_after = bucket.wait_time()

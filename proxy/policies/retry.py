@@ -36,12 +36,16 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 class Retry:
     __slots__ = (
-        "_backoff", "_budget", "_clock", "_codes", "_kinds", "_max", "_metrics", "_non_idempotent",
+        "_backoff", "_budget", "_clock", "_codes", "_gate", "_kinds", "_max", "_metrics", "_non_idempotent",
         "_reasons", "_respect_retry_after", "_wall",
     )
 
     def __init__(self, config: RetryConfig, *, budget: RetryBudget, backoff: Backoff, clock: Clock,
-                 metrics: RouteMetrics, wall: Callable[[], float] = time.time) -> None:
+                 metrics: RouteMetrics, wall: Callable[[], float] = time.time,
+                 gate: Callable[[], bool] | None = None) -> None:
+        """``gate`` says whether another attempt could go out now (the route's breaker): when it
+        says no, the last answer stands, and no budget or backoff is spent on a retry that would
+        only be refused."""
         self._max = config.max_attempts
         on = set(config.retry_on)
         self._kinds = frozenset(k for k in on if k in _REASON)
@@ -61,6 +65,7 @@ class Retry:
         self._clock = clock
         self._metrics = metrics
         self._wall = wall
+        self._gate = gate
 
     @property
     def budget(self) -> RetryBudget:
@@ -82,10 +87,14 @@ class Retry:
         return parse_ratelimit_reset(value, self._wall()) if value is not None else None
 
     def _admit(self, request: ProxyRequest, wait: float, reason: str) -> bool:
-        """Deadline first (costs nothing), then the budget (spends a token)."""
+        """Deadline and breaker first (they cost nothing), then the budget (spends a token)."""
         if self._clock.now() + wait >= request.deadline:
             if request.span is not None:  # attribute dicts are built only for recorded spans
                 request.event("retry_abandoned", {"outrigger.reason": "deadline", "outrigger.wait_s": wait})
+            return False
+        if self._gate is not None and not self._gate():
+            if request.span is not None:
+                request.event("retry_abandoned", {"outrigger.reason": "circuit_open", "outrigger.wait_s": wait})
             return False
         if not self._budget.try_withdraw():
             self._metrics.budget_exhausted.inc()
@@ -108,7 +117,7 @@ class Retry:
             try:
                 response = await call_next(request)
             except ProxyError as error:
-                error.attempts = attempt
+                error.attempts = attempt if error.attempted else attempt - 1  # a refusal is no attempt
                 kind = error.retry_kind
                 if kind is None or kind not in self._kinds or attempt >= max_attempts \
                         or not self._may_resend(request, error.sent):

@@ -8,7 +8,6 @@ governed by the ``idle`` timeout inside the upstream session.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.errors import UpstreamTimeout
@@ -30,8 +29,6 @@ class AttemptTimeout:
         wheel = self._wheel
         if wheel is None or wheel.loop is not asyncio.get_running_loop():
             wheel = self._wheel = TimerWheel(asyncio.get_running_loop())
-        # Lets the upstream call skip its own idle timer when this one is sure to fire first.
-        request.attempt_deadline = time.monotonic() + self._attempt
         timer = wheel.start(self._attempt)
         try:
             return await call_next(request)

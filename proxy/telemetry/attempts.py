@@ -14,7 +14,7 @@ import aiohttp
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
-from proxy.errors import ProxyError, UpstreamConnectFailure, UpstreamTimeout, UpstreamTlsError
+from proxy.errors import DeadlineExceeded, ProxyError, UpstreamConnectFailure, UpstreamTimeout, UpstreamTlsError
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.upstream import ConnectTimeout
 
@@ -53,6 +53,8 @@ class AttemptTelemetry:
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         metrics = self._metrics
         tracing = self._tracing
+        if not request.attempt:
+            request.attempt = 1  # no retry policy on this route: this is the one attempt
         span = None
         if request.span is not None and tracing is not None:  # unsampled requests cost nothing here
             span = tracing.start_client_span(request, self._route, self._pool)
@@ -74,14 +76,18 @@ class AttemptTelemetry:
             if span is not None:
                 tracing.end_client_span(span, None, error)  # type: ignore[union-attr]
             raise
-        except BaseException as exc:
+        except BaseException:
             now = self._clock.now()
             request.upstream_s += now - start
-            if now >= request.deadline:  # cancelled by the total timeout (not by the app leaving)
+            deadline = now >= request.deadline  # cancelled by the total timeout, not by the app leaving
+            if deadline:
                 metrics.attempt_duration.observe(now - start, _exemplar(span))
                 metrics.attempt_results["timeout"].inc()
+            # Any other cancellation (the app went away, shutdown) has no result label of its own:
+            # the attempt is on its span, not in the metric.
             if span is not None:
-                tracing.end_client_span(span, None, exc)  # type: ignore[union-attr]
+                tracing.end_client_span(span, None, None,  # type: ignore[union-attr]
+                                        error_type=DeadlineExceeded.code if deadline else "cancelled")
             raise
         elapsed = self._clock.now() - start
         request.upstream_s += elapsed

@@ -23,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = [
-    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "TIMEOUT_KINDS", "Metrics", "RouteMetrics",
+    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "TIMEOUT_KINDS", "BreakerMetrics", "Metrics", "RouteMetrics",
     "UpstreamMetrics",
     "method_label", "status_class",
 ]
@@ -106,21 +106,33 @@ class Metrics:
     def for_upstream(self, upstream: str) -> UpstreamMetrics:
         return UpstreamMetrics(self, upstream)
 
+    def for_breaker(self, upstream: str) -> BreakerMetrics:
+        """State series of one breaker (``upstream`` is ``<upstream>/<route>`` for a route's own)."""
+        return BreakerMetrics(self, upstream)
+
 
 class UpstreamMetrics:
-    """Children for per-upstream state: breaker and bulkhead."""
+    """Children for per-upstream state: the bulkhead."""
+
+    def __init__(self, metrics: Metrics, upstream: str) -> None:
+        self.upstream = upstream
+        self.bulkhead_rejected = metrics.bulkhead_rejected.labels(upstream=upstream)
+
+
+class BreakerMetrics:
+    """A breaker's state gauge (1 for its current state) and transitions; made only where a breaker runs."""
 
     def __init__(self, metrics: Metrics, upstream: str) -> None:
         self._metrics = metrics
         self.upstream = upstream
-        self.bulkhead_rejected = metrics.bulkhead_rejected.labels(upstream=upstream)
-        self.breaker_state = {state: metrics.breaker_state.labels(upstream=upstream, state=state)
-                              for state in BREAKER_STATES}
+        self.state = {state: metrics.breaker_state.labels(upstream=upstream, state=state)
+                      for state in BREAKER_STATES}
+        self.state["closed"].set(1)
 
-    def breaker_transition(self, from_state: str, to_state: str) -> None:
+    def transition(self, from_state: str, to_state: str) -> None:
         self._metrics.breaker_transitions.labels(
             upstream=self.upstream, from_state=from_state, to_state=to_state).inc()
-        for state, gauge in self.breaker_state.items():
+        for state, gauge in self.state.items():
             gauge.set(1 if state == to_state else 0)
 
 

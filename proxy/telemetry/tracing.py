@@ -379,7 +379,12 @@ class Tracing:
         return span
 
     @staticmethod
-    def end_client_span(span: Span, status: int | None, error: BaseException | None) -> None:
+    def end_client_span(span: Span, status: int | None, error: BaseException | None,
+                        error_type: str | None = None) -> None:
+        """End an attempt's span; ``error_type`` names an attempt cancelled without an error of its own."""
+        if error_type is not None:
+            span.set_attribute("error.type", error_type)
+            span.set_status(Status(StatusCode.ERROR, error_type))
         if status is not None:
             span.set_attribute("http.response.status_code", status)
             if status >= 400:  # semconv: 4xx and 5xx are errors on CLIENT spans

@@ -104,13 +104,18 @@ async def test_a_retry_is_never_sent_to_an_open_breaker(upstream: ScriptedUpstre
     upstream.default = Reply(503)
     sidecar = await sidecar_factory(breaker_config(upstream.url, failures=2, retry={"max_attempts": 5}))
     async with client.get(url(sidecar)) as resp:
+        # The second 503 opened the breaker: the third attempt is not made, and the upstream's own
+        # last answer stands (not the sidecar's circuit_open), with the attempts really made.
         assert resp.status == 503
-        assert resp.headers["x-outrigger-error"] == "circuit_open"
-        assert resp.headers["x-outrigger-attempts"] == "3"  # two sent, the third refused by the breaker
+        assert "x-outrigger-error" not in resp.headers
+        assert resp.headers["x-outrigger-attempts"] == "2"
     assert len(upstream.requests) == 2
+    retries = sidecar.metrics.registry.get_sample_value(
+        "outrigger_retries_total", {"route": "default", "upstream": "svc", "reason": "http_503"})
+    assert retries == 1  # no retry counted (or budget spent) for the attempt the breaker would refuse
     async with client.get(url(sidecar)) as resp:
         assert resp.headers["x-outrigger-error"] == "circuit_open"
-        assert resp.headers["x-outrigger-attempts"] == "1"
+        assert resp.headers["x-outrigger-attempts"] == "0"  # refused before any attempt
     assert len(upstream.requests) == 2
 
 

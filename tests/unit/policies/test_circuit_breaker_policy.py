@@ -52,10 +52,12 @@ def request() -> ProxyRequest:
     return req
 
 
-def replying(status: int, took: float = 0.0, clock: FakeClock | None = None) -> Any:
+def replying(status: int, took: float = 0.0, clock: FakeClock | None = None, queued: float = 0.0) -> Any:
+    """An attempt answering ``status`` after ``queued`` s waiting for a bulkhead slot and ``took`` s upstream."""
     async def call_next(req: ProxyRequest) -> ProxyResponse:
         if clock is not None:
-            clock.advance(took)
+            clock.advance(queued + took)
+        req.upstream_s += took  # as AttemptTelemetry, below the bulkhead, measures it
         return ProxyResponse(status, CIMultiDict())
     return call_next
 
@@ -221,3 +223,86 @@ async def test_attempt_duration_feeds_the_slow_call_rate() -> None:
     assert breaker.state is CLOSED
     await policy(request(), replying(200, 0.9, clock))
     assert breaker.state is OPEN
+
+
+async def test_time_queued_in_the_bulkhead_is_not_upstream_slowness() -> None:
+    from proxy.config.types import SlowCallConfig
+    clock = FakeClock()
+    config = CircuitBreakerConfig(
+        consecutive_failures=100, slow_call=SlowCallConfig(duration=0.5, rate_threshold=0.5, min_requests=4),  # type: ignore[arg-type]
+        open_duration=OpenDurationConfig(min=1.0, max=8.0))  # type: ignore[arg-type]
+    breaker = CircuitBreaker(config, clock, random.Random(1))
+    policy = CircuitBreakerPolicy(breaker, (503,), clock, "upstream svc")
+    for _ in range(6):
+        await policy(request(), replying(200, 0.3, clock, queued=0.9))  # 1.2s for the caller, 0.3s upstream
+    assert breaker.state is CLOSED
+
+
+async def test_an_attempt_cut_off_by_the_deadline_while_on_the_upstream_is_a_failure() -> None:
+    policy, breaker, clock = make(consecutive=2)
+
+    async def hangs_past_the_deadline(req: ProxyRequest) -> ProxyResponse:
+        clock.advance(0.3)
+        req.upstream_s += 0.3
+        raise asyncio.CancelledError  # what the deadline's timer does
+
+    for _ in range(2):
+        req = request()
+        req.deadline = clock.now() + 0.3
+        with pytest.raises(asyncio.CancelledError):
+            await policy(req, hangs_past_the_deadline)
+    assert breaker.state is OPEN
+
+
+async def test_an_attempt_cancelled_before_the_deadline_or_before_reaching_the_upstream_is_no_verdict() -> None:
+    policy, breaker, clock = make(consecutive=1)
+
+    async def app_left(req: ProxyRequest) -> ProxyResponse:
+        clock.advance(0.1)
+        req.upstream_s += 0.1
+        raise asyncio.CancelledError
+
+    async def queued_until_the_deadline(req: ProxyRequest) -> ProxyResponse:
+        clock.advance(0.5)  # never got a bulkhead slot: the upstream was not asked
+        raise asyncio.CancelledError
+
+    for call_next in (app_left, queued_until_the_deadline):
+        req = request()
+        req.deadline = clock.now() + (10.0 if call_next is app_left else 0.5)
+        with pytest.raises(asyncio.CancelledError):
+            await policy(req, call_next)
+    assert breaker.state is CLOSED and breaker.consecutive_failures == 0
+
+
+async def test_a_call_admitted_before_the_trip_does_not_decide_the_half_open_probe() -> None:
+    policy, breaker, clock = make(consecutive=1, half_open=1)
+    release_old = asyncio.Event()
+
+    async def slow_ok(req: ProxyRequest) -> ProxyResponse:
+        await release_old.wait()
+        return ProxyResponse(200, CIMultiDict())
+
+    old_call = asyncio.ensure_future(policy(request(), slow_ok))  # admitted while CLOSED
+    await asyncio.sleep(0)
+    with pytest.raises(UpstreamReset):
+        await policy(request(), raising(UpstreamReset))
+    assert breaker.state is OPEN
+    clock.advance(8.0)
+    release_probe = asyncio.Event()
+
+    async def probe_fails(req: ProxyRequest) -> ProxyResponse:
+        await release_probe.wait()
+        raise UpstreamReset("probe")
+
+    probe = asyncio.ensure_future(policy(request(), probe_fails))
+    await asyncio.sleep(0)
+    assert breaker.state is HALF_OPEN
+    release_old.set()
+    assert (await old_call).status == 200
+    assert breaker.state is HALF_OPEN  # the pre-trip success did not close it
+    with pytest.raises(CircuitOpen):
+        await policy(request(), replying(200))  # and the probe slot is still taken
+    release_probe.set()
+    with pytest.raises(UpstreamReset):
+        await probe
+    assert breaker.state is OPEN  # the real probe's failure decides

@@ -186,3 +186,36 @@ async def test_queue_mode_serves_concurrent_waiters_at_the_configured_rate() -> 
     assert len(served) == 4  # one now, then 0.1, 0.2, 0.3 s of debt; a 0.4 s wait is over max_wait
     assert sum(isinstance(r, RateLimited) for r in results) == 2
     assert sorted(clock.sleeps) == pytest.approx([0.1, 0.2, 0.3])
+
+
+async def test_queue_mode_never_waits_past_the_total_timeout_and_hands_the_rest_to_the_deadline() -> None:
+    config = RateLimitConfig(requests_per_second=10.0, burst=1, mode="queue", max_wait=1.0)  # type: ignore[arg-type]
+    for total, admitted in ((0.08, False), (0.15, True)):  # the next token is due in 0.1s
+        clock = FakeClock()
+        limiter = RateLimit(config, clock, Metrics(process_collectors=False).for_route("r", "u"),
+                            total_timeout_s=total)
+        upstream = Counting()
+        await limiter(request(), upstream)  # the burst token
+        queued = request()
+        if admitted:
+            assert (await limiter(queued, upstream)).status == 200
+            assert clock.sleeps == [pytest.approx(0.1)]
+            assert queued.timeout_override == pytest.approx(0.05)  # the deadline gets what the wait left
+        else:
+            with pytest.raises(RateLimited):  # refused at once: waiting would pass the deadline
+                await limiter(queued, upstream)
+            assert clock.sleeps == []
+        assert upstream.calls == (2 if admitted else 1)
+
+
+async def test_queue_mode_wait_is_bounded_by_the_apps_tighter_timeout_header() -> None:
+    clock = FakeClock()
+    config = RateLimitConfig(requests_per_second=10.0, burst=1, mode="queue", max_wait=1.0)  # type: ignore[arg-type]
+    limiter = RateLimit(config, clock, Metrics(process_collectors=False).for_route("r", "u"), total_timeout_s=5.0)
+    upstream = Counting()
+    await limiter(request(), upstream)
+    tight = request()
+    tight.timeout_override = 0.05  # x-outrigger-timeout-ms: 50
+    with pytest.raises(RateLimited):
+        await limiter(tight, upstream)
+    assert upstream.calls == 1

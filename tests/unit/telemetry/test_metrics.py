@@ -47,7 +47,9 @@ def test_families_with_fixed_label_values_are_exposed_before_any_event() -> None
     assert get("outrigger_config_reloads_total", {"result": "failure"}) == 0
     for reason in DROP_REASONS:
         assert get("outrigger_spans_dropped_total", {"reason": reason}) == 0
-    upstream = metrics.for_upstream("u")
-    upstream.breaker_transition("closed", "open")
+    assert get("outrigger_circuit_breaker_state", {"upstream": "u", "state": "closed"}) is None  # no breaker yet
+    breaker = metrics.for_breaker("u")
+    assert get("outrigger_circuit_breaker_state", {"upstream": "u", "state": "closed"}) == 1
+    breaker.transition("closed", "open")
     assert get("outrigger_circuit_breaker_state", {"upstream": "u", "state": "open"}) == 1
     assert get("outrigger_circuit_breaker_state", {"upstream": "u", "state": "closed"}) == 0

@@ -34,7 +34,7 @@ class RequestBody:
     it can never be replayed.
     """
 
-    __slots__ = ("data", "prefix", "started", "stream")
+    __slots__ = ("data", "prefix", "received", "started", "stream")
 
     def __init__(self, data: bytes | None = None, *, prefix: bytes = b"",
                  stream: AsyncIterator[bytes] | None = None) -> None:
@@ -42,6 +42,7 @@ class RequestBody:
         self.prefix = prefix
         self.stream = stream
         self.started = False
+        self.received = len(data) if data is not None else len(prefix)  # body bytes read from the app
 
     @property
     def replayable(self) -> bool:
@@ -57,6 +58,7 @@ class RequestBody:
         if self.prefix:
             yield self.prefix
         async for chunk in stream:
+            self.received += len(chunk)
             yield chunk
 
 

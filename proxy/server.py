@@ -97,6 +97,7 @@ class EdgeHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         ctx = self._ctx
         start = ctx.clock.now()
+        head_sent_at: float | None = None  # when the response head left; the duration metric ends there
         rid = request_id(request.headers)
         route: Route | None = None
         span = None
@@ -106,10 +107,14 @@ class EdgeHandler:
         bytes_out = 0
         self.inflight += 1
         try:
+            # Started before routing, so that requests refused here (no_route, bad_request) are
+            # traced too and the app's trace goes on; named after the route once it is known.
+            if ctx.tracing is not None and ctx.tracing.tracer is not None:
+                span = ctx.tracing.start_server_span(request.method, request.headers)
             route = self._resolve(request)
             route.metrics.inflight.inc()
-            if ctx.tracing is not None and ctx.tracing.tracer is not None:
-                span = ctx.tracing.start_server_span(f"{request.method} {route.name}", request.headers)
+            if span is not None:
+                span.update_name(f"{request.method} {route.name}")
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 status, outcome = 101, "upstream"
                 return await proxy_websocket(request, route, rid)
@@ -120,11 +125,12 @@ class EdgeHandler:
             headers = response_headers(proxied.headers.items(), connection_listed(proxied.headers))
             headers[REQUEST_ID_HEADER] = rid
             headers[ATTEMPTS_HEADER] = str(proxied.attempts)
-            response, bytes_out, broken = await stream_response(
+            streamed = await stream_response(
                 request, proxied, headers, draining=ctx.draining, idle_timeouts=route.metrics.timeouts["idle"],
-                rid=rid)
-            if broken is not None:
-                outcome = broken  # the status was already sent; the metric still shows the failure
+                rid=rid, clock=ctx.clock)
+            response, bytes_out, head_sent_at = streamed.response, streamed.sent, streamed.head_sent_at
+            if streamed.broken is not None:
+                outcome = streamed.broken  # the status was already sent; the metric still shows the failure
             return response
         except errors.ProxyError as error:
             status, outcome, attempts = error.status, error.code, error.attempts
@@ -135,6 +141,7 @@ class EdgeHandler:
             return error_response
         except asyncio.CancelledError:
             status, outcome = 499, "client_closed"
+            attempts = outgoing.attempt if outgoing is not None else 0  # the app left mid-attempt
             raise
         except Exception as exc:
             log.exception("internal error while proxying", extra={"request_id": rid})
@@ -143,30 +150,34 @@ class EdgeHandler:
             return self._error_response(internal, route, rid)
         finally:
             self.inflight -= 1
-            elapsed = ctx.clock.now() - start
+            end = ctx.clock.now()
+            elapsed = end - start
             metrics = route.metrics if route is not None else ctx.unmatched
             if route is not None:
                 metrics.inflight.dec()
             exemplar = None
+            path = request.raw_path.partition("?")[0]  # as sent: a decoded %3F must not pass for a query
             if span is not None:
                 span_ctx = span.get_span_context()
                 exemplar = {"trace_id": f"{span_ctx.trace_id:032x}"}
-                self._end_server_span(span, request, route, status, outcome, attempts)
-            metrics.request_done(request.method, status, outcome, elapsed, exemplar)
+                self._end_server_span(span, request, path, route, status, outcome, attempts)
+            # From request received to response headers sent (a streamed body's time is not in it).
+            metrics.request_done(request.method, status, outcome,
+                                 (head_sent_at if head_sent_at is not None else end) - start, exemplar)
             if ctx.access_log is not None:
                 ctx.access_log.record(AccessEntry(
                     request_id=rid,
                     trace_id=exemplar["trace_id"] if exemplar else None,
                     span_id=f"{span.get_span_context().span_id:016x}" if span is not None else None,
                     method=request.method,
-                    path=request.path[:512],
+                    path=path[:512],
                     route=route.name if route else None,
                     upstream=route.upstream if route else None,
                     status=status,
                     attempts=attempts,
                     duration_ms=round(elapsed * 1000, 3),
                     upstream_duration_ms=round(outgoing.upstream_s * 1000, 3) if outgoing is not None else None,
-                    bytes_in=request.content_length or 0,
+                    bytes_in=outgoing.body.received if outgoing is not None else request.content_length or 0,
                     bytes_out=bytes_out,
                     error=None if outcome == "upstream" else outcome,
                 ))
@@ -195,12 +206,12 @@ class EdgeHandler:
         return response
 
     @staticmethod
-    def _end_server_span(span: Any, request: web.BaseRequest, route: Route | None, status: int, outcome: str,
-                         attempts: int) -> None:
+    def _end_server_span(span: Any, request: web.BaseRequest, path: str, route: Route | None, status: int,
+                         outcome: str, attempts: int) -> None:
         span.set_attributes({
             "http.request.method": request.method,
-            "url.path": request.path,
-            "url.full": f"http://{request.host}{request.path}",
+            "url.path": path,
+            "url.full": f"http://{request.host}{path}",
             "server.address": request.url.host or "",
             "server.port": request.url.port or 80,
             "http.response.status_code": status,

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 
 from tests.support.otlp_receiver import GrpcOtlpReceiver
 from tests.support.sidecar import base_config
@@ -149,3 +150,36 @@ async def test_upstream_duration_and_bytes_out_describe_the_upstream_exchange(
     assert entry["bytes_out"] == 10
     assert isinstance(entry["upstream_duration_ms"], float)
     assert 100 <= entry["upstream_duration_ms"] <= entry["duration_ms"]
+
+
+async def test_bytes_in_counts_a_chunked_request_body(
+    upstream: ScriptedUpstream,
+    sidecar_factory: Any,
+    client: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sidecar = await sidecar_factory(access_config(upstream.url))
+
+    async def body() -> Any:
+        for _ in range(4):
+            yield b"x" * 500
+
+    async with client.post(f"http://127.0.0.1:{sidecar.port('main')}/upload", data=body()) as resp:
+        assert resp.status == 200
+    [line] = lines(sidecar, capsys)
+    assert line["bytes_in"] == 2000
+    assert upstream.requests[-1].body_size == 2000
+
+
+async def test_the_path_is_logged_as_sent_so_an_encoded_question_mark_is_no_query(
+    upstream: ScriptedUpstream,
+    sidecar_factory: Any,
+    client: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sidecar = await sidecar_factory(access_config(upstream.url))
+    url = yarl.URL(f"http://127.0.0.1:{sidecar.port('main')}/ok%3Fapi_key%3D{SECRET_QUERY}?real=1", encoded=True)
+    async with client.get(url) as resp:
+        assert resp.status == 200
+    [line] = lines(sidecar, capsys)
+    assert line["path"] == f"/ok%3Fapi_key%3D{SECRET_QUERY}"

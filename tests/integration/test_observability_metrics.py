@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.telemetry.metrics import Metrics
 from tests.support.otlp_receiver import GrpcOtlpReceiver
 from tests.support.sidecar import base_config
-from tests.support.upstream import Reply, ScriptedUpstream
+from tests.support.upstream import Reply, ScriptedUpstream, Stream
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None)
@@ -331,3 +331,17 @@ async def test_non_openmetrics_accept_headers_get_the_text_format(
     ) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+
+
+async def test_request_duration_ends_when_the_response_head_is_sent_not_when_a_slow_body_ends(
+    upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession
+) -> None:
+    upstream.script(Stream(chunks=4, chunk_size=10, interval=0.25))
+    sidecar = await sidecar_factory(base_config(upstream.url))
+    async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/stream") as resp:
+        assert resp.status == 200
+        assert len(await resp.read()) == 40  # about 0.75s of body after the head
+    m = await scrape(client, sidecar)
+    route = {"route": "default", "upstream": "svc", "method": "GET", "code": "2xx"}
+    assert m.value("outrigger_request_duration_seconds_count", **route) == 1
+    assert m.value("outrigger_request_duration_seconds_sum", **route) < 0.5

@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 
 from tests.support.otlp_receiver import GrpcOtlpReceiver, ReceivedSpan
 from tests.support.sidecar import base_config
@@ -85,3 +86,56 @@ async def test_server_span_names_the_listener_port(
     port = sidecar.port("main")
     (server,) = await servers(sidecar, receiver, 1)
     assert server.attributes["server.port"] == port
+
+
+async def test_requests_refused_before_routing_get_a_server_span_continuing_the_apps_trace(
+    upstream: ScriptedUpstream,
+    sidecar_factory: Any,
+    client: aiohttp.ClientSession,
+    receiver: GrpcOtlpReceiver,
+) -> None:
+    config = traced(upstream.url, receiver, match={"path_prefix": "/api"})
+    sidecar = await sidecar_factory(config, env={})
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/elsewhere",
+                          headers={"traceparent": parent}) as resp:
+        assert resp.status == 404
+    [span] = await servers(sidecar, receiver, 1)
+    assert span.name == "GET"  # no route: named by the method alone
+    assert span.trace_id == "0af7651916cd43dd8448eb211c80319c" and span.parent_span_id == "b7ad6b7169203331"
+    assert span.attributes["error.type"] == "no_route" and span.status == "ERROR"
+    assert span.attributes["http.response.status_code"] == 404
+    assert upstream.requests == []
+
+
+async def test_a_percent_encoded_question_mark_is_recorded_as_sent_not_as_a_query(
+    upstream: ScriptedUpstream,
+    sidecar_factory: Any,
+    client: aiohttp.ClientSession,
+    receiver: GrpcOtlpReceiver,
+) -> None:
+    sidecar = await sidecar_factory(traced(upstream.url, receiver), env={})
+    url = yarl.URL(f"http://127.0.0.1:{sidecar.port('main')}/ok%3Fapi_key%3Dsecret", encoded=True)
+    async with client.get(url) as resp:
+        assert resp.status == 200
+    [span] = await servers(sidecar, receiver, 1)
+    assert span.attributes["url.path"] == "/ok%3Fapi_key%3Dsecret"
+    assert "?" not in span.attributes["url.full"]
+
+
+async def test_an_attempt_cut_off_by_the_deadline_names_it_on_the_client_span(
+    upstream: ScriptedUpstream,
+    sidecar_factory: Any,
+    client: aiohttp.ClientSession,
+    receiver: GrpcOtlpReceiver,
+) -> None:
+    upstream.default = Reply(delay=2.0)
+    sidecar = await sidecar_factory(traced(upstream.url, receiver, retry={"max_attempts": 1}), env={})
+    async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/slow",
+                          headers={"x-outrigger-timeout-ms": "200"}) as resp:
+        assert resp.status == 504
+        assert resp.headers["x-outrigger-attempts"] == "1"
+    await sidecar.stop()
+    spans = receiver.wait_for(lambda s: any(x.kind == "CLIENT" for x in s), timeout=5)
+    [attempt] = [s for s in spans if s.kind == "CLIENT"]
+    assert attempt.attributes["error.type"] == "deadline_exceeded" and attempt.status == "ERROR"

@@ -149,7 +149,7 @@ class ConcurrencyConfig(Block, frozen=True):
 
 FallbackOn = Literal[
     "circuit_open", "overflow", "upstream_connect_failure", "upstream_reset", "upstream_timeout",
-    "deadline_exceeded",
+    "upstream_protocol_error", "upstream_tls_error", "deadline_exceeded",
 ]
 
 

@@ -7,7 +7,16 @@ from multidict import CIMultiDict
 
 from proxy.chain import ProxyRequest, ProxyResponse, RequestBody
 from proxy.config.types import FallbackConfig
-from proxy.errors import CircuitOpen, Overflow, ProxyError, RateLimited, UpstreamReset, UpstreamTimeout
+from proxy.errors import (
+    CircuitOpen,
+    Overflow,
+    ProxyError,
+    RateLimited,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+    UpstreamTlsError,
+)
 from proxy.policies.fallback import Fallback
 
 
@@ -52,6 +61,22 @@ async def test_every_configured_error_code_is_covered() -> None:
         assert response.headers["x-outrigger-fallback"] == "true"
     with pytest.raises(CircuitOpen):
         await fallback(request(), raising(CircuitOpen("open")))  # type: ignore[arg-type]
+
+
+async def test_protocol_and_tls_errors_can_be_covered_too() -> None:
+    from proxy.config import load_config
+    config = load_config("""
+version: 1
+upstreams: {svc: {url: "http://svc:8080"}}
+listeners: [{name: m, address: "127.0.0.1:1", routes: [{name: d, upstream: svc,
+  fallback: {on: [upstream_protocol_error, upstream_tls_error]}}]}]
+""", env={})
+    fallback_config = config.listeners[0].routes[0].fallback
+    assert fallback_config is not None
+    fallback = Fallback(fallback_config)
+    for error in (UpstreamProtocolError("garbage"), UpstreamTlsError("bad cert")):
+        response = await fallback(request(), raising(error))  # type: ignore[arg-type]
+        assert response.status == 503 and response.body == b'{"degraded": true}'
 
 
 async def test_upstream_responses_pass_through_untouched() -> None:

@@ -451,6 +451,7 @@ class H1Connection(asyncio.Protocol):
     def response_released(self, body_read: bool) -> None:
         if body_read and self._message_done and self._keep_alive and self._sender is None and not self._closed:
             self._response = None
+            self.resume_reading()  # a body that outgrew the buffer in its last read paused the transport
             self.pool.release(self)
         else:
             self.close()

@@ -309,6 +309,21 @@ async def test_a_complete_response_released_unread_leaves_its_connection_reusabl
     assert server.connections == 1
 
 
+async def test_a_released_response_whose_last_read_paused_the_transport_leaves_it_reading(raw) -> None:  # type: ignore[no-untyped-def]
+    """A body over the 256 KiB buffer that arrives whole pauses reading; the pooled connection must resume."""
+    big = b"x" * 300_000
+    server, pool = await raw(keep_alive(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n%b"
+                                        % (len(big), big)))
+    for _ in range(3):
+        response = await get(pool)
+        deadline = asyncio.get_running_loop().time() + 2
+        while not response.complete:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        response.release()  # unread, as a retried response is
+    assert server.connections == 1  # each next request on the same connection got its answer
+
+
 @pytest.mark.parametrize("coding", ["gzip, chunked", "deflate", "chunked, chunked"])
 async def test_transfer_coding_other_than_chunked_is_an_upstream_protocol_error(raw, coding: str) -> None:  # type: ignore[no-untyped-def]
     reply = f"HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n2\r\nok\r\n0\r\n\r\n".encode()

@@ -415,3 +415,16 @@ async def test_response_headers_are_passed_as_sent_without_a_default_content_typ
         assert resp.status == 200 and await resp.read() == b"first"
         assert "Content-Type" not in resp.headers
         assert "Server" not in resp.headers
+
+
+async def test_a_failed_single_attempt_reports_one_attempt(raw_upstream: Any, sidecar_factory: Factory) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        _rst(writer)
+
+    upstream = await raw_upstream(reset)
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{upstream.port}"))  # max_attempts 1: no retry policy
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{sidecar.port('main')}/fault") as resp:
+        assert (resp.status, resp.headers.get("x-outrigger-error")) == (502, "upstream_reset")
+        assert resp.headers["x-outrigger-attempts"] == "1"

@@ -163,8 +163,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     # no deadline, budget, breaker probe or connection.
     if config.rate_limit is not None:
         limiter = carry.route_part(key, "rate_limit", config, "rate_limit") \
-            or RateLimit(config.rate_limit, clock, route_metrics, config.timeout.total)
-        limiter.total_timeout_s = config.timeout.total  # a carried-over limiter keeps its tokens, not its timeout
+            or RateLimit(config.rate_limit, clock, route_metrics)
         policies.append(limiter)
         status["rate_limit"] = limiter
 

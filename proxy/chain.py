@@ -79,7 +79,9 @@ class ProxyRequest:
         self.body = body
         self.request_id = request_id
         self.max_attempts = max_attempts  # tightened by x-outrigger-max-attempts
-        self.timeout_override = timeout_override  # tightened by x-outrigger-timeout-ms, seconds
+        # Seconds the request has left, as the edge hands it over: timeout.total, tightened by
+        # x-outrigger-timeout-ms, less the time spent reading the body (None: the route's total).
+        self.timeout_override = timeout_override
         self.span = span  # the SERVER span while it is recording, else None
         self.deadline = math.inf  # monotonic; set by the deadline policy
         self.attempt = 0  # 1-based, set by the retry policy

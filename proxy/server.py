@@ -232,10 +232,11 @@ class EdgeHandler:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         headers = upstream_headers(request.headers, client_ip=peer[0] if peer else None,
                                    host=request.headers.get("Host"), rid=rid)
+        # The request's whole time budget: timeout.total, tightened by x-outrigger-timeout-ms.
+        total = route.config.timeout.total if timeout_s is None else min(timeout_s, route.config.timeout.total)
         if request.body_exists:
             # Buffering the retry copy of the body is part of the request, so it spends the
             # same deadline; the chain's Deadline then gets only what is left.
-            total = route.config.timeout.total if timeout_s is None else min(timeout_s, route.config.timeout.total)
             started = self._ctx.clock.now()
             try:
                 async with asyncio.timeout(total):
@@ -244,11 +245,12 @@ class EdgeHandler:
                 route.metrics.timeouts["total"].inc()
                 raise errors.DeadlineExceeded(
                     f"request body was not received within the total timeout of {total:g}s") from None
-            timeout_s = max(0.0, total - (self._ctx.clock.now() - started))
+            total = max(0.0, total - (self._ctx.clock.now() - started))
         else:
             body = NO_BODY
         return ProxyRequest(request.method, route.upstream_path(request.raw_path), headers, body,
-                            request_id=rid, max_attempts=max_attempts, timeout_override=timeout_s, span=span)
+                            request_id=rid, max_attempts=max_attempts, timeout_override=total, span=span)
+
 
 def build_server(handler: EdgeHandler, limits: LimitsConfig) -> web.Server:
     return GuardedServer(

@@ -25,14 +25,10 @@ _MIN_LEFT_S = 0.001  # a queued request keeps at least this much of its deadline
 
 
 class RateLimit:
-    __slots__ = ("_burst", "_clock", "_header", "_keyed", "_max_wait", "_metrics", "_queue", "_single",
-                 "total_timeout_s")
+    __slots__ = ("_burst", "_clock", "_header", "_keyed", "_max_wait", "_metrics", "_queue", "_single")
 
-    def __init__(self, config: RateLimitConfig, clock: Clock, metrics: RouteMetrics,
-                 total_timeout_s: float = math.inf) -> None:
-        """``total_timeout_s`` is the route's ``timeout.total``, which a queue wait must stay within."""
+    def __init__(self, config: RateLimitConfig, clock: Clock, metrics: RouteMetrics) -> None:
         self._clock = clock
-        self.total_timeout_s = total_timeout_s
         self._metrics = metrics
         self._burst = str(config.burst)
         self._queue = config.mode == "queue"
@@ -62,8 +58,7 @@ class RateLimit:
         if bucket.try_take():
             return await call_next(request)
         if self._queue:
-            total = self.total_timeout_s if request.timeout_override is None \
-                else min(self.total_timeout_s, request.timeout_override)
+            total = math.inf if request.timeout_override is None else request.timeout_override  # time left
             max_wait = min(self._max_wait, total - _MIN_LEFT_S)  # never wait past the deadline
             wait = bucket.reserve(max_wait) if max_wait >= 0.0 else None
             if wait is not None:

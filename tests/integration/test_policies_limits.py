@@ -50,6 +50,21 @@ async def test_over_the_limit_is_429_with_retry_after_and_ratelimit_headers(
     assert rejected == 1
 
 
+async def test_queue_mode_never_sends_a_request_after_its_deadline(
+        upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession) -> None:
+    """Tokens every 200 ms, total 250 ms: the second request waits 200 ms, the later ones are refused at once."""
+    sidecar = await sidecar_factory(base_config(
+        upstream.url, rate_limit={"requests_per_second": 5, "burst": 1, "mode": "queue", "max_wait": "1s"},
+        timeout={"attempt": "100ms", "total": "250ms"}))
+    started = time.monotonic()
+    results = await asyncio.gather(*(get(client, url(sidecar)) for _ in range(5)))
+    elapsed = time.monotonic() - started
+    statuses = sorted(code for code, _, _ in results)
+    assert statuses == [200, 200, 429, 429, 429], statuses
+    assert len(upstream.requests) == 2
+    assert elapsed < 1.0  # nobody waited out max_wait (1 s) to be sent after its 250 ms deadline
+
+
 async def test_rate_limit_keys_get_their_own_buckets(upstream: ScriptedUpstream, sidecar_factory,
                                                      client: aiohttp.ClientSession) -> None:
     rate_limit = {"requests_per_second": 0.5, "burst": 1, "key": {"header": "x-tenant"}}

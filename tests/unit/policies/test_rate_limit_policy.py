@@ -192,11 +192,11 @@ async def test_queue_mode_never_waits_past_the_total_timeout_and_hands_the_rest_
     config = RateLimitConfig(requests_per_second=10.0, burst=1, mode="queue", max_wait=1.0)  # type: ignore[arg-type]
     for total, admitted in ((0.08, False), (0.15, True)):  # the next token is due in 0.1s
         clock = FakeClock()
-        limiter = RateLimit(config, clock, Metrics(process_collectors=False).for_route("r", "u"),
-                            total_timeout_s=total)
+        limiter = RateLimit(config, clock, Metrics(process_collectors=False).for_route("r", "u"))
         upstream = Counting()
         await limiter(request(), upstream)  # the burst token
         queued = request()
+        queued.timeout_override = total  # the time left, as the edge hands the request over
         if admitted:
             assert (await limiter(queued, upstream)).status == 200
             assert clock.sleeps == [pytest.approx(0.1)]
@@ -211,7 +211,7 @@ async def test_queue_mode_never_waits_past_the_total_timeout_and_hands_the_rest_
 async def test_queue_mode_wait_is_bounded_by_the_apps_tighter_timeout_header() -> None:
     clock = FakeClock()
     config = RateLimitConfig(requests_per_second=10.0, burst=1, mode="queue", max_wait=1.0)  # type: ignore[arg-type]
-    limiter = RateLimit(config, clock, Metrics(process_collectors=False).for_route("r", "u"), total_timeout_s=5.0)
+    limiter = RateLimit(config, clock, Metrics(process_collectors=False).for_route("r", "u"))
     upstream = Counting()
     await limiter(request(), upstream)
     tight = request()

@@ -54,6 +54,7 @@ class Runtime:
     routers: dict[str, Router]  # by listener name
     routes: list[Route] = field(default_factory=list)
     new_pools: list[UpstreamPool] = field(default_factory=list)  # to start()
+    new_breakers: list[BreakerMetrics] = field(default_factory=list)  # to show() once in service
     retired_pools: list[UpstreamPool] = field(default_factory=list)  # to close() after in-flight finish
 
     def status(self, clock: Clock) -> dict[str, Any]:
@@ -91,9 +92,11 @@ def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
     return snapshot
 
 
-def _breaker(config: Any, clock: Clock, rng: random.Random, metrics: BreakerMetrics) -> CircuitBreaker:
+def _breaker(config: Any, clock: Clock, rng: random.Random, metrics: BreakerMetrics,
+             runtime: Runtime) -> CircuitBreaker:
     def on_transition(old: BreakerState, new: BreakerState) -> None:
         metrics.transition(old.value, new.value)
+    runtime.new_breakers.append(metrics)
     return CircuitBreaker(config, clock, rng, on_transition)
 
 
@@ -121,7 +124,8 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
         if old is not None and old.pool.config == upstream:
             runtime.upstreams[name] = old  # same pool, breaker and bulkhead: state carries over
         else:
-            runtime.upstreams[name] = _build_upstream(name, upstream, old, metrics=metrics, clock=clock, rng=rng)
+            runtime.upstreams[name] = _build_upstream(name, upstream, old, runtime, metrics=metrics, clock=clock,
+                                                      rng=rng)
             runtime.new_pools.append(runtime.upstreams[name].pool)
     for old_name, old in carry.upstreams.items():
         if runtime.upstreams.get(old_name) is not old:
@@ -134,14 +138,14 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
     return runtime
 
 
-def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | None, *, metrics: Metrics,
-                    clock: Clock, rng: random.Random) -> UpstreamRuntime:
+def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | None, runtime: Runtime, *,
+                    metrics: Metrics, clock: Clock, rng: random.Random) -> UpstreamRuntime:
     """A new pool; breaker and bulkhead are kept from ``old`` when their blocks did not change."""
     breaker_config, concurrency = config.circuit_breaker, config.concurrency
     assert breaker_config is not None and concurrency is not None  # resolved by the loader
     up_metrics = old.metrics if old is not None else metrics.for_upstream(name)
     breaker = old.breaker if old is not None and old.pool.config.circuit_breaker == breaker_config else (
-        _breaker(breaker_config, clock, rng, metrics.for_breaker(name)) if breaker_config.enabled else None)
+        _breaker(breaker_config, clock, rng, metrics.for_breaker(name), runtime) if breaker_config.enabled else None)
     bulkhead = old.bulkhead if old is not None and old.pool.config.concurrency == concurrency else (
         Bulkhead(concurrency, name, up_metrics))
     return UpstreamRuntime(UpstreamPool(name, config), breaker, bulkhead, up_metrics)
@@ -176,7 +180,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     if cb.enabled and cb.scope == "route":
         old = carry.route_part(key, "circuit_breaker", config, "circuit_breaker")
         breaker = old if old is not None else _breaker(
-            cb, clock, rng, metrics.for_breaker(f"{config.upstream}/{config.name}"))
+            cb, clock, rng, metrics.for_breaker(f"{config.upstream}/{config.name}"), runtime)
     if not cb.enabled:
         breaker = None
 

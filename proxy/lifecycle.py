@@ -97,6 +97,7 @@ class Sidecar:
         for pool in self.runtime.new_pools:
             await pool.start()
         self.runtime.new_pools.clear()
+        self._in_service(self.runtime)
         host, port = parse_address(self.runtime.config.admin.address)
         self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None, handle_signals=False)
         await self._admin_runner.setup()
@@ -271,6 +272,7 @@ class Sidecar:
                 await current.site.stop()  # stop accepting now; in-flight requests finish in the background
                 self._spawn(self._close_listener(current, config.drain.timeout))
             self.runtime = runtime
+            self._in_service(runtime)
             for name in wanted:
                 if name in self.listeners:
                     slot = self.listeners[name].slot
@@ -294,6 +296,13 @@ class Sidecar:
             self.metrics.config_reloads.labels(result="success").inc()
             log.info("config reloaded", extra={"config": runtime.version})
             return True
+
+    @staticmethod
+    def _in_service(runtime: Runtime) -> None:
+        """The runtime now serves: its new breakers' state series show them (closed)."""
+        for breaker_metrics in runtime.new_breakers:
+            breaker_metrics.show("closed")
+        runtime.new_breakers.clear()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

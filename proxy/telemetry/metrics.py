@@ -106,9 +106,9 @@ class Metrics:
     def for_upstream(self, upstream: str) -> UpstreamMetrics:
         return UpstreamMetrics(self, upstream)
 
-    def for_breaker(self, upstream: str) -> BreakerMetrics:
-        """State series of one breaker (``upstream`` is ``<upstream>/<route>`` for a route's own)."""
-        return BreakerMetrics(self, upstream)
+    def for_breaker(self, breaker_label: str) -> BreakerMetrics:
+        """State series of one breaker (``<upstream>``, or ``<upstream>/<route>`` for a route's own)."""
+        return BreakerMetrics(self, breaker_label)
 
 
 class UpstreamMetrics:
@@ -120,20 +120,27 @@ class UpstreamMetrics:
 
 
 class BreakerMetrics:
-    """A breaker's state gauge (1 for its current state) and transitions; made only where a breaker runs."""
+    """A breaker's state gauge (1 for its current state) and transitions; made only where a breaker runs.
 
-    def __init__(self, metrics: Metrics, upstream: str) -> None:
+    Building one changes no series: a config that is then rejected must not
+    disturb the running breaker's.  ``show`` puts the new breaker's state up
+    once it is in service.
+    """
+
+    def __init__(self, metrics: Metrics, breaker_label: str) -> None:
         self._metrics = metrics
-        self.upstream = upstream
-        self.state = {state: metrics.breaker_state.labels(upstream=upstream, state=state)
+        self.upstream = breaker_label  # the `upstream` label: "<upstream>" or "<upstream>/<route>"
+        self.state = {state: metrics.breaker_state.labels(upstream=breaker_label, state=state)
                       for state in BREAKER_STATES}
-        self.state["closed"].set(1)
+
+    def show(self, current: str) -> None:
+        for state, gauge in self.state.items():
+            gauge.set(1 if state == current else 0)
 
     def transition(self, from_state: str, to_state: str) -> None:
         self._metrics.breaker_transitions.labels(
             upstream=self.upstream, from_state=from_state, to_state=to_state).inc()
-        for state, gauge in self.state.items():
-            gauge.set(1 if state == to_state else 0)
+        self.show(to_state)
 
 
 class RouteMetrics:

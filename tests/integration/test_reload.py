@@ -326,3 +326,29 @@ async def test_admin_telemetry_and_parser_limits_stay_as_started_and_config_show
             assert resp.status == 200  # the 64KiB header limit of the running parser still holds
     finally:
         await sidecar.stop()
+
+
+async def test_a_rejected_reload_leaves_the_running_breakers_state_series_alone(
+        upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    data = base_config(upstream.url, retry={"max_attempts": 1})
+    data["upstreams"]["svc"]["circuit_breaker"] = {"consecutive_failures": 1}
+    sidecar = await start_sidecar(data)
+
+    def state(name: str) -> float | None:
+        return sidecar.metrics.registry.get_sample_value("outrigger_circuit_breaker_state",
+                                                         {"upstream": "svc", "state": name})
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        try:
+            upstream.script(Reply(status=503))
+            async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/trip") as resp:
+                assert resp.status == 503
+            assert (state("open"), state("closed")) == (1, 0)
+            changed = copy.deepcopy(data)
+            changed["upstreams"]["svc"]["circuit_breaker"] = {"consecutive_failures": 5}  # a new breaker
+            changed["listeners"][0]["address"] = f"127.0.0.1:{blocker.getsockname()[1]}"  # busy: rejected
+            assert not await sidecar.apply(_config(changed))
+            assert (state("open"), state("closed")) == (1, 0)
+        finally:
+            await sidecar.stop()

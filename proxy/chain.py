@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from proxy.h1client import H1Response
+    from proxy.timers import Expiry
 
 __all__ = ["Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
 
@@ -66,7 +67,7 @@ class ProxyRequest:
     """One request from the app, as it moves through a route's chain."""
 
     __slots__ = (
-        "attempt", "body", "deadline", "headers", "idempotency_key", "max_attempts", "method",
+        "attempt", "body", "deadline", "deadline_timer", "headers", "idempotency_key", "max_attempts", "method",
         "path", "request_id", "span", "timeout_override", "upstream_s",
     )
 
@@ -84,9 +85,15 @@ class ProxyRequest:
         self.timeout_override = timeout_override
         self.span = span  # the SERVER span while it is recording, else None
         self.deadline = math.inf  # monotonic; set by the deadline policy
+        self.deadline_timer: Expiry | None = None  # the deadline policy's timer
         self.attempt = 0  # 1-based, set by the retry policy
         self.idempotency_key = "idempotency-key" in headers
         self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
+
+    @property
+    def deadline_expired(self) -> bool:
+        """The total timeout fired: a cancellation seen below the deadline policy is its doing."""
+        return self.deadline_timer is not None and self.deadline_timer.expired
 
     @property
     def idempotent(self) -> bool:

@@ -55,7 +55,7 @@ class CircuitBreakerPolicy:
             raise
         except BaseException:
             upstream_s = request.upstream_s - before
-            if upstream_s > 0.0 and self._clock.now() >= request.deadline:
+            if upstream_s > 0.0 and request.deadline_expired:
                 breaker.record_failure(upstream_s, ticket)  # the upstream did not answer within the deadline
             else:
                 breaker.record_cancelled(ticket)

@@ -34,7 +34,7 @@ class Deadline:
         wheel = self._wheel
         if wheel is None or wheel.loop is not asyncio.get_running_loop():
             wheel = self._wheel = TimerWheel(asyncio.get_running_loop())
-        timer = wheel.start(total)
+        timer = request.deadline_timer = wheel.start(total)
         try:
             return await call_next(request)
         except asyncio.CancelledError:

@@ -79,7 +79,7 @@ class AttemptTelemetry:
         except BaseException:
             now = self._clock.now()
             request.upstream_s += now - start
-            deadline = now >= request.deadline  # cancelled by the total timeout, not by the app leaving
+            deadline = request.deadline_expired  # cancelled by the total timeout, not by the app leaving
             if deadline:
                 metrics.attempt_duration.observe(now - start, _exemplar(span))
                 metrics.attempt_results["timeout"].inc()

@@ -149,3 +149,18 @@ async def test_fallback_covers_only_its_configured_errors(upstream: ScriptedUpst
         assert resp.status == 503
         assert resp.headers["x-outrigger-error"] == "circuit_open"
         assert "x-outrigger-fallback" not in resp.headers
+
+
+async def test_a_hanging_upstream_trips_the_breaker_when_the_apps_deadline_cuts_every_attempt(
+        upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession) -> None:
+    """The app passes a 200 ms deadline down; the attempt timeout (2 s) never gets to fire."""
+    upstream.default = Reply(delay=5.0)
+    sidecar = await sidecar_factory(breaker_config(upstream.url, failures=3,
+                                                   timeout={"attempt": "2s", "total": "5s"}))
+    headers = {"x-outrigger-timeout-ms": "200"}
+    for _ in range(3):
+        async with client.get(url(sidecar), headers=headers) as resp:
+            assert resp.headers["x-outrigger-error"] == "deadline_exceeded"
+    async with client.get(url(sidecar), headers=headers) as resp:
+        assert resp.headers["x-outrigger-error"] == "circuit_open"
+    assert len(upstream.requests) == 3

@@ -51,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.lifecycle import Sidecar
     from proxy.logs import configure_logging
 
+    args.log_level = args.log_level.lower()
     if args.log_level not in LOG_LEVELS:  # the default comes from $OUTRIGGER_LOG_LEVEL, which argparse never checks
         print(f"outrigger: OUTRIGGER_LOG_LEVEL: unknown level {args.log_level!r}; use one of {', '.join(LOG_LEVELS)}",
               file=sys.stderr)

@@ -56,8 +56,11 @@ class H1Pool:
                 if conn.alive:
                     return conn
             at_limit = self._limit > 0 and len(self._open) + self._connecting >= self._limit
-            if fresh and at_limit and idle:
-                idle.pop(0).close()  # its connection_lost frees the slot and wakes a waiter (us)
+            while fresh and at_limit and idle:
+                oldest = idle.pop(0)
+                if oldest.alive:
+                    oldest.close()  # its connection_lost frees the slot and wakes a waiter (us)
+                    break
             if not at_limit:
                 return await self._connect(connect_timeout_s)
             waiter = self.loop.create_future()

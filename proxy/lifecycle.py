@@ -186,24 +186,25 @@ class Sidecar:
         """
         if self.config_path is None:
             return False
-        state = await asyncio.to_thread(self._stat_config)
-        if state is not None and state == self._applied_state:
-            log.info("config file unchanged since it was applied; nothing to reload",
-                     extra={"config": self.config_path})
-            return True
-        self._file_state = state  # the watcher does not try this version again
-        try:
-            config = await asyncio.to_thread(load_config_file, self.config_path)
-        except ConfigError as exc:
-            return self._reload_failed(f"config reload rejected; keeping the active config: {exc}")
-        try:
-            applied = await self.apply(config)
-        except Exception as exc:  # a bug must not end the watcher: the next edit is still picked up
-            log.exception("config reload failed", extra={"config": self.config_path})
-            return self._reload_failed(f"config reload failed; keeping the active config: {exc}")
-        if applied:
-            self._applied_state = state
-        return applied
+        async with self._reload_lock:  # one reload at a time, the "already applied" check included
+            state = await asyncio.to_thread(self._stat_config)
+            if state is not None and state == self._applied_state:
+                log.info("config file unchanged since it was applied; nothing to reload",
+                         extra={"config": self.config_path})
+                return True
+            self._file_state = state  # the watcher does not try this version again
+            try:
+                config = await asyncio.to_thread(load_config_file, self.config_path)
+            except ConfigError as exc:
+                return self._reload_failed(f"config reload rejected; keeping the active config: {exc}")
+            try:
+                applied = await self._apply_locked(config)
+            except Exception as exc:  # a bug must not end the watcher: the next edit is still picked up
+                log.exception("config reload failed", extra={"config": self.config_path})
+                return self._reload_failed(f"config reload failed; keeping the active config: {exc}")
+            if applied:
+                self._applied_state = state
+            return applied
 
     def _reload_failed(self, message: str) -> bool:
         self.metrics.config_reloads.labels(result="failure").inc()
@@ -234,68 +235,73 @@ class Sidecar:
         changed yet, the reload is rejected and the active config keeps serving.
         """
         async with self._reload_lock:
-            old = self.runtime
-            config = self._effective(config, old.config)
+            return await self._apply_locked(config)
+
+    async def _apply_locked(self, config: Config) -> bool:
+        if self.draining:
+            return self._reload_failed("config reload skipped: the sidecar is draining")
+        old = self.runtime
+        config = self._effective(config, old.config)
+        try:
+            runtime = build_runtime(config, metrics=self.metrics, tracing=self.tracing, clock=self.clock,
+                                    rng=self.rng, previous=old)
+        except Exception as exc:
+            return self._reload_failed(f"config reload failed while building the runtime: {exc}")
+        try:
+            for pool in runtime.new_pools:
+                await pool.start()
+        except Exception as exc:
+            await self._close_pools(runtime.new_pools)
+            return self._reload_failed(f"config reload failed while starting upstream pools: {exc}")
+        started, runtime.new_pools = runtime.new_pools, []
+        wanted = {lst.name: (index, lst) for index, lst in enumerate(config.listeners)}
+        leaving = {name: current for name, current in self.listeners.items()
+                   if name not in wanted or wanted[name][1].address != current.slot.address}
+        freed = {current.slot.address for current in leaving.values()}
+        to_bind = [(index, lst) for name, (index, lst) in wanted.items()
+                   if name not in self.listeners or name in leaving]
+        bound: dict[str, _Listener] = {}
+        for index, lst in to_bind:
+            if lst.address in freed:
+                continue  # one of ours holds it: bound once that one has stopped accepting, below
             try:
-                runtime = build_runtime(config, metrics=self.metrics, tracing=self.tracing, clock=self.clock,
-                                        rng=self.rng, previous=old)
-            except Exception as exc:
-                return self._reload_failed(f"config reload failed while building the runtime: {exc}")
+                bound[lst.name] = await self._open_listener(lst.name, lst.address, config.limits, runtime)
+            except OSError as exc:
+                for listener in bound.values():
+                    await listener.runner.cleanup()
+                await self._close_pools(started)
+                return self._reload_failed(
+                    f"config reload rejected; keeping the active config: listeners[{index}].address: "
+                    f"cannot bind {lst.address}: {exc.strerror or exc}")
+        for name, current in leaving.items():
+            del self.listeners[name]
+            await current.site.stop()  # stop accepting now; in-flight requests finish in the background
+            self._spawn(self._close_listener(current, config.drain.timeout))
+        self.runtime = runtime
+        self._in_service(runtime)
+        for name in wanted:
+            if name in self.listeners:
+                slot = self.listeners[name].slot
+                slot.router = runtime.routers[name]  # atomic swap; in-flight keep their route
+                slot.limits = config.limits
+        self.listeners.update(bound)
+        failed = []
+        for index, lst in to_bind:
+            if lst.name in self.listeners:
+                continue
             try:
-                for pool in runtime.new_pools:
-                    await pool.start()
-            except Exception as exc:
-                await self._close_pools(runtime.new_pools)
-                return self._reload_failed(f"config reload failed while starting upstream pools: {exc}")
-            started, runtime.new_pools = runtime.new_pools, []
-            wanted = {lst.name: (index, lst) for index, lst in enumerate(config.listeners)}
-            leaving = {name: current for name, current in self.listeners.items()
-                       if name not in wanted or wanted[name][1].address != current.slot.address}
-            freed = {current.slot.address for current in leaving.values()}
-            to_bind = [(index, lst) for name, (index, lst) in wanted.items()
-                       if name not in self.listeners or name in leaving]
-            bound: dict[str, _Listener] = {}
-            for index, lst in to_bind:
-                if lst.address in freed:
-                    continue  # one of ours holds it: bound once that one has stopped accepting, below
-                try:
-                    bound[lst.name] = await self._open_listener(lst.name, lst.address, config.limits, runtime)
-                except OSError as exc:
-                    for listener in bound.values():
-                        await listener.runner.cleanup()
-                    await self._close_pools(started)
-                    return self._reload_failed(
-                        f"config reload rejected; keeping the active config: listeners[{index}].address: "
-                        f"cannot bind {lst.address}: {exc.strerror or exc}")
-            for name, current in leaving.items():
-                del self.listeners[name]
-                await current.site.stop()  # stop accepting now; in-flight requests finish in the background
-                self._spawn(self._close_listener(current, config.drain.timeout))
-            self.runtime = runtime
-            self._in_service(runtime)
-            for name in wanted:
-                if name in self.listeners:
-                    slot = self.listeners[name].slot
-                    slot.router = runtime.routers[name]  # atomic swap; in-flight keep their route
-                    slot.limits = config.limits
-            self.listeners.update(bound)
-            failed = []
-            for index, lst in to_bind:
-                if lst.name in self.listeners:
-                    continue
-                try:
-                    self.listeners[lst.name] = await self._open_listener(lst.name, lst.address, config.limits,
-                                                                         runtime)
-                except OSError as exc:  # taken by someone else in between: not ready until a reload fixes it
-                    failed.append(f"listeners[{index}].address: cannot bind {lst.address}: {exc.strerror or exc}")
-            if runtime.retired_pools:
-                self._spawn(self._retire(runtime.retired_pools, config.drain.timeout))
-            if failed:
-                return self._reload_failed("config applied, but listeners are down (/readyz is 503): "
-                                           + "; ".join(failed))
-            self.metrics.config_reloads.labels(result="success").inc()
-            log.info("config reloaded", extra={"config": runtime.version})
-            return True
+                self.listeners[lst.name] = await self._open_listener(lst.name, lst.address, config.limits,
+                                                                     runtime)
+            except OSError as exc:  # taken by someone else in between: not ready until a reload fixes it
+                failed.append(f"listeners[{index}].address: cannot bind {lst.address}: {exc.strerror or exc}")
+        if runtime.retired_pools:
+            self._spawn(self._retire(runtime.retired_pools, config.drain.timeout))
+        if failed:
+            return self._reload_failed("config applied, but listeners are down (/readyz is 503): "
+                                       + "; ".join(failed))
+        self.metrics.config_reloads.labels(result="success").inc()
+        log.info("config reloaded", extra={"config": runtime.version})
+        return True
 
     @staticmethod
     def _in_service(runtime: Runtime) -> None:
@@ -348,8 +354,9 @@ class Sidecar:
         self._edge.draining = True
         drain = self.runtime.config.drain
         log.info("draining: readiness off, still serving for %.1fs", drain.grace)
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        async with self._reload_lock:  # a reload under way finishes first; later ones see `draining`
+            if self._watch_task is not None:
+                self._watch_task.cancel()
         await asyncio.sleep(drain.grace)
         log.info("closing listeners; waiting up to %.1fs for in-flight requests", drain.timeout)
         for lst in self.listeners.values():

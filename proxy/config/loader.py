@@ -151,9 +151,12 @@ class _StrictLoader(yaml.SafeLoader):
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)
+        # Checked as written, before merge keys (`<<: *base`) are flattened in: a key that
+        # overrides a merged one is the point of a merge, not a duplicate.
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)
@@ -389,7 +392,7 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
     if not isinstance(raw, dict):
         raise ConfigError([*issues, ConfigIssue("", "the config must be a YAML mapping")], source)
     admin_env = (os.environ if env is None else env).get(_ADMIN_ADDRESS_ENV)
-    if admin_env and isinstance(raw.get("admin", {}), dict) and "address" not in (raw.get("admin") or {}):
+    if admin_env and isinstance(raw.get("admin") or {}, dict) and "address" not in (raw.get("admin") or {}):
         # The container images and manifests set this to expose the probes to the kubelet
         # without every user config having to mention it; an explicit admin.address wins.
         raw["admin"] = {**(raw.get("admin") or {}), "address": admin_env}

@@ -353,15 +353,20 @@ class Tracing:
         if self.tracer is None:
             return None
         ratio = self._root_ratio
-        parent_header = any(field in headers for field in self._parent_fields)
-        if ratio is not None and not parent_header and self._random() >= ratio:
+        if ratio is None:
+            context = None  # extracted below, once the collector gate lets the trace through
+        elif any(field in headers for field in self._parent_fields):
+            context = self.propagator.extract(headers)
+            if not trace.get_current_span(context).get_span_context().is_valid and self._random() >= ratio:
+                return None  # the parent header was malformed: a root request after all, so the ratio decides
+        elif self._random() >= ratio:
             return None  # an unsampled root request: no extract, no span, no attributes
+        else:
+            context = None
         if self._gate is not None and not self._gate.admit():
             return None  # the collector is down: skip the span entirely (the app's headers pass through)
-        context = self.propagator.extract(headers)
-        if ratio is not None and parent_header and not trace.get_current_span(context).get_span_context().is_valid \
-                and self._random() >= ratio:
-            return None  # the parent header was malformed: a root request after all, so the ratio decides
+        if context is None:
+            context = self.propagator.extract(headers)
         span = self.tracer.start_span(name, context=context, kind=SpanKind.SERVER)
         return span if span.is_recording() else None
 

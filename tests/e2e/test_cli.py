@@ -140,6 +140,13 @@ def test_an_unknown_outrigger_log_level_exits_2_naming_the_variable(tmp_path: Pa
     assert "OUTRIGGER_LOG_LEVEL: unknown level 'verbose'" in result.stderr and "Traceback" not in result.stderr
 
 
+async def test_outrigger_log_level_is_case_insensitive(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    sidecar = await _start(COMMANDS["console-script"], upstream.url, tmp_path / "outrigger.yaml", cwd=tmp_path,
+                           env={"OUTRIGGER_LOG_LEVEL": "WARNING"})
+    assert await sidecar.stop() == 0
+    assert "outrigger ready" not in sidecar.stderr()  # an info line, below WARNING
+
+
 def test_wait_ready_with_a_malformed_address_is_a_usage_error() -> None:
     result = subprocess.run([str(CONSOLE_SCRIPT), "wait-ready", "--address", "nonsense"], capture_output=True,
                             text=True, timeout=30, check=False)

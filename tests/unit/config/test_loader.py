@@ -510,3 +510,27 @@ def test_a_client_cert_and_key_that_do_not_load_are_an_error_at_cert_file(tmp_pa
     key.write_text("nope\n")
     issues = _issues(lambda d: d["upstreams"]["payments"].update(tls={"cert_file": str(cert), "key_file": str(key)}))
     assert len(issues) == 1 and issues[0].startswith("upstreams.payments.tls.cert_file: cert_file and key_file")
+
+
+def test_a_yaml_merge_key_may_be_overridden_without_counting_as_a_duplicate() -> None:
+    doc = """\
+version: 1
+x-timeouts: &timeouts {connect: 1s, attempt: 2s, total: 5s}
+upstreams: {svc: {url: "http://svc:8080"}}
+listeners:
+  - name: main
+    address: "127.0.0.1:15001"
+    routes: [{name: d, upstream: svc, timeout: {<<: *timeouts, total: 9s}}]
+"""
+    with pytest.raises(ConfigError) as info:  # x-timeouts is an unknown top-level key, nothing else is wrong
+        load_config(doc, env={})
+    assert [str(i) for i in info.value.issues] == ["x-timeouts: unknown key"]
+    route = load_config(doc.replace("x-timeouts: &timeouts", "defaults: {timeout: &timeouts")
+                        .replace("total: 5s}", "total: 5s}}"), env={}).listeners[0].routes[0]
+    assert (route.timeout.attempt, route.timeout.total) == (2.0, 9.0)
+
+
+def test_admin_address_env_var_applies_when_admin_is_given_empty() -> None:
+    doc = _ENV_DOC.replace('admin: {address: "127.0.0.1:9901"}', "admin:")
+    config = load_config(doc, env={"LISTEN": "127.0.0.1:1", "OUTRIGGER_ADMIN_ADDRESS": "0.0.0.0:9911"})
+    assert config.admin.address == "0.0.0.0:9911"

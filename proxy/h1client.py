@@ -67,12 +67,6 @@ class _HeadTooLarge(Exception):
     """Raised from the parser callback when the response head exceeds aiohttp's limits."""
 
 
-def _idle_error(where: str) -> errors.UpstreamTimeout:
-    error = errors.UpstreamTimeout(f"{where} sent nothing within the idle timeout")
-    error.__cause__ = aiohttp.SocketTimeoutError("idle timeout")  # AttemptTelemetry counts it as idle
-    return error
-
-
 class H1Response:
     """Status, headers and a streamed body; ``release()`` or ``close()`` exactly once."""
 
@@ -357,12 +351,9 @@ class H1Connection(asyncio.Protocol):
         if self.loop.time() < due:  # data came meanwhile: wait for the rest of the gap
             self._idle_handle = self.loop.call_at(due, self._idle_check)
             return
-        if target is self._head:
-            target.set_exception(_idle_error(f"upstream {self.pool.name}"))
-        else:
-            if self._response is not None:
-                self._response._fail(aiohttp.SocketTimeoutError("upstream sent nothing within the idle timeout"))
-                self._response._wake()
+        if self._response is not None:  # reading the body: the head is bounded by the attempt timeout
+            self._response._fail(aiohttp.SocketTimeoutError("upstream sent nothing within the idle timeout"))
+            self._response._wake()
         self.close()
 
     def _broken(self, error: BaseException) -> None:
@@ -379,12 +370,11 @@ class H1Connection(asyncio.Protocol):
     # --- one request ---
 
     async def request(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
-                      chunked: bool, head_request: bool, idle_s: float | None,
-                      head_idle: bool = True) -> H1Response:
+                      chunked: bool, head_request: bool, idle_s: float | None) -> H1Response:
         """Send one request; its response once the head is parsed.
 
-        ``idle_s`` bounds every gap between reads; ``head_idle=False`` skips that timer
-        while waiting for the head, for a caller whose own timeout fires sooner anyway.
+        ``idle_s`` bounds every gap between reads of the body; the wait for the head is
+        bounded by the caller (the attempt timeout), as ``timeout.idle`` is documented.
         """
         transport = self.transport
         if transport is None or self._closed:
@@ -407,11 +397,7 @@ class H1Connection(asyncio.Protocol):
             transport.write(head)
             self._sender = self.loop.create_task(self._send(body, chunked, future))
         try:
-            if head_idle:
-                await self.wait_idle(future)
-            else:
-                await future
-            return future.result()
+            return await future
         except BaseException:
             self.close()
             raise

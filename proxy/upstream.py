@@ -154,7 +154,7 @@ class UpstreamCall:
         pool = self._pool
         headers = request.headers
         headers["Host"] = pool.host_header
-        headers[ATTEMPT_HEADER] = str(request.attempt or 1)
+        headers[ATTEMPT_HEADER] = str(request.attempt)
         remaining = request.deadline - self._clock.now()
         if remaining != float("inf"):
             headers[EXPECTED_TIMEOUT_HEADER] = str(max(0, int(remaining * 1000)))
@@ -178,18 +178,17 @@ class UpstreamCall:
             try:
                 conn = await pool.h1.acquire(self._connect, fresh=fresh)
                 response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
-                                              idle_s=self._idle, head_idle=False)
+                                              idle_s=self._idle)
             except StaleConnection:
                 # The upstream closed an idle pooled connection as this request went out (its
                 # keep-alive timeout racing ours): an idempotent request is sent once more, on a new
                 # connection, as Go's client does. Not a policy retry: a new connection cannot be
                 # stale, so this at most doubles an attempt, and only after a reused one failed.
-                replayable = payload is None or isinstance(payload, bytes)
-                if fresh or not (request.idempotent and replayable):
+                if fresh or not (request.idempotent and request.body.replayable):
                     raise
                 fresh = True
                 if request.span is not None:
-                    request.event("stale_connection_resent", {"outrigger.attempt": request.attempt or 1})
+                    request.event("stale_connection_resent", {"outrigger.attempt": request.attempt})
                 continue
             except (errors.ProxyError, asyncio.CancelledError):
                 raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.errors import DeadlineExceeded, ProxyError, UpstreamConnectFailure, UpstreamTimeout, UpstreamTlsError
@@ -69,8 +67,6 @@ class AttemptTelemetry:
             metrics.attempt_results[result].inc()
             if isinstance(error, ConnectTimeout):
                 metrics.timeouts["connect"].inc()
-            elif isinstance(error.__cause__, aiohttp.SocketTimeoutError):
-                metrics.timeouts["idle"].inc()  # nothing read within `idle` before the headers
             # Without a retry policy nothing else records that this one attempt was made.
             error.attempts = max(error.attempts, request.attempt or 1)
             if span is not None:

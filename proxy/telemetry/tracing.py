@@ -100,7 +100,7 @@ class _ExportState:
         log.warning("dropped %d spans: %s%s (next report in %.0fs at the earliest)", count, why,
                     f"; last exporter error: {detail}" if detail else "", self._interval)
 
-    def report_rest(self) -> None:
+    def report_pending(self) -> None:
         """At shutdown: log the drops the interval has held back, since no later report will come."""
         with self._lock:
             count, self._unreported = self._unreported, 0
@@ -441,4 +441,4 @@ class Tracing:
                             bound + 1.0)
         if guard is not None and finished.is_set():
             guard.detach_logs()
-        self.export_state.report_rest()
+        self.export_state.report_pending()

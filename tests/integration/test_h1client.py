@@ -206,17 +206,6 @@ async def test_streamed_request_body_is_sent_chunked(raw) -> None:  # type: igno
     assert await received == b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
 
 
-async def test_nothing_before_the_head_within_idle_is_an_upstream_timeout_caused_by_socket_timeout(raw) -> None:  # type: ignore[no-untyped-def]
-    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await asyncio.sleep(5)
-
-    _, pool = await raw(behaviour)
-    with pytest.raises(errors.UpstreamTimeout) as caught:
-        await get(pool, idle_s=0.05)
-    assert isinstance(caught.value.__cause__, aiohttp.SocketTimeoutError)
-
-
 async def test_stalled_body_fails_the_read_with_socket_timeout(raw) -> None:  # type: ignore[no-untyped-def]
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

@@ -11,7 +11,6 @@ the response head, so no policy ever sees a transport exception.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,32 +21,12 @@ from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.h1client import StaleConnection
 from proxy.h1pool import ConnectTimeout, H1Pool
+from proxy.tls import client_context
 
 __all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool", "map_client_error"]
 
 ATTEMPT_HEADER = "x-outrigger-attempt"
 EXPECTED_TIMEOUT_HEADER = "x-outrigger-expected-timeout-ms"
-
-
-def _ssl_context(config: UpstreamConfig) -> ssl.SSLContext | bool:
-    tls = config.tls
-    if not tls.verify:
-        return False
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file and tls.key_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
-
-
-def _h1_ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
-    """The verifying context, or with ``tls.verify: false`` one that checks nothing (as aiohttp's ``ssl=False``)."""
-    context = _ssl_context(config)
-    if isinstance(context, ssl.SSLContext):
-        return context
-    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    unverified.check_hostname = False
-    unverified.verify_mode = ssl.CERT_NONE
-    return unverified
 
 
 class UpstreamPool:
@@ -82,15 +61,16 @@ class UpstreamPool:
         return self._h1
 
     async def start(self) -> None:
-        self._h1 = H1Pool(self.name, self.host, self.port, ssl_context=_h1_ssl_context(self.config)
-                          if self.scheme == "https" else None, server_hostname=self.server_name or self.host,
+        tls = client_context(self.config.tls) if self.scheme == "https" else None
+        self._h1 = H1Pool(self.name, self.host, self.port, ssl_context=tls,
+                          server_hostname=self.server_name or self.host,
                           max_connections=self.config.max_connections, idle_timeout_s=self.config.idle_timeout)
         # Only WebSocket upgrades use aiohttp's client; every proxied request goes through h1.
         connector = aiohttp.TCPConnector(
             limit=self.config.max_connections,
             limit_per_host=0,
             keepalive_timeout=self.config.idle_timeout,
-            ssl=_ssl_context(self.config),
+            ssl=tls if tls is not None else True,
             ttl_dns_cache=10,
             enable_cleanup_closed=False,
         )

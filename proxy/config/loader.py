@@ -37,6 +37,7 @@ from proxy.config.types import (
     UpstreamConfig,
 )
 from proxy.config.units import Duration, Size, decode_hook
+from proxy.tls import client_context
 
 __all__ = ["UNROUTED", "ConfigError", "ConfigIssue", "config_hash", "load_config", "load_config_file", "parse_address"]
 
@@ -295,20 +296,18 @@ def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]
 
 
 def _check_tls_files(upstream: UpstreamConfig, path: str, issues: list[ConfigIssue]) -> None:
-    """Load the TLS files as the upstream pool will, so that a bad one is an error here, with its path."""
+    """Build the upstream's TLS context as its pool will, so that a bad file is an error here, with its path."""
     tls = upstream.tls
-    context = ssl.create_default_context()
-    if tls.ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=tls.ca_file)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            issues.append(ConfigIssue(f"{path}.tls.ca_file", f"not a PEM CA certificate file ({exc})"))
-    if tls.cert_file is not None and tls.key_file is not None:
-        try:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            issues.append(ConfigIssue(f"{path}.tls.cert_file",
-                                      f"cert_file and key_file are not a matching PEM certificate and key ({exc})"))
+    try:
+        client_context(msgspec.structs.replace(tls, cert_file=None, key_file=None))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        issues.append(ConfigIssue(f"{path}.tls.ca_file", f"not a PEM CA certificate file ({exc})"))
+        return
+    try:
+        client_context(tls)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        issues.append(ConfigIssue(f"{path}.tls.cert_file",
+                                  f"cert_file and key_file are not a matching PEM certificate and key ({exc})"))
 
 
 def _block_type(block: str) -> Any:

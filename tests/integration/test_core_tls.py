@@ -124,6 +124,14 @@ async def test_client_certificate_is_presented_for_mtls(
     assert await _get(sidecar, client) == (200, "client-cert", None)
 
 
+async def test_client_certificate_is_presented_with_verify_false_too(
+        mtls_url: str, certs: Path, sidecar_factory: Factory, client: aiohttp.ClientSession) -> None:
+    sidecar = await sidecar_factory(_config(mtls_url, verify=False, cert_file=str(certs / "client.pem"),
+                                            key_file=str(certs / "client.key")))
+    async with client.get(f"http://127.0.0.1:{sidecar.port('main')}/x") as resp:
+        assert resp.status == 200
+
+
 async def test_mtls_upstream_without_a_client_certificate_fails_cleanly(
         mtls_url: str, certs: Path, sidecar_factory: Factory, client: aiohttp.ClientSession) -> None:
     sidecar = await sidecar_factory(_config(mtls_url, ca_file=str(certs / "ca.pem"), server_name="payments.internal"))

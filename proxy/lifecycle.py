@@ -34,7 +34,7 @@ from proxy import __version__
 from proxy.admin import build_admin_app
 from proxy.app import Runtime, build_runtime
 from proxy.clock import Clock, SystemClock
-from proxy.config import UNROUTED, Config, ConfigError, LimitsConfig, load_config_file, parse_address
+from proxy.config import UNROUTED, Config, ConfigError, LimitsConfig, load_config_file, parse_address, same_socket
 from proxy.server import EdgeContext, EdgeHandler, ListenerSlot, build_server
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import Metrics
@@ -257,12 +257,12 @@ class Sidecar:
         wanted = {lst.name: (index, lst) for index, lst in enumerate(config.listeners)}
         leaving = {name: current for name, current in self.listeners.items()
                    if name not in wanted or wanted[name][1].address != current.slot.address}
-        freed = {current.slot.address for current in leaving.values()}
+        freed = [current.slot.address for current in leaving.values()]
         to_bind = [(index, lst) for name, (index, lst) in wanted.items()
                    if name not in self.listeners or name in leaving]
         bound: dict[str, _Listener] = {}
         for index, lst in to_bind:
-            if lst.address in freed:
+            if any(same_socket(lst.address, address) for address in freed):
                 continue  # one of ours holds it: bound once that one has stopped accepting, below
             try:
                 bound[lst.name] = await self._open_listener(lst.name, lst.address, config.limits, runtime)

@@ -8,6 +8,7 @@ from proxy.config.loader import (
     load_config,
     load_config_file,
     parse_address,
+    same_socket,
     to_builtins,
 )
 from proxy.config.types import *  # noqa: F403
@@ -15,5 +16,5 @@ from proxy.config.types import __all__ as _types_all
 
 __all__ = [
     "UNROUTED", "ConfigError", "ConfigIssue", "config_hash", "load_config", "load_config_file", "parse_address",
-    "to_builtins", *_types_all,
+    "same_socket", "to_builtins", *_types_all,
 ]

@@ -39,7 +39,8 @@ from proxy.config.types import (
 from proxy.config.units import Duration, Size, decode_hook
 from proxy.tls import client_context
 
-__all__ = ["UNROUTED", "ConfigError", "ConfigIssue", "config_hash", "load_config", "load_config_file", "parse_address"]
+__all__ = ["UNROUTED", "ConfigError", "ConfigIssue", "config_hash", "load_config", "load_config_file", "parse_address",
+           "same_socket"]
 
 T = TypeVar("T")
 _ROUTE_BLOCKS = ("timeout", "retry", "circuit_breaker", "rate_limit", "fallback")
@@ -436,7 +437,7 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
 
 def _check_addresses(listeners: list[ListenerConfig], admin: AdminConfig | None,
                      issues: list[ConfigIssue]) -> None:
-    seen: dict[tuple[str, int], str] = {}
+    seen: dict[str, str] = {}
     entries = [("admin.address", admin.address)] if admin else []
     entries += [(f"listeners[{i}].address", lst.address) for i, lst in enumerate(listeners)]
     names: set[str] = set()
@@ -446,17 +447,24 @@ def _check_addresses(listeners: list[ListenerConfig], admin: AdminConfig | None,
         names.add(lst.name)
     for path, address in entries:
         try:
-            host, port = parse_address(address)
+            parse_address(address)
         except ValueError as exc:
             issues.append(ConfigIssue(path, str(exc)))
             continue
-        host = _LOOPBACK_ALIASES.get(host, host)
-        # Two sockets on one port collide when their hosts are the same or either is a wildcard.
-        clash = next((other for (other_host, other_port), other in seen.items() if port != 0 and port == other_port
-                      and (host == other_host or host in _WILDCARDS or other_host in _WILDCARDS)), None)
+        clash = next((other for other_address, other in seen.items() if same_socket(address, other_address)), None)
         if clash is not None:
             issues.append(ConfigIssue(path, f"address {address} is already used by {clash}"))
-        seen.setdefault((host, port), path)
+        seen.setdefault(address, path)
+
+
+def same_socket(a: str, b: str) -> bool:
+    """Whether listening on ``a`` and on ``b`` would take the same port (port 0 never clashes)."""
+    host_a, port_a = parse_address(a)
+    host_b, port_b = parse_address(b)
+    if port_a != port_b or port_a == 0:
+        return False
+    host_a, host_b = _LOOPBACK_ALIASES.get(host_a, host_a), _LOOPBACK_ALIASES.get(host_b, host_b)
+    return host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
 
 
 def load_config_file(path: str, *, env: Mapping[str, str] | None = None) -> Config:

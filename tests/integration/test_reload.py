@@ -352,3 +352,20 @@ async def test_a_rejected_reload_leaves_the_running_breakers_state_series_alone(
             assert (state("open"), state("closed")) == (1, 0)
         finally:
             await sidecar.stop()
+
+
+async def test_a_listener_may_take_over_the_port_another_leaves_under_another_spelling(
+        upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
+    port = free_port()
+    data = base_config(upstream.url)
+    data["listeners"][0]["address"] = f"0.0.0.0:{port}"
+    sidecar = await start_sidecar(data)
+    try:
+        changed = copy.deepcopy(data)
+        changed["listeners"][0]["name"] = "renamed"
+        changed["listeners"][0]["address"] = f"127.0.0.1:{port}"  # the same port: bound after the old one closes
+        assert await sidecar.apply(_config(changed))
+        async with client.get(f"http://127.0.0.1:{port}/x") as resp:
+            assert resp.status == 200
+    finally:
+        await sidecar.stop()

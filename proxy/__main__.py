@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help=f"config file (default: $OUTRIGGER_CONFIG, then {DEFAULT_CONFIG})")
     run.add_argument("--watch-interval", type=parse_duration, default=2.0,
                      help="how often to poll the config file for changes; 0 disables polling (SIGHUP still reloads)")
-    run.add_argument("--log-level", default=os.environ.get("OUTRIGGER_LOG_LEVEL", "info"),
+    run.add_argument("--log-level", default=os.environ.get("OUTRIGGER_LOG_LEVEL", "info"), type=str.lower,
                      choices=LOG_LEVELS, help="log level (default: $OUTRIGGER_LOG_LEVEL, then info)")
     run.set_defaults(func=cmd_run)
 

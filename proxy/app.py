@@ -54,7 +54,7 @@ class Runtime:
     routers: dict[str, Router]  # by listener name
     routes: list[Route] = field(default_factory=list)
     new_pools: list[UpstreamPool] = field(default_factory=list)  # to start()
-    new_breakers: list[BreakerMetrics] = field(default_factory=list)  # to show() once in service
+    new_breakers: list[tuple[CircuitBreaker, BreakerMetrics]] = field(default_factory=list)  # shown once in service
     retired_pools: list[UpstreamPool] = field(default_factory=list)  # to close() after in-flight finish
 
     def status(self, clock: Clock) -> dict[str, Any]:
@@ -96,8 +96,9 @@ def _breaker(config: Any, clock: Clock, rng: random.Random, metrics: BreakerMetr
              runtime: Runtime) -> CircuitBreaker:
     def on_transition(old: BreakerState, new: BreakerState) -> None:
         metrics.transition(old.value, new.value)
-    runtime.new_breakers.append(metrics)
-    return CircuitBreaker(config, clock, rng, on_transition)
+    breaker = CircuitBreaker(config, clock, rng, on_transition)
+    runtime.new_breakers.append((breaker, metrics))
+    return breaker
 
 
 class _Carry:

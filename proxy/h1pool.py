@@ -56,11 +56,9 @@ class H1Pool:
                 if conn.alive:
                     return conn
             at_limit = self._limit > 0 and len(self._open) + self._connecting >= self._limit
-            while fresh and at_limit and idle:
-                oldest = idle.pop(0)
-                if oldest.alive:
-                    oldest.close()  # its connection_lost frees the slot and wakes a waiter (us)
-                    break
+            if fresh and at_limit and idle:
+                idle.pop(0).close()  # the oldest idle one makes room (closing leaves `_open` at once)
+                continue
             if not at_limit:
                 return await self._connect(connect_timeout_s)
             waiter = self.loop.create_future()

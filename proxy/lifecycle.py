@@ -186,6 +186,9 @@ class Sidecar:
         """
         if self.config_path is None:
             return False
+        if self.draining:
+            log.info("config reload skipped: the sidecar is draining", extra={"config": self.config_path})
+            return False
         async with self._reload_lock:  # one reload at a time, the "already applied" check included
             state = await asyncio.to_thread(self._stat_config)
             if state is not None and state == self._applied_state:
@@ -305,9 +308,9 @@ class Sidecar:
 
     @staticmethod
     def _in_service(runtime: Runtime) -> None:
-        """The runtime now serves: its new breakers' state series show them (closed)."""
-        for breaker_metrics in runtime.new_breakers:
-            breaker_metrics.show("closed")
+        """The runtime now serves: its new breakers' state series show them."""
+        for breaker, breaker_metrics in runtime.new_breakers:
+            breaker_metrics.show(breaker.state.value)
         runtime.new_breakers.clear()
 
     def _spawn(self, coro: Any) -> None:
@@ -352,11 +355,11 @@ class Sidecar:
         # From now on every response says Connection: close, so by the time the listeners
         # close no idle keep-alive connection is left for a client to race a request into.
         self._edge.draining = True
-        drain = self.runtime.config.drain
-        log.info("draining: readiness off, still serving for %.1fs", drain.grace)
         async with self._reload_lock:  # a reload under way finishes first; later ones see `draining`
             if self._watch_task is not None:
                 self._watch_task.cancel()
+        drain = self.runtime.config.drain  # read after any reload under way
+        log.info("draining: readiness off, still serving for %.1fs", drain.grace)
         await asyncio.sleep(drain.grace)
         log.info("closing listeners; waiting up to %.1fs for in-flight requests", drain.timeout)
         for lst in self.listeners.values():

@@ -55,7 +55,7 @@ _ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ADMIN_ADDRESS_ENV = "OUTRIGGER_ADMIN_ADDRESS"
 UNROUTED = "none"  # the route (and upstream) label of requests no route matched
 _WILDCARDS = frozenset({"0.0.0.0", "::", "*"})
-_LOOPBACK_ALIASES = {"localhost": "127.0.0.1"}
+_LOOPBACK = frozenset({"127.0.0.1", "::1"})
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
@@ -299,10 +299,15 @@ def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]
 def _check_tls_files(upstream: UpstreamConfig, path: str, issues: list[ConfigIssue]) -> None:
     """Build the upstream's TLS context as its pool will, so that a bad file is an error here, with its path."""
     tls = upstream.tls
-    try:
-        client_context(msgspec.structs.replace(tls, cert_file=None, key_file=None))
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        issues.append(ConfigIssue(f"{path}.tls.ca_file", f"not a PEM CA certificate file ({exc})"))
+    if tls.ca_file is None and tls.cert_file is None:
+        return  # nothing of the user's to load (building a context costs ~15 ms of system roots)
+    if tls.ca_file is not None and tls.verify:
+        try:
+            client_context(msgspec.structs.replace(tls, cert_file=None, key_file=None))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            issues.append(ConfigIssue(f"{path}.tls.ca_file", f"not a PEM CA certificate file ({exc})"))
+            return
+    if tls.cert_file is None:
         return
     try:
         client_context(tls)
@@ -463,8 +468,10 @@ def same_socket(a: str, b: str) -> bool:
     host_b, port_b = parse_address(b)
     if port_a != port_b or port_a == 0:
         return False
-    host_a, host_b = _LOOPBACK_ALIASES.get(host_a, host_a), _LOOPBACK_ALIASES.get(host_b, host_b)
-    return host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
+    if host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS:
+        return True
+    # `localhost` binds every loopback address it resolves to (127.0.0.1 and often ::1).
+    return (host_a == "localhost" and host_b in _LOOPBACK) or (host_b == "localhost" and host_a in _LOOPBACK)
 
 
 def load_config_file(path: str, *, env: Mapping[str, str] | None = None) -> Config:

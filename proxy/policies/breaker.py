@@ -140,12 +140,11 @@ class CircuitBreaker:
 
     # --- events ---
 
-    def would_admit(self, at: float | None = None) -> bool:
-        """Whether ``try_acquire`` would admit a call at clock time ``at`` (default now), as things
-        stand (changes nothing)."""
+    def would_admit(self) -> bool:
+        """Whether ``try_acquire`` would admit a call now (changes nothing)."""
         state = self._state
         if state is BreakerState.OPEN:
-            return (self._clock.now() if at is None else at) >= self._open_until
+            return self._clock.now() >= self._open_until
         return state is BreakerState.CLOSED or self._probes < self.cfg.half_open_requests
 
     def try_acquire(self) -> int | None:

@@ -42,11 +42,12 @@ class Retry:
 
     def __init__(self, config: RetryConfig, *, budget: RetryBudget, backoff: Backoff, clock: Clock,
                  metrics: RouteMetrics, wall: Callable[[], float] = time.time,
-                 gate: Callable[[float], bool] | None = None) -> None:
-        """``gate(at)`` says whether another attempt could go out at clock time ``at`` (the route's
-        breaker, asked for the end of the backoff): when it says no, the last answer stands, and
-        no budget or backoff is spent on a retry that would only be refused.  Best effort: the
-        breaker may still trip during the backoff."""
+                 gate: Callable[[], bool] | None = None) -> None:
+        """``gate()`` says whether another attempt could go out now (the route's breaker): when it
+        says no, the last answer stands, and no budget or backoff is spent on a retry that would
+        only be refused.  Asked before the backoff, not at its end: a breaker that is open now
+        (even if due to half-open during the backoff, when only its probes would get through)
+        keeps the upstream's answer.  Best effort: the breaker may still trip during the backoff."""
         self._max = config.max_attempts
         on = set(config.retry_on)
         self._kinds = frozenset(k for k in on if k in _REASON)
@@ -93,7 +94,7 @@ class Retry:
             if request.span is not None:  # attribute dicts are built only for recorded spans
                 request.event("retry_abandoned", {"outrigger.reason": "deadline", "outrigger.wait_s": wait})
             return False
-        if self._gate is not None and not self._gate(self._clock.now() + wait):
+        if self._gate is not None and not self._gate():
             if request.span is not None:
                 request.event("retry_abandoned", {"outrigger.reason": "circuit_open", "outrigger.wait_s": wait})
             return False

@@ -130,12 +130,11 @@ class BreakerMetrics:
     def __init__(self, metrics: Metrics, breaker_label: str) -> None:
         self._metrics = metrics
         self.upstream = breaker_label  # the `upstream` label: "<upstream>" or "<upstream>/<route>"
-        self.state = {state: metrics.breaker_state.labels(upstream=breaker_label, state=state)
-                      for state in BREAKER_STATES}
 
     def show(self, current: str) -> None:
-        for state, gauge in self.state.items():
-            gauge.set(1 if state == current else 0)
+        gauge = self._metrics.breaker_state
+        for state in BREAKER_STATES:
+            gauge.labels(upstream=self.upstream, state=state).set(1 if state == current else 0)
 
     def transition(self, from_state: str, to_state: str) -> None:
         self._metrics.breaker_transitions.labels(

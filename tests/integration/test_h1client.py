@@ -313,6 +313,15 @@ async def test_a_released_response_whose_last_read_paused_the_transport_leaves_i
     assert server.connections == 1  # each next request on the same connection got its answer
 
 
+async def test_a_fresh_connection_at_the_limit_closes_the_oldest_idle_one_to_make_room(raw) -> None:  # type: ignore[no-untyped-def]
+    server, pool = await raw(keep_alive(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), max_connections=1)
+    assert await body_of(await get(pool)) == b"ok"  # one idle connection: the pool is at its limit
+    conn = await asyncio.wait_for(pool.acquire(1.0, fresh=True), 2)
+    assert conn.requests == 0  # a new connection, not the idle one
+    await asyncio.sleep(0.05)
+    assert server.connections == 2 and server.closed == 1
+
+
 @pytest.mark.parametrize("coding", ["gzip, chunked", "deflate", "chunked, chunked"])
 async def test_transfer_coding_other_than_chunked_is_an_upstream_protocol_error(raw, coding: str) -> None:  # type: ignore[no-untyped-def]
     reply = f"HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n2\r\nok\r\n0\r\n\r\n".encode()

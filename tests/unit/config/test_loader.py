@@ -534,3 +534,13 @@ def test_admin_address_env_var_applies_when_admin_is_given_empty() -> None:
     doc = _ENV_DOC.replace('admin: {address: "127.0.0.1:9901"}', "admin:")
     config = load_config(doc, env={"LISTEN": "127.0.0.1:1", "OUTRIGGER_ADMIN_ADDRESS": "0.0.0.0:9911"})
     assert config.admin.address == "0.0.0.0:9911"
+
+
+@pytest.mark.parametrize(("a", "b", "clash"), [
+    ("localhost:80", "[::1]:80", True), ("localhost:80", "127.0.0.1:80", True), ("[::]:80", "localhost:80", True),
+    ("127.0.0.2:80", "127.0.0.1:80", False), ("localhost:80", "localhost:81", False),
+    ("127.0.0.1:0", "127.0.0.1:0", False),
+])
+def test_same_socket_knows_wildcards_and_every_loopback_localhost_binds(a: str, b: str, clash: bool) -> None:
+    from proxy.config import same_socket
+    assert same_socket(a, b) is clash and same_socket(b, a) is clash

@@ -49,7 +49,7 @@ def test_families_with_fixed_label_values_are_exposed_before_any_event() -> None
         assert get("outrigger_spans_dropped_total", {"reason": reason}) == 0
     assert get("outrigger_circuit_breaker_state", {"upstream": "u", "state": "closed"}) is None  # no breaker yet
     breaker = metrics.for_breaker("u")
-    assert get("outrigger_circuit_breaker_state", {"upstream": "u", "state": "closed"}) == 0  # built, not shown
+    assert get("outrigger_circuit_breaker_state", {"upstream": "u", "state": "closed"}) is None  # built: no series
     breaker.show("closed")  # in service
     assert get("outrigger_circuit_breaker_state", {"upstream": "u", "state": "closed"}) == 1
     breaker.transition("closed", "open")

@@ -420,21 +420,7 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         raise ConfigError(issues, source)
     listeners = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
     _check_addresses(listeners, sections.get("admin"), issues)
-    # Route names are the `route` label of every metric and span: unique across listeners, and
-    # never "none", the label of requests no route matched.
-    seen: dict[str, str] = {}
-    for li, listener in enumerate(listeners):
-        for ri, route in enumerate(listener.routes):
-            path = f"listeners[{li}].routes[{ri}]"
-            if route.name == UNROUTED:
-                issues.append(ConfigIssue(f"{path}.name", f"route name '{UNROUTED}' is reserved for requests "
-                                                          "no route matched"))
-            elif route.name in seen:
-                where = seen[route.name]
-                issues.append(ConfigIssue(f"{path}.name", f"duplicate route name '{route.name}'" + (
-                    "" if where.startswith(f"listeners[{li}].") else
-                    f" (also {where}; route names label metrics, so they are unique across listeners)")))
-            seen.setdefault(route.name, path)
+    _check_route_names(raw.get("listeners"), issues)
     if issues:
         raise ConfigError(issues, source)
     return Config(version=1, listeners=tuple(listeners), upstreams=upstreams, **sections)
@@ -460,6 +446,29 @@ def _check_addresses(listeners: list[ListenerConfig], admin: AdminConfig | None,
         if clash is not None:
             issues.append(ConfigIssue(path, f"address {address} is already used by {clash}"))
         seen.setdefault(address, path)
+
+
+def _check_route_names(raw_listeners: Any, issues: list[ConfigIssue]) -> None:
+    """Route names are the `route` label of every metric and span: unique across listeners, and
+    never "none", the label of requests no route matched.  Checked on the names as written, so a
+    route with other errors still takes part."""
+    seen: dict[str, str] = {}
+    for li, listener in enumerate(raw_listeners if isinstance(raw_listeners, list) else []):
+        routes = listener.get("routes") if isinstance(listener, dict) else None
+        for ri, route in enumerate(routes if isinstance(routes, list) else []):
+            name = route.get("name") if isinstance(route, dict) else None
+            if not isinstance(name, str):
+                continue
+            path = f"listeners[{li}].routes[{ri}]"
+            if name == UNROUTED:
+                issues.append(ConfigIssue(f"{path}.name", f"route name '{UNROUTED}' is reserved for requests "
+                                                          "no route matched"))
+            elif name in seen:
+                where = seen[name]
+                issues.append(ConfigIssue(f"{path}.name", f"duplicate route name '{name}'" + (
+                    "" if where.startswith(f"listeners[{li}].") else
+                    f" (also {where}; route names label metrics, so they are unique across listeners)")))
+            seen.setdefault(name, path)
 
 
 def same_socket(a: str, b: str) -> bool:

@@ -544,3 +544,14 @@ def test_admin_address_env_var_applies_when_admin_is_given_empty() -> None:
 def test_same_socket_knows_wildcards_and_every_loopback_localhost_binds(a: str, b: str, clash: bool) -> None:
     from proxy.config import same_socket
     assert same_socket(a, b) is clash and same_socket(b, a) is clash
+
+
+def test_a_duplicate_route_name_is_reported_alongside_the_routes_other_errors() -> None:
+    def edit(d: dict[str, Any]) -> None:
+        _route(d, 0).update(upstream="paymnts")
+        _route(d, 1).update(name="charges", timeout={"attempt": "90s"})
+    assert sorted(_issues(edit)) == sorted([
+        "listeners[0].routes[0].upstream: unknown upstream 'paymnts'",
+        "listeners[0].routes[1].timeout: attempt (90s) is longer than total (5s)",
+        "listeners[0].routes[1].name: duplicate route name 'charges'",
+    ])

@@ -34,6 +34,13 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(data))
 
 
+async def _watched(tmp_path: Path, data: dict[str, Any]) -> tuple[Path, Sidecar]:
+    """A sidecar started from a config file it polls every 50 ms."""
+    path = tmp_path / "outrigger.yaml"
+    _write(path, data)
+    return path, await start_sidecar(data, config_path=str(path), watch_interval_s=0.05)
+
+
 async def _admin_json(client: aiohttp.ClientSession, sidecar: Sidecar, path: str) -> Any:
     async with client.get(f"http://127.0.0.1:{sidecar.admin_port}{path}") as resp:
         return await resp.json()
@@ -42,9 +49,7 @@ async def _admin_json(client: aiohttp.ClientSession, sidecar: Sidecar, path: str
 async def test_valid_file_change_takes_effect_and_changes_config_version(
         tmp_path: Path, upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
     data = base_config(upstream.url)
-    path = tmp_path / "outrigger.yaml"
-    _write(path, data)
-    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0.05)
+    path, sidecar = await _watched(tmp_path, data)
     try:
         before = (await _admin_json(client, sidecar, "/config"))["version"]
         changed = copy.deepcopy(data)
@@ -63,9 +68,7 @@ async def test_valid_file_change_takes_effect_and_changes_config_version(
 async def test_invalid_config_keeps_old_one_and_counts_failure(
         tmp_path: Path, upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
     data = base_config(upstream.url)
-    path = tmp_path / "outrigger.yaml"
-    _write(path, data)
-    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0.05)
+    path, sidecar = await _watched(tmp_path, data)
     try:
         version = sidecar.runtime.version
         broken = copy.deepcopy(data)
@@ -244,9 +247,7 @@ async def test_fifty_reloads_alternating_valid_and_invalid_under_load_fail_no_re
 async def test_listener_moved_to_a_busy_address_rejects_the_reload_and_the_old_listener_keeps_serving(
         tmp_path: Path, upstream: ScriptedUpstream, client: aiohttp.ClientSession) -> None:
     data = base_config(upstream.url)
-    path = tmp_path / "outrigger.yaml"
-    _write(path, data)
-    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0.05)
+    path, sidecar = await _watched(tmp_path, data)
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()

@@ -46,6 +46,17 @@ def make(consecutive: int = 2, codes: tuple[int, ...] = (500, 502, 503, 504),
     return CircuitBreakerPolicy(breaker, codes, clock, "upstream svc"), breaker, clock
 
 
+def make_slow_call() -> tuple[CircuitBreakerPolicy, CircuitBreaker, FakeClock]:
+    """A breaker that opens only on the slow-call rate: half of 4 or more calls at 0.5 s or longer."""
+    from proxy.config.types import SlowCallConfig
+    clock = FakeClock()
+    config = CircuitBreakerConfig(
+        consecutive_failures=100, slow_call=SlowCallConfig(duration=0.5, rate_threshold=0.5, min_requests=4),  # type: ignore[arg-type]
+        open_duration=OpenDurationConfig(min=1.0, max=8.0))  # type: ignore[arg-type]
+    breaker = CircuitBreaker(config, clock, random.Random(1))
+    return CircuitBreakerPolicy(breaker, (503,), clock, "upstream svc"), breaker, clock
+
+
 def request() -> ProxyRequest:
     req = ProxyRequest("GET", "/", CIMultiDict(), RequestBody(None), request_id="rid")
     req.span = Span()  # type: ignore[assignment]
@@ -210,13 +221,7 @@ async def test_cancellation_in_closed_state_is_not_a_failure() -> None:
 
 
 async def test_attempt_duration_feeds_the_slow_call_rate() -> None:
-    from proxy.config.types import SlowCallConfig
-    clock = FakeClock()
-    config = CircuitBreakerConfig(
-        consecutive_failures=100, slow_call=SlowCallConfig(duration=0.5, rate_threshold=0.5, min_requests=4),  # type: ignore[arg-type]
-        open_duration=OpenDurationConfig(min=1.0, max=8.0))  # type: ignore[arg-type]
-    breaker = CircuitBreaker(config, clock, random.Random(1))
-    policy = CircuitBreakerPolicy(breaker, (503,), clock, "upstream svc")
+    policy, breaker, clock = make_slow_call()
     await policy(request(), replying(200, 0.01, clock))
     await policy(request(), replying(200, 0.01, clock))
     await policy(request(), replying(200, 0.9, clock))
@@ -226,13 +231,7 @@ async def test_attempt_duration_feeds_the_slow_call_rate() -> None:
 
 
 async def test_time_queued_in_the_bulkhead_is_not_upstream_slowness() -> None:
-    from proxy.config.types import SlowCallConfig
-    clock = FakeClock()
-    config = CircuitBreakerConfig(
-        consecutive_failures=100, slow_call=SlowCallConfig(duration=0.5, rate_threshold=0.5, min_requests=4),  # type: ignore[arg-type]
-        open_duration=OpenDurationConfig(min=1.0, max=8.0))  # type: ignore[arg-type]
-    breaker = CircuitBreaker(config, clock, random.Random(1))
-    policy = CircuitBreakerPolicy(breaker, (503,), clock, "upstream svc")
+    policy, breaker, clock = make_slow_call()
     for _ in range(6):
         await policy(request(), replying(200, 0.3, clock, queued=0.9))  # 1.2s for the caller, 0.3s upstream
     assert breaker.state is CLOSED

@@ -88,6 +88,16 @@ async def body_of(response: H1Response) -> bytes:
     return out
 
 
+def stalls_after(reply: bytes) -> Behaviour:
+    """Answer the first request with ``reply`` and then send nothing more (the connection stays open)."""
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        await asyncio.sleep(5)
+    return behaviour
+
+
 def keep_alive(reply: bytes) -> Behaviour:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -207,13 +217,7 @@ async def test_streamed_request_body_is_sent_chunked(raw) -> None:  # type: igno
 
 
 async def test_stalled_body_fails_the_read_with_socket_timeout(raw) -> None:  # type: ignore[no-untyped-def]
-    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    _, pool = await raw(behaviour)
+    _, pool = await raw(stalls_after(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
     response = await get(pool, idle_s=0.05)
     assert await response.read() == b"abc"
     with pytest.raises(aiohttp.SocketTimeoutError):
@@ -236,13 +240,7 @@ async def test_body_cut_short_is_a_payload_error_without_a_parse_cause(raw) -> N
 
 
 async def test_invalid_chunk_framing_is_a_payload_error_caused_by_bad_http_message(raw) -> None:  # type: ignore[no-untyped-def]
-    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    _, pool = await raw(behaviour)
+    _, pool = await raw(stalls_after(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"))
     response = await get(pool)
     with pytest.raises(aiohttp.ClientPayloadError) as caught:
         await body_of(response)
@@ -251,13 +249,7 @@ async def test_invalid_chunk_framing_is_a_payload_error_caused_by_bad_http_messa
 
 
 async def test_garbage_instead_of_a_head_is_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
-    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    _, pool = await raw(behaviour)
+    _, pool = await raw(stalls_after(b"SSH-2.0-OpenSSH_9.6\r\n"))
     with pytest.raises(errors.UpstreamProtocolError):
         await get(pool)
 

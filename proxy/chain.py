@@ -124,7 +124,7 @@ class ProxyResponse:
     Callbacks added with ``on_release`` run exactly once either way.
     """
 
-    __slots__ = ("_callbacks", "attempts", "body", "error", "headers", "status", "upstream")
+    __slots__ = ("_callbacks", "attempts", "body", "error", "headers", "reused", "status", "upstream")
 
     def __init__(self, status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str], *,
                  upstream: H1Response | None = None, body: bytes = b"") -> None:
@@ -134,6 +134,7 @@ class ProxyResponse:
         self.body = body
         self.attempts = 1
         self.error: str | None = None  # the error code this response stands in for (fallback)
+        self.reused = False  # came on a kept-alive (or preconnected) connection: no connect on its path
         self._callbacks: list[Callable[[], None]] | None = None
 
     def on_release(self, callback: Callable[[], None]) -> None:

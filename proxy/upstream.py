@@ -226,9 +226,7 @@ class UpstreamCall:
         while True:
             try:
                 conn = await pool.connections(request.endpoint).acquire(self._connect, fresh=fresh)
-                if not conn.requests and request.span is not None:  # shows on the trace whether warm-up worked
-                    request.event("upstream_connect", {"server.address": request.endpoint.address
-                                                       if request.endpoint is not None else pool.host})
+                reused = conn.requests > 0
                 response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
                                               idle_s=self._idle)
             except StaleConnection:
@@ -246,4 +244,6 @@ class UpstreamCall:
                 raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)
             except Exception as exc:  # anything else from the socket layer
                 raise map_client_error(exc, pool.name) from exc
-            return ProxyResponse(response.status, response.headers, upstream=response)
+            proxied = ProxyResponse(response.status, response.headers, upstream=response)
+            proxied.reused = reused
+            return proxied

@@ -97,5 +97,6 @@ class AttemptTelemetry:
         status = response.status
         metrics.attempt_results[status_result(status)].inc()
         if span is not None:
+            span.set_attribute("outrigger.connection_reused", response.reused)
             tracing.end_client_span(span, status, None)  # type: ignore[union-attr]
         return response

@@ -52,7 +52,9 @@ async def test_requests_are_spread_over_every_static_endpoint(
     assert await send(client, sidecar, 200) == {200: 200}
     served = [len(server.requests) for server in fleet]
     assert sum(served) == 200
-    assert all(count >= 10 for count in served), served
+    # P2C favours the faster endpoints, so the split is not even, but every endpoint serves
+    # and none takes the lion's share.
+    assert all(count >= 1 for count in served) and max(served) <= 100, served
     # The Host header stays the url's: an endpoint is only where to connect.
     assert {r.headers["host"] for s in fleet for r in s.requests} == {"svc.internal:8080"}
 
@@ -341,3 +343,32 @@ def test_bad_endpoint_config_is_reported_at_its_path(upstream: dict[str, Any], p
     assert any(m.startswith(path + ":") and fragment in m for m in messages), messages
 
 
+
+
+async def test_the_access_log_and_client_span_name_the_endpoint(
+        fleet: list[ScriptedUpstream], sidecar_factory: SidecarFactory, client: aiohttp.ClientSession) -> None:
+    import io
+
+    from proxy.telemetry.access_log import AccessLog
+    from tests.support.otlp_receiver import GrpcOtlpReceiver
+
+    receiver = GrpcOtlpReceiver().start()
+    try:
+        config = balanced(fleet[:1])
+        config["telemetry"]["tracing"] = {"enabled": True, "endpoint": receiver.endpoint, "sample_ratio": 1.0}
+        sidecar = await sidecar_factory(config, env={})
+        stream = io.StringIO()
+        sidecar.access_log = sidecar._edge.access_log = AccessLog(stream)
+        sidecar.access_log.start()
+        await send(client, sidecar, 2)
+        await sidecar.access_log.close()
+        await sidecar.stop()
+        lines = [line for line in stream.getvalue().splitlines() if line]
+        assert [__import__("json").loads(line)["endpoint"] for line in lines] == [fleet[0].address] * 2
+        spans = receiver.wait_for(lambda s: sum(x.kind == "CLIENT" for x in s) >= 2, timeout=5)
+        clients = [s for s in spans if s.kind == "CLIENT"]
+        assert {s.attributes["network.peer.address"] for s in clients} == {"127.0.0.1"}
+        assert {s.attributes["network.peer.port"] for s in clients} == {fleet[0].port}
+        assert sorted(s.attributes["outrigger.connection_reused"] for s in clients) == [False, True]
+    finally:
+        receiver.stop()

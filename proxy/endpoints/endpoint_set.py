@@ -128,11 +128,12 @@ class EndpointSet:
             return
         now = self._clock.now()
         current = {endpoint.address: endpoint for endpoint in self.endpoints}
-        ramp = self.config.slow_start if self._started else 0.0  # the first set serves at full weight at once
+        ramp = self.config.slow_start
+        since = now if self._started else now - ramp  # the first set serves at full weight at once
         kept = [endpoint for address, endpoint in current.items() if address in wanted]
         added = [Endpoint(host, port, self._pool_factory(host, port),
                           PeakEwma(self._clock), self._outliers.tracker() if self._outliers else None,
-                          now, ramp)
+                          since, ramp)
                  for address, (host, port) in wanted.items() if address not in current]
         removed = [endpoint for address, endpoint in current.items() if address not in wanted]
         self.endpoints = kept + added

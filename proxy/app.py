@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from proxy.chain import Policy, build_chain
 from proxy.clock import Clock
 from proxy.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, config_hash
+from proxy.endpoints.policy import Balance
 from proxy.policies.backoff import backoff_from_config
 from proxy.policies.breaker import BreakerState, CircuitBreaker
 from proxy.policies.budget import RetryBudget
@@ -56,6 +59,8 @@ class Runtime:
     new_pools: list[UpstreamPool] = field(default_factory=list)  # to start()
     new_breakers: list[tuple[CircuitBreaker, BreakerMetrics]] = field(default_factory=list)  # shown once in service
     retired_pools: list[UpstreamPool] = field(default_factory=list)  # to close() after in-flight finish
+    # Kept pools whose static endpoint list changed: the new list is diffed in once in service.
+    endpoint_updates: list[tuple[UpstreamPool, UpstreamConfig]] = field(default_factory=list)
 
     def status(self, clock: Clock) -> dict[str, Any]:
         upstreams = {}
@@ -66,6 +71,11 @@ class Runtime:
                 "pending": up.bulkhead.pending,
                 "circuit_breaker": _breaker_status(up.breaker, clock) if up.breaker is not None else None,
             }
+            if up.pool.endpoints is not None:
+                upstreams[name]["load_balancer"] = up.pool.config.load_balancer
+                upstreams[name]["endpoints"] = up.pool.endpoints.status()
+                if up.pool.discovery is not None:
+                    upstreams[name]["discovery"] = {"host": up.pool.host, "last_error": up.pool.discovery.last_error}
         routes = {}
         for route in self.routes:
             bulkhead = self.upstreams[route.upstream].bulkhead  # per upstream, shared by its routes
@@ -124,9 +134,15 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
         old = carry.upstreams.get(name)
         if old is not None and old.pool.config == upstream:
             runtime.upstreams[name] = old  # same pool, breaker and bulkhead: state carries over
+        elif old is not None and old.pool.endpoints is not None and upstream.endpoints is not None \
+                and msgspec.structs.replace(old.pool.config, endpoints=upstream.endpoints) == upstream:
+            # Only the static endpoint list changed: the set is diffed in place once the runtime is
+            # in service, so kept endpoints keep their connections, latency and outlier state.
+            runtime.upstreams[name] = old
+            runtime.endpoint_updates.append((old.pool, upstream))
         else:
             runtime.upstreams[name] = _build_upstream(name, upstream, old, runtime, metrics=metrics, clock=clock,
-                                                      rng=rng)
+                                                      rng=rng, connect_timeout_s=config.defaults.timeout.connect)
             runtime.new_pools.append(runtime.upstreams[name].pool)
     for old_name, old in carry.upstreams.items():
         if runtime.upstreams.get(old_name) is not old:
@@ -140,7 +156,7 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
 
 
 def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | None, runtime: Runtime, *,
-                    metrics: Metrics, clock: Clock, rng: random.Random) -> UpstreamRuntime:
+                    metrics: Metrics, clock: Clock, rng: random.Random, connect_timeout_s: float) -> UpstreamRuntime:
     """A new pool; breaker and bulkhead are kept from ``old`` when their blocks did not change."""
     breaker_config, concurrency = config.circuit_breaker, config.concurrency
     assert breaker_config is not None and concurrency is not None  # resolved by the loader
@@ -149,7 +165,9 @@ def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | No
         _breaker(breaker_config, clock, rng, metrics.for_breaker(name), runtime) if breaker_config.enabled else None)
     bulkhead = old.bulkhead if old is not None and old.pool.config.concurrency == concurrency else (
         Bulkhead(concurrency, name, up_metrics))
-    return UpstreamRuntime(UpstreamPool(name, config), breaker, bulkhead, up_metrics)
+    pool = UpstreamPool(name, config, clock=clock, rng=rng, endpoint_metrics=metrics.for_endpoints(name),
+                        connect_timeout_s=connect_timeout_s)
+    return UpstreamRuntime(pool, breaker, bulkhead, up_metrics)
 
 
 def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime, carry: _Carry, *,
@@ -205,6 +223,13 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
 
     # Bulkhead: per upstream and per attempt; holds the slot until the body is streamed.
     policies.append(upstream.bulkhead)
+
+    # Balance (upstreams with several endpoints only): picks each attempt's endpoint, so a retry can go
+    # elsewhere; inside the breaker and bulkhead, which guard the upstream as a whole, and outside
+    # attempt telemetry, so the attempt's span and metrics can name the endpoint.
+    endpoints = upstream.pool.endpoints
+    if endpoints is not None:
+        policies.append(Balance(endpoints, clock, other_endpoint=config.retry.other_endpoint))
 
     # Attempt telemetry: sees exactly the attempts that go out, and how each ended.
     policies.append(AttemptTelemetry(route=config.name, pool=upstream.pool, metrics=route_metrics,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from proxy.h1client import H1Response
     from proxy.timers import Expiry
 
-__all__ = ["Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
+__all__ = ["AttemptTarget", "Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -63,12 +63,19 @@ class RequestBody:
             yield chunk
 
 
+class AttemptTarget(Protocol):
+    """Where one attempt goes: an endpoint of a balanced upstream (``proxy.endpoints``)."""
+
+    @property
+    def address(self) -> str: ...
+
+
 class ProxyRequest:
     """One request from the app, as it moves through a route's chain."""
 
     __slots__ = (
-        "attempt", "body", "deadline", "deadline_timer", "headers", "idempotency_key", "max_attempts", "method",
-        "path", "request_id", "span", "timeout_override", "upstream_s",
+        "attempt", "body", "deadline", "deadline_timer", "endpoint", "headers", "idempotency_key", "max_attempts",
+        "method", "path", "request_id", "span", "timeout_override", "tried", "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
@@ -89,6 +96,10 @@ class ProxyRequest:
         self.attempt = 0  # 1-based, set by the retry policy
         self.idempotency_key = "idempotency-key" in headers
         self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
+        # The current attempt's endpoint and every endpoint tried so far, on balanced upstreams only;
+        # written by the Balance policy, read by the upstream call, attempt telemetry and the access log.
+        self.endpoint: AttemptTarget | None = None
+        self.tried: list[AttemptTarget] | None = None
 
     @property
     def deadline_expired(self) -> bool:
@@ -113,7 +124,7 @@ class ProxyResponse:
     Callbacks added with ``on_release`` run exactly once either way.
     """
 
-    __slots__ = ("_callbacks", "attempts", "body", "error", "headers", "status", "upstream")
+    __slots__ = ("_callbacks", "attempts", "body", "error", "headers", "reused", "status", "upstream")
 
     def __init__(self, status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str], *,
                  upstream: H1Response | None = None, body: bytes = b"") -> None:
@@ -123,6 +134,7 @@ class ProxyResponse:
         self.body = body
         self.attempts = 1
         self.error: str | None = None  # the error code this response stands in for (fallback)
+        self.reused = False  # came on a kept-alive (or preconnected) connection: no connect on its path
         self._callbacks: list[Callable[[], None]] | None = None
 
     def on_release(self, callback: Callable[[], None]) -> None:

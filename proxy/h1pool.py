@@ -97,6 +97,22 @@ class H1Pool:
         self._open.add(conn)
         return conn
 
+    @property
+    def idle_count(self) -> int:
+        return sum(1 for conn in self._idle if conn.alive)
+
+    async def preconnect(self, wanted: int, connect_timeout_s: float | None) -> None:
+        """Open connections until ``wanted`` are idle (or connecting), within ``max_connections``.
+
+        They join the idle list like any released connection, so the idle sweep
+        retires them at ``idle_timeout`` and the next top-up replaces them: a warm
+        connection is never older than the upstream's own keep-alive is likely to allow.
+        """
+        while not self._closed and self.idle_count + self._connecting < wanted:
+            if self._limit > 0 and len(self._open) + self._connecting >= self._limit:
+                return
+            self.release(await self._connect(connect_timeout_s))
+
     def release(self, conn: H1Connection) -> None:
         if self._closed or not conn.alive:
             conn.close()

@@ -308,10 +308,13 @@ class Sidecar:
 
     @staticmethod
     def _in_service(runtime: Runtime) -> None:
-        """The runtime now serves: its new breakers' state series show them."""
+        """The runtime now serves: its new breakers' state series show them, endpoint lists are diffed in."""
         for breaker, breaker_metrics in runtime.new_breakers:
             breaker_metrics.show(breaker.state.value)
         runtime.new_breakers.clear()
+        for pool, upstream_config in runtime.endpoint_updates:
+            pool.reconfigure(upstream_config)
+        runtime.endpoint_updates.clear()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -173,6 +173,7 @@ class EdgeHandler:
                     path=path[:512],
                     route=route.name if route else None,
                     upstream=route.upstream if route else None,
+                    endpoint=outgoing.endpoint.address if outgoing is not None and outgoing.endpoint else None,
                     status=status,
                     attempts=attempts,
                     duration_ms=round(elapsed * 1000, 3),

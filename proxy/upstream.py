@@ -11,16 +11,22 @@ the response head, so no policy ever sees a transport exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+import ssl
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from proxy import errors
-from proxy.chain import ProxyRequest, ProxyResponse
+from proxy.chain import AttemptTarget, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
-from proxy.config import TimeoutConfig, UpstreamConfig
+from proxy.config import TimeoutConfig, UpstreamConfig, parse_address
+from proxy.endpoints.discovery import Discovery
+from proxy.endpoints.endpoint_set import Endpoint, EndpointSet, keep_warm
 from proxy.h1client import StaleConnection
 from proxy.h1pool import ConnectTimeout, H1Pool
+from proxy.telemetry.metrics import EndpointMetrics
 from proxy.tls import client_context
 
 __all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool", "map_client_error"]
@@ -32,7 +38,9 @@ EXPECTED_TIMEOUT_HEADER = "x-outrigger-expected-timeout-ms"
 class UpstreamPool:
     """A named upstream: its base URL, TLS settings, the keep-alive pool and the WebSocket session."""
 
-    def __init__(self, name: str, config: UpstreamConfig) -> None:
+    def __init__(self, name: str, config: UpstreamConfig, *, clock: Clock | None = None,
+                 rng: random.Random | None = None, endpoint_metrics: EndpointMetrics | None = None,
+                 connect_timeout_s: float = 1.0) -> None:
         self.name = name
         self.config = config
         parts = urlsplit(config.url)
@@ -47,6 +55,18 @@ class UpstreamPool:
         self.server_name = config.tls.server_name if parts.scheme == "https" else None
         self._session: aiohttp.ClientSession | None = None
         self._h1: H1Pool | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._rng = rng or random.Random()
+        self._connect_timeout_s = connect_timeout_s
+        self._warm: asyncio.Task[None] | None = None
+        # Several endpoints (a static list or discovery): one pool each, picked per attempt.
+        self.endpoints: EndpointSet | None = None
+        self.discovery: Discovery | None = None
+        if config.multi_endpoint:
+            if clock is None or endpoint_metrics is None:
+                raise ValueError(f"upstream {name}: a balanced upstream needs a clock and endpoint metrics")
+            self.endpoints = EndpointSet(name, config, clock=clock, rng=self._rng, metrics=endpoint_metrics,
+                                         pool_factory=self._endpoint_pool, connect_timeout_s=connect_timeout_s)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -56,15 +76,56 @@ class UpstreamPool:
 
     @property
     def h1(self) -> H1Pool:
+        """The pool of a one-address upstream (of a balanced one: the first endpoint in rotation)."""
+        if self.endpoints is not None:
+            live = [e for e in self.endpoints.endpoints if not e.removed]
+            if live:
+                return live[0].pool
         if self._h1 is None:
             raise RuntimeError(f"upstream {self.name} used before start()")
         return self._h1
 
+    def connections(self, target: AttemptTarget | None) -> H1Pool:
+        """The pool for one attempt: its endpoint's (balanced upstreams), else the upstream's one pool."""
+        if target is None:
+            return self.h1
+        assert isinstance(target, Endpoint)
+        return target.pool
+
+    def _endpoint_pool(self, host: str, port: int) -> H1Pool:
+        # Host header, SNI and certificate name stay the url's: an endpoint is only where to connect.
+        return H1Pool(self.name, host, port, ssl_context=self._tls, server_hostname=self.server_name or self.host,
+                      max_connections=self.config.max_connections, idle_timeout_s=self.config.idle_timeout)
+
+    def static_endpoints(self) -> list[tuple[str, int]]:
+        return [parse_address(address) for address in self.config.endpoints or ()]
+
+    def reconfigure(self, config: UpstreamConfig) -> None:
+        """A reload changed only the static endpoint list: diff it into the running set."""
+        self.config = config
+        if self.endpoints is not None:
+            self.endpoints.config = config
+            self.endpoints.update(self.static_endpoints())
+
     async def start(self) -> None:
-        tls = client_context(self.config.tls) if self.scheme == "https" else None
-        self._h1 = H1Pool(self.name, self.host, self.port, ssl_context=tls,
-                          server_hostname=self.server_name or self.host,
-                          max_connections=self.config.max_connections, idle_timeout_s=self.config.idle_timeout)
+        tls = self._tls = client_context(self.config.tls) if self.scheme == "https" else None
+        if self.endpoints is None:
+            self._h1 = H1Pool(self.name, self.host, self.port, ssl_context=tls,
+                              server_hostname=self.server_name or self.host,
+                              max_connections=self.config.max_connections, idle_timeout_s=self.config.idle_timeout)
+            if self.config.preconnect > 0:
+                pools = [self._h1]
+                self._warm = asyncio.get_running_loop().create_task(keep_warm(
+                    self.name, lambda: pools, self.config.preconnect, self._connect_timeout_s, self._rng))
+        else:
+            initial = self.static_endpoints()
+            if self.config.discovery is not None:
+                self.discovery = Discovery(self.name, self.host, self.port, self.config.discovery,
+                                           on_update=self.endpoints.update, rng=self._rng)
+                await self.discovery.resolve_once()  # a failure here leaves the set empty until a refresh works
+                initial = self.discovery.resolved
+                self.discovery.start()
+            await self.endpoints.start(initial)
         # Only WebSocket upgrades use aiohttp's client; every proxied request goes through h1.
         connector = aiohttp.TCPConnector(
             limit=self.config.max_connections,
@@ -84,6 +145,14 @@ class UpstreamPool:
         )
 
     async def close(self) -> None:
+        if self._warm is not None:
+            self._warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warm
+        if self.discovery is not None:
+            await self.discovery.close()
+        if self.endpoints is not None:
+            await self.endpoints.close()
         if self._h1 is not None:
             await self._h1.close()
         if self._session is not None:
@@ -156,7 +225,8 @@ class UpstreamCall:
         fresh = False
         while True:
             try:
-                conn = await pool.h1.acquire(self._connect, fresh=fresh)
+                conn = await pool.connections(request.endpoint).acquire(self._connect, fresh=fresh)
+                reused = conn.requests > 0
                 response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
                                               idle_s=self._idle)
             except StaleConnection:
@@ -174,4 +244,6 @@ class UpstreamCall:
                 raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)
             except Exception as exc:  # anything else from the socket layer
                 raise map_client_error(exc, pool.name) from exc
-            return ProxyResponse(response.status, response.headers, upstream=response)
+            proxied = ProxyResponse(response.status, response.headers, upstream=response)
+            proxied.reused = reused
+            return proxied

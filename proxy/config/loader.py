@@ -286,6 +286,7 @@ def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]
                 missing = True
         if not missing:
             _check_tls_files(upstream, path, issues)
+        _check_endpoints(upstream, path, issues)
         # Effective per-upstream blocks: defaults < upstream.
         blocks: dict[str, Any] = {}
         for block in _UPSTREAM_BLOCKS:
@@ -294,6 +295,34 @@ def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]
         if all(v is not None for v in blocks.values()):
             result[name] = msgspec.structs.replace(upstream, **blocks)
     return result
+
+
+def _check_endpoints(upstream: UpstreamConfig, path: str, issues: list[ConfigIssue]) -> None:
+    """Static endpoint addresses, discovery nameservers and preconnect, each error at its own key."""
+    if upstream.endpoints is not None:
+        if not upstream.endpoints:
+            issues.append(ConfigIssue(f"{path}.endpoints", "empty list; list at least one host:port or leave "
+                                                            "endpoints out to use the url's host"))
+        if upstream.discovery is not None:
+            issues.append(ConfigIssue(f"{path}.discovery", "endpoints and discovery exclude each other: a static "
+                                                            "list is never re-resolved"))
+        for index, address in enumerate(upstream.endpoints):
+            try:
+                if parse_address(address)[1] == 0:
+                    raise ValueError(f"port 0 in {address!r}: an endpoint needs the port it listens on")
+            except ValueError as exc:
+                issues.append(ConfigIssue(f"{path}.endpoints[{index}]", str(exc)))
+        if len(set(upstream.endpoints)) != len(upstream.endpoints):
+            issues.append(ConfigIssue(f"{path}.endpoints", "lists the same address twice"))
+    if upstream.discovery is not None:
+        for index, address in enumerate(upstream.discovery.nameservers or ()):
+            try:
+                parse_address(address)
+            except ValueError as exc:
+                issues.append(ConfigIssue(f"{path}.discovery.nameservers[{index}]", str(exc)))
+    if upstream.preconnect > upstream.max_connections:
+        issues.append(ConfigIssue(f"{path}.preconnect", f"{upstream.preconnect} is larger than max_connections "
+                                                         f"({upstream.max_connections})"))
 
 
 def _check_tls_files(upstream: UpstreamConfig, path: str, issues: list[ConfigIssue]) -> None:

@@ -16,11 +16,11 @@ import msgspec
 from proxy.config.units import Duration, Size
 
 __all__ = [
-    "AccessLogConfig", "AdminConfig", "BackoffConfig", "BudgetConfig", "CircuitBreakerConfig",
-    "ConcurrencyConfig", "Config", "DrainConfig", "FailureRateConfig", "FallbackConfig", "LimitsConfig",
-    "ListenerConfig", "MatchConfig", "OpenDurationConfig", "PolicyDefaults", "RateLimitConfig",
-    "RateLimitKey", "RetryConfig", "RouteConfig", "SlowCallConfig", "TelemetryConfig", "TimeoutConfig",
-    "TlsConfig", "TracingConfig", "UpstreamConfig",
+    "AccessLogConfig", "AdminConfig", "BackoffConfig", "BudgetConfig", "CircuitBreakerConfig", "ConcurrencyConfig",
+    "Config", "DiscoveryConfig", "DrainConfig", "FailureRateConfig", "FallbackConfig", "LimitsConfig",
+    "ListenerConfig", "MatchConfig", "OpenDurationConfig", "OutlierDetectionConfig", "OutlierFailureRateConfig",
+    "PolicyDefaults", "RateLimitConfig", "RateLimitKey", "RetryConfig", "RouteConfig", "SlowCallConfig",
+    "TelemetryConfig", "TimeoutConfig", "TlsConfig", "TracingConfig", "UpstreamConfig",
 ]
 
 RetryOn = Literal["connect-failure", "reset", "timeout", "gateway-error", "5xx", "retriable-status-codes"]
@@ -85,6 +85,7 @@ class RetryConfig(Block, frozen=True):
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
     retry_non_idempotent: bool = False
     buffer_limit: Size = Size(64 * 1024)
+    other_endpoint: bool = True  # a retry prefers an endpoint this request has not tried yet
 
 
 class FailureRateConfig(Block, frozen=True):
@@ -186,13 +187,64 @@ class TlsConfig(Block, frozen=True):
             raise ValueError("cert_file and key_file must be set together for mTLS")
 
 
+class DiscoveryConfig(Block, frozen=True):
+    refresh: Duration = Duration(5.0)
+    # DNS servers to ask (``host:port``) instead of the system resolver; mainly for tests and
+    # for clusters whose resolver is not the pod's.
+    nameservers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _positive("refresh", self.refresh)
+
+
+class OutlierFailureRateConfig(Block, frozen=True):
+    threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.85
+    min_requests: PositiveInt = 20
+    window: Duration = Duration(10.0)
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+
+
+class OutlierDetectionConfig(Block, frozen=True):
+    consecutive_failures: PositiveInt = 5  # connect failures, resets, timeouts, 502/503/504
+    failure_rate: OutlierFailureRateConfig | None = msgspec.field(default_factory=OutlierFailureRateConfig)
+    base_ejection: Duration = Duration(30.0)  # x the number of ejections so far, capped by max_ejection
+    max_ejection: Duration = Duration(300.0)
+    max_ejected_percent: Annotated[int, msgspec.Meta(ge=0, le=100)] = 50  # and never the last endpoint
+
+    def __post_init__(self) -> None:
+        _positive("base_ejection", self.base_ejection)
+        if self.base_ejection > self.max_ejection:
+            raise ValueError(f"base_ejection ({self.base_ejection:g}s) is longer than max_ejection "
+                             f"({self.max_ejection:g}s)")
+
+
+LoadBalancer = Literal["p2c_ewma", "least_request", "round_robin"]
+
+
 class UpstreamConfig(Block, frozen=True):
     url: str
-    max_connections: PositiveInt = 100
+    max_connections: PositiveInt = 100  # per endpoint where there are several
     idle_timeout: Duration = Duration(4.0)  # pool keep-alive; shorter than typical server idle timeouts
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     circuit_breaker: CircuitBreakerConfig | None = None
     concurrency: ConcurrencyConfig | None = None
+    # Endpoints (docs/endpoints.md): a static list, or the url's host re-resolved by discovery.
+    endpoints: tuple[str, ...] | None = None
+    discovery: DiscoveryConfig | None = None
+    load_balancer: LoadBalancer = "p2c_ewma"
+    outlier_detection: OutlierDetectionConfig | None = msgspec.field(default_factory=OutlierDetectionConfig)
+    slow_start: Duration = Duration(30.0)  # 0: off
+    preconnect: Annotated[int, msgspec.Meta(ge=0)] = 0  # idle connections kept warm per endpoint
+
+    # Cross-field checks (addresses, an empty list, preconnect vs max_connections) are made by
+    # the loader, so that each error names its own key.
+
+    @property
+    def multi_endpoint(self) -> bool:
+        """Balanced over several endpoints (a static list or discovery), not one pool for the url."""
+        return self.endpoints is not None or self.discovery is not None
 
 
 class MatchConfig(Block, frozen=True):

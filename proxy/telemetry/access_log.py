@@ -30,6 +30,7 @@ class AccessEntry(msgspec.Struct, kw_only=True):
     path: str | None = None
     route: str | None = None
     upstream: str | None = None
+    endpoint: str | None = None  # the last attempt's endpoint, on balanced upstreams
     status: int
     attempts: int = 0
     duration_ms: float = 0.0

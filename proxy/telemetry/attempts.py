@@ -23,12 +23,18 @@ if TYPE_CHECKING:
     from proxy.upstream import UpstreamPool
 
 
-def _error_result(error: ProxyError) -> str:
+def attempt_result(error: ProxyError) -> str:
+    """The ``result`` label of an attempt that ended in ``error``."""
     if isinstance(error, UpstreamTimeout):
         return "timeout"
     if isinstance(error, UpstreamConnectFailure | UpstreamTlsError):
         return "connect_failure"
     return "reset"
+
+
+def status_result(status: int) -> str:
+    """The ``result`` label of an attempt answered with ``status``."""
+    return "http_5xx" if status >= 500 else "http_4xx" if status >= 400 else "success"
 
 
 def _exemplar(span: Span | None) -> dict[str, str] | None:
@@ -63,7 +69,7 @@ class AttemptTelemetry:
             elapsed = self._clock.now() - start
             request.upstream_s += elapsed
             metrics.attempt_duration.observe(elapsed, _exemplar(span))
-            result = _error_result(error)
+            result = attempt_result(error)
             metrics.attempt_results[result].inc()
             if isinstance(error, ConnectTimeout):
                 metrics.timeouts["connect"].inc()
@@ -89,8 +95,8 @@ class AttemptTelemetry:
         request.upstream_s += elapsed
         metrics.attempt_duration.observe(elapsed, _exemplar(span))
         status = response.status
-        result = "http_5xx" if status >= 500 else "http_4xx" if status >= 400 else "success"
-        metrics.attempt_results[result].inc()
+        metrics.attempt_results[status_result(status)].inc()
         if span is not None:
+            span.set_attribute("outrigger.connection_reused", response.reused)
             tracing.end_client_span(span, status, None)  # type: ignore[union-attr]
         return response

@@ -9,6 +9,9 @@ class x outcome) are cached on first use.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -23,7 +26,8 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = [
-    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "TIMEOUT_KINDS", "BreakerMetrics", "Metrics", "RouteMetrics",
+    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "ENDPOINT_STATES", "TIMEOUT_KINDS", "BreakerMetrics",
+    "EndpointMetrics", "Metrics", "RouteMetrics",
     "UpstreamMetrics",
     "method_label", "status_class",
 ]
@@ -32,6 +36,7 @@ ATTEMPT_RESULTS = ("success", "http_5xx", "http_4xx", "timeout", "reset", "conne
 TIMEOUT_KINDS = ("connect", "attempt", "total", "idle")
 BREAKER_STATES = ("closed", "open", "half_open")
 DROP_REASONS = ("export_failed", "queue_full", "collector_down", "shutdown")
+ENDPOINT_STATES = ("healthy", "ejected", "slow_start")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
@@ -93,6 +98,13 @@ class Metrics:
                                       registry=r)
         self.spans_dropped = Counter("outrigger_spans_dropped", "Spans not delivered to the trace collector.",
                                      ["reason"], registry=r)
+        self.upstream_endpoints = Gauge("outrigger_upstream_endpoints", "Endpoints of an upstream by state.",
+                                        ["upstream", "state"], registry=r)
+        self.outlier_ejections = Counter("outrigger_outlier_ejections", "Endpoints ejected by outlier detection.",
+                                         ["upstream", "reason"], registry=r)
+        self.endpoint_attempts = Counter("outrigger_endpoint_attempts", "Upstream attempts by endpoint and result.",
+                                         ["upstream", "endpoint", "result"], registry=r)
+        self.endpoint_sources: dict[str, list[Callable[[str], int]]] = {}  # see EndpointMetrics
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         for result in ("success", "failure"):
@@ -106,6 +118,9 @@ class Metrics:
     def for_upstream(self, upstream: str) -> UpstreamMetrics:
         return UpstreamMetrics(self, upstream)
 
+    def for_endpoints(self, upstream: str) -> EndpointMetrics:
+        return EndpointMetrics(self, upstream)
+
     def for_breaker(self, breaker_label: str) -> BreakerMetrics:
         """State series of one breaker (``<upstream>``, or ``<upstream>/<route>`` for a route's own)."""
         return BreakerMetrics(self, breaker_label)
@@ -117,6 +132,65 @@ class UpstreamMetrics:
     def __init__(self, metrics: Metrics, upstream: str) -> None:
         self.upstream = upstream
         self.bulkhead_rejected = metrics.bulkhead_rejected.labels(upstream=upstream)
+
+
+class EndpointMetrics:
+    """An upstream's endpoint series; the endpoint label is bounded by the endpoint count.
+
+    Series of an endpoint that left the set are removed, so discovery churn
+    does not grow the series count.  During a reload two generations of an
+    upstream's endpoint set can be alive; the state gauge follows the newest
+    one in service, and the series go only when the last one closes.
+    """
+
+    def __init__(self, metrics: Metrics, upstream: str) -> None:
+        self._metrics = metrics
+        self.upstream = upstream
+        self._attempts: dict[tuple[str, str], Any] = {}
+        self._count: Callable[[str], int] | None = None
+
+    def watch(self, count: Callable[[str], int]) -> None:
+        """Endpoint counts by state, computed when scraped (no timer follows ejections ending)."""
+        self._count = count
+        sources = self._metrics.endpoint_sources.setdefault(self.upstream, [])
+        sources.append(count)
+        for state in ENDPOINT_STATES:
+            self._metrics.upstream_endpoints.labels(upstream=self.upstream, state=state).set_function(
+                functools.partial(_newest_count, sources, state))
+
+    def attempt(self, endpoint: str, result: str) -> None:
+        key = (endpoint, result)
+        child = self._attempts.get(key)
+        if child is None:
+            child = self._attempts[key] = self._metrics.endpoint_attempts.labels(
+                upstream=self.upstream, endpoint=endpoint, result=result)
+        child.inc()
+
+    def ejected(self, reason: str) -> None:
+        self._metrics.outlier_ejections.labels(upstream=self.upstream, reason=reason).inc()
+
+    def forget(self, endpoint: str) -> None:
+        for key in [key for key in self._attempts if key[0] == endpoint]:
+            del self._attempts[key]
+            with contextlib.suppress(KeyError):
+                self._metrics.endpoint_attempts.remove(self.upstream, endpoint, key[1])
+
+    def close(self) -> None:
+        sources = self._metrics.endpoint_sources.get(self.upstream, [])
+        if self._count in sources:
+            sources.remove(self._count)
+        if sources:
+            return  # a newer generation of this upstream serves on: its series stay
+        self._metrics.endpoint_sources.pop(self.upstream, None)
+        for endpoint in {key[0] for key in self._attempts}:
+            self.forget(endpoint)
+        for state in ENDPOINT_STATES:
+            with contextlib.suppress(KeyError):
+                self._metrics.upstream_endpoints.remove(self.upstream, state)
+
+
+def _newest_count(sources: list[Callable[[str], int]], state: str) -> int:
+    return sources[-1](state) if sources else 0
 
 
 class BreakerMetrics:

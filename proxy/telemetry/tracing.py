@@ -387,6 +387,12 @@ class Tracing:
         }
         if attempt > 1:
             attributes["http.request.resend_count"] = attempt - 1
+        endpoint = request.endpoint
+        if endpoint is not None:  # a balanced upstream: the address this attempt went to
+            host, _, port = endpoint.address.rpartition(":")
+            attributes["network.peer.address"] = host.strip("[]")
+            attributes["network.peer.port"] = int(port)
+            attributes["outrigger.endpoint"] = endpoint.address
         span = self.tracer.start_span(request.method, context=trace.set_span_in_context(request.span),
                                       kind=SpanKind.CLIENT, attributes=attributes)
         self.propagator.inject(request.headers, context=trace.set_span_in_context(span))

@@ -23,6 +23,7 @@ FIELDS = {
     "path",
     "route",
     "upstream",
+    "endpoint",
     "status",
     "attempts",
     "duration_ms",

@@ -63,17 +63,22 @@ class RecordedRequest:
 
 
 class ScriptedUpstream:
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
         self.actions: deque[Any] = deque()
         self.default: Any = Reply()
         self.requests: list[RecordedRequest] = []
-        self.port = 0
+        self.port = port
         self._runner: web.AppRunner | None = None
         self._stall = asyncio.Event()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def script(self, *actions: Any) -> None:
         self.actions.extend(actions)
@@ -141,7 +146,7 @@ class ScriptedUpstream:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -20,6 +20,7 @@ from proxy.chain import ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.h1client import StaleConnection
+from proxy.headers import strip_sidecar_headers
 from proxy.h1pool import ConnectTimeout, H1Pool
 from proxy.tls import client_context
 
@@ -174,4 +175,5 @@ class UpstreamCall:
                 raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)
             except Exception as exc:  # anything else from the socket layer
                 raise map_client_error(exc, pool.name) from exc
+            strip_sidecar_headers(response.headers)  # x-outrigger-* on a response comes from the sidecar only
             return ProxyResponse(response.status, response.headers, upstream=response)

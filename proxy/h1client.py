@@ -32,7 +32,7 @@ from proxy import errors
 if TYPE_CHECKING:
     from proxy.h1pool import H1Pool
 
-__all__ = ["H1Connection", "H1Response", "StaleConnection"]
+__all__ = ["H1Connection", "H1Response", "StaleConnection", "UploadFailed"]
 
 # Response head limits, as aiohttp's client has them: a field or line over 8190 bytes or
 # more than 128 header fields is a protocol error.  llhttp hands a header over only once
@@ -53,6 +53,10 @@ class StaleConnection(errors.UpstreamReset):
     request went out: a race, not an upstream failure.  ``UpstreamCall``
     resends an idempotent request on another connection, outside the retry policy.
     """
+
+
+class UploadFailed(RuntimeError):
+    """The app's request body stream raised while it was being sent: an internal error, not an upstream one."""
 
 
 class _UnsupportedCoding(Exception):
@@ -406,9 +410,9 @@ class H1Connection(asyncio.Protocol):
 
     async def _send(self, body: AsyncIterator[bytes], chunked: bool, head: asyncio.Future[H1Response]) -> None:
         try:
-            async for chunk in body:
+            async for chunk in body:  # the app's stream: what it raises is the app side's failure
                 if self.transport is None:
-                    return
+                    return  # connection_lost settled the head (a reset, or an early answer that wins)
                 if not chunk:
                     continue
                 if chunked:
@@ -417,7 +421,10 @@ class H1Connection(asyncio.Protocol):
                     self.transport.write(chunk)
                 if self._write_paused:
                     self._drain = self.loop.create_future()
-                    await self._drain
+                    try:
+                        await self._drain
+                    except ConnectionError:
+                        return  # the socket broke: connection_lost already settled the head
             if chunked and self.transport is not None:
                 self.transport.write(b"0\r\n\r\n")
         except asyncio.CancelledError:
@@ -426,10 +433,13 @@ class H1Connection(asyncio.Protocol):
             if not head.done():
                 head.set_exception(exc)
             self.close()
-        except Exception:  # the app's stream or the upstream socket broke: the attempt is reset
+        except Exception as exc:
+            # Not the upstream's doing (socket failures end in connection_lost, never here): the
+            # request fails as an internal error, never as upstream_reset, and is not retried.
             if not head.done():
-                head.set_exception(errors.UpstreamReset(
-                    f"connection to upstream {self.pool.name} was reset before response headers"))
+                failed = UploadFailed(f"reading the request body to send upstream failed: {type(exc).__name__}")
+                failed.__cause__ = exc
+                head.set_exception(failed)
             self.close()
         finally:
             self._sender = None

@@ -5,12 +5,13 @@ keep-alive pool (``proxy.h1client``) for proxied requests and an aiohttp
 ``ClientSession`` for WebSocket upgrades.  ``UpstreamCall`` sends one attempt
 and returns as soon as the response headers arrive; the body is streamed later
 by the edge.  Every client/OS error is mapped to a typed ``ProxyError`` before
-the response head, so no policy ever sees a transport exception.
+the response head, so no policy ever sees a transport exception; any other
+exception is a bug (or the app's upload failing) and passes through untyped,
+so that it is never retried or counted against the upstream.
 """
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -20,8 +21,8 @@ from proxy.chain import ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.h1client import StaleConnection
-from proxy.headers import strip_sidecar_headers
 from proxy.h1pool import ConnectTimeout, H1Pool
+from proxy.headers import strip_sidecar_headers
 from proxy.tls import client_context
 
 __all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool", "map_client_error"]
@@ -171,9 +172,10 @@ class UpstreamCall:
                 if request.span is not None:
                     request.event("stale_connection_resent", {"outrigger.attempt": request.attempt})
                 continue
-            except (errors.ProxyError, asyncio.CancelledError):
-                raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)
-            except Exception as exc:  # anything else from the socket layer
+            except (OSError, aiohttp.ClientError) as exc:  # a transport error the client did not type itself
                 raise map_client_error(exc, pool.name) from exc
+            # Typed ProxyErrors and cancellation pass through; anything else (a bug, or the app's
+            # upload stream failing: UploadFailed) is no upstream fault either: it reaches the edge,
+            # which logs its traceback and answers 500 internal, with no retry and no breaker failure.
             strip_sidecar_headers(response.headers)  # x-outrigger-* on a response comes from the sidecar only
             return ProxyResponse(response.status, response.headers, upstream=response)

@@ -1,0 +1,115 @@
+"""Faults of the upstream client found by black-box review (issue 12, items 1-4).
+
+An early answer must win over a failed body write, a response longer than its
+Content-Length must not leave its connection in the pool, a programming error
+must not pass for an upstream fault, and the keep-alive resend must stay
+inside the attempt count.  Upstreams are raw asyncio servers writing exact bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.chain import RequestBody
+from proxy.h1client import H1Connection
+from proxy.lifecycle import Sidecar
+from tests.integration.test_reliability_upstream_faults import Behaviour, Factory, RawUpstream, _read_head
+from tests.support.sidecar import base_config
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[Behaviour], Awaitable[RawUpstream]]]:
+    made: list[RawUpstream] = []
+
+    async def make(behaviour: Behaviour) -> RawUpstream:
+        made.append(RawUpstream(behaviour))
+        await made[-1].start()
+        return made[-1]
+
+    yield make
+    for upstream in made:
+        await upstream.stop()
+
+
+def _breaker_config(url: str, **route: Any) -> dict[str, Any]:
+    route.setdefault("retry", {"max_attempts": 3, "retry_on": ["reset", "connect-failure", "gateway-error"],
+                               "backoff": {"base": "1ms", "max": "2ms"}})
+    config = base_config(url, **route)
+    config["upstreams"]["svc"]["circuit_breaker"] = {"consecutive_failures": 1,
+                                                     "open_duration": {"min": "30s", "max": "30s"}}
+    return config
+
+
+def _sample(sidecar: Sidecar, name: str, **labels: str) -> float:
+    return sidecar.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def _ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+
+# --- item 3: programming errors are internal errors, not upstream faults ---
+
+
+async def test_a_bug_in_the_upstream_client_is_a_500_internal_not_retried_nor_a_breaker_failure(
+        raw_upstream: Any, sidecar_factory: Factory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    upstream = await raw_upstream(_ok)
+    sidecar = await sidecar_factory(_breaker_config(f"http://127.0.0.1:{upstream.port}"))
+    calls = 0
+    real = H1Connection.request
+
+    async def planted(self: H1Connection, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise TypeError("planted bug")
+
+    monkeypatch.setattr(H1Connection, "request", planted)
+    url = f"http://127.0.0.1:{sidecar.port('main')}/r"
+    caplog.set_level(logging.ERROR)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as resp:
+            assert (resp.status, resp.headers.get("x-outrigger-error")) == (500, "internal")
+        assert calls == 1  # not retried
+        assert any(r.exc_info and isinstance(r.exc_info[1], TypeError) for r in caplog.records), \
+            "the bug's traceback is logged"
+        assert _sample(sidecar, "outrigger_retries_total", route="default", upstream="svc", reason="reset") == 0
+        monkeypatch.setattr(H1Connection, "request", real)
+        async with session.get(url) as resp:  # one breaker failure would have opened it (consecutive_failures 1)
+            assert resp.status == 200, resp.headers.get("x-outrigger-error")
+
+
+async def test_a_failing_upload_stream_is_a_500_internal_not_an_upstream_reset(
+        raw_upstream: Any, sidecar_factory: Factory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def drain_then_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        await reader.read(1 << 20)
+        await asyncio.sleep(5)
+
+    upstream = await raw_upstream(drain_then_ok)
+    config = _breaker_config(f"http://127.0.0.1:{upstream.port}")
+    config["listeners"][0]["routes"][0]["retry"]["buffer_limit"] = 1024  # larger bodies stream
+    sidecar = await sidecar_factory(config)
+
+    async def broken(self: RequestBody, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        yield b"x" * 10
+        raise ValueError("the app's stream broke")
+
+    monkeypatch.setattr(RequestBody, "_chunks", broken)
+    caplog.set_level(logging.ERROR)
+    async with aiohttp.ClientSession() as session, \
+            session.post(f"http://127.0.0.1:{sidecar.port('main')}/r", data=b"y" * 100_000) as resp:
+        assert (resp.status, resp.headers.get("x-outrigger-error")) == (500, "internal")
+    assert any(r.exc_info for r in caplog.records), "the failure's traceback is logged"
+    assert _sample(sidecar, "outrigger_upstream_attempts_total", route="default", upstream="svc",
+                   result="reset") == 0

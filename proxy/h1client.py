@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +191,7 @@ class H1Connection(asyncio.Protocol):
         self._idle_target: asyncio.Future[Any] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._idle_s: float | None = None  # the route's idle (read gap) timeout for the current request
+        self._fd = -1
         self.idle_since = 0.0
         self.requests = 0  # requests sent on this connection, the current one included
 
@@ -197,6 +199,10 @@ class H1Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # The raw socket's descriptor, to read an early answer that a failed write left unread
+        # (see _salvage); not for TLS, whose bytes the transport would have to decrypt.
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None and transport.get_extra_info("sslcontext") is None else -1
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self.loop.time()
@@ -226,6 +232,8 @@ class H1Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.transport = None
+        if exc is not None and self._head is not None and not self._head.done():
+            self._salvage()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
@@ -252,6 +260,26 @@ class H1Connection(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_exception(ConnectionResetError("upstream connection lost"))
         self.pool.connection_closed(self)
+
+    def _salvage(self) -> None:
+        """Read what the upstream sent before the connection broke under a write.
+
+        An upstream may answer early (413 and ``Connection: close`` after the head alone)
+        and then close with the body unread, which resets the connection.  When our next
+        write fails first, the transport gives up before reading, yet the answer is in the
+        socket's receive queue, ahead of the reset: that answer wins over the failed write,
+        as it does for curl.  Both asyncio and uvloop close the socket only after
+        ``connection_lost`` returns, so the descriptor is still this connection's.
+        """
+        fd, self._fd = self._fd, -1
+        while fd >= 0 and not self._message_done:
+            try:
+                data = os.read(fd, 256 * 1024)
+            except OSError:  # nothing more queued (BlockingIOError), or the reset itself
+                return
+            if not data:
+                return
+            self.data_received(data)
 
     def pause_writing(self) -> None:
         self._write_paused = True

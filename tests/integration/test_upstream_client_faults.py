@@ -19,7 +19,7 @@ import pytest
 from proxy.chain import RequestBody
 from proxy.h1client import H1Connection
 from proxy.lifecycle import Sidecar
-from tests.integration.test_reliability_upstream_faults import Behaviour, Factory, RawUpstream, _read_head
+from tests.integration.test_reliability_upstream_faults import Behaviour, Factory, RawUpstream, _read_head, _rst
 from tests.support.sidecar import base_config
 
 
@@ -113,3 +113,27 @@ async def test_a_failing_upload_stream_is_a_500_internal_not_an_upstream_reset(
     assert any(r.exc_info for r in caplog.records), "the failure's traceback is logged"
     assert _sample(sidecar, "outrigger_upstream_attempts_total", route="default", upstream="svc",
                    result="reset") == 0
+
+
+# --- item 1: an early answer wins over the failed body write ---
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["streamed", "buffered"])
+async def test_an_early_413_wins_over_the_body_write_the_upstream_then_resets(
+        raw_upstream: Any, sidecar_factory: Factory, buffered: bool) -> None:
+    async def early_413(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)  # the head only: the body is never read
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 8\r\n\r\ntoo big!")
+        await writer.drain()
+        _rst(writer)  # closing with the body unread: the upstream's kernel resets the connection
+
+    upstream = await raw_upstream(early_413)
+    retry = {"max_attempts": 2, "buffer_limit": "4MiB"} if buffered else {"max_attempts": 1}
+    sidecar = await sidecar_factory(base_config(f"http://127.0.0.1:{upstream.port}", retry=retry))
+    url = f"http://127.0.0.1:{sidecar.port('main')}/upload"
+    got = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(30):
+            async with session.post(url, data=b"z" * (2 << 20)) as resp:
+                got.append((resp.status, resp.headers.get("x-outrigger-error"), await resp.read()))
+    assert got == [(413, None, b"too big!")] * 30

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
 from proxy import errors
+
+log = logging.getLogger("outrigger.upstream")
 
 if TYPE_CHECKING:
     from proxy.h1pool import H1Pool
@@ -62,6 +65,10 @@ class UploadFailed(RuntimeError):
 
 class _UnsupportedCoding(Exception):
     """Raised from the parser callback for a Transfer-Encoding other than chunked."""
+
+
+class _Excess(Exception):
+    """Raised from the parser callback when bytes follow a complete response."""
 
 
 class _HeadDone(Exception):
@@ -205,6 +212,9 @@ class H1Connection(asyncio.Protocol):
         self._fd = sock.fileno() if sock is not None and transport.get_extra_info("sslcontext") is None else -1
 
     def data_received(self, data: bytes) -> None:
+        if self._message_done:  # the response was complete: whatever follows is not ours to parse
+            self._excess()
+            return
         self._last_data = self.loop.time()
         self._received = True
         if self._response is None:
@@ -215,7 +225,9 @@ class H1Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadDone):
+            if isinstance(exc.__context__, _Excess):
+                self._excess()
+            elif isinstance(exc.__context__, _HeadDone):
                 self._parser = httptools.HttpResponseParser(self)  # a HEAD response ends at its headers
             elif isinstance(exc.__context__, _HeadTooLarge):
                 self._broken(BadHttpMessage("response head too large"))
@@ -293,6 +305,8 @@ class H1Connection(asyncio.Protocol):
     # --- httptools callbacks ---
 
     def on_message_begin(self) -> None:
+        if self._message_done:  # bytes past the end of the response in the same read
+            raise _Excess
         self._headers = []
 
     # Decoded as aiohttp does (UTF-8, undecodable bytes kept as surrogates), so values reach
@@ -386,6 +400,19 @@ class H1Connection(asyncio.Protocol):
         if self._response is not None:  # reading the body: the head is bounded by the attempt timeout
             self._response._fail(aiohttp.SocketTimeoutError("upstream sent nothing within the idle timeout"))
             self._response._wake()
+        self.close()
+
+    def _excess(self) -> None:
+        """More bytes than the response's framing said: this connection can never be trusted again.
+
+        The excess may look like the next response, which would then be taken as the
+        answer to a request it never saw; nginx discards the connection, and so do we.
+        The response already read is whole and stays good.
+        """
+        if not self._closed:
+            log.warning("upstream sent more data than specified in Content-Length; closing the connection",
+                        extra={"upstream": self.pool.name})
+        self._keep_alive = False
         self.close()
 
     def _broken(self, error: BaseException) -> None:

@@ -137,3 +137,52 @@ async def test_an_early_413_wins_over_the_body_write_the_upstream_then_resets(
             async with session.post(url, data=b"z" * (2 << 20)) as resp:
                 got.append((resp.status, resp.headers.get("x-outrigger-error"), await resp.read()))
     assert got == [(413, None, b"too big!")] * 30
+
+
+# --- item 2: a response longer than its Content-Length is never pooled ---
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["same-packet", "later-packet"])
+async def test_a_response_longer_than_its_content_length_discards_the_connection(
+        raw_upstream: Any, sidecar_factory: Factory, caplog: pytest.LogCaptureFixture, later: bool) -> None:
+    served = 0
+
+    async def overlong_then_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        if served > 1:
+            return await answer(reader, writer)
+        await _read_head(reader)
+        first = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        excess = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"  # looks like the next response
+        if later:
+            writer.write(first)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(excess)
+        else:
+            writer.write(first + excess)
+        await writer.drain()
+        await answer(reader, writer)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"POST"):
+                await reader.readexactly(3)
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nreal")
+            await writer.drain()
+
+    upstream = await raw_upstream(overlong_then_ok)
+    sidecar = await sidecar_factory(base_config(f"http://127.0.0.1:{upstream.port}", retry={"max_attempts": 1}))
+    url = f"http://127.0.0.1:{sidecar.port('main')}/r"
+    caplog.set_level(logging.WARNING)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as resp:
+            assert (resp.status, await resp.read()) == (200, b"ok")
+        await asyncio.sleep(0.15)  # the excess has arrived by now in either case
+        async with session.post(url, data=b"pay") as resp:
+            assert (resp.status, await resp.read()) == (201, b"real"), resp.headers.get("x-outrigger-error")
+    assert upstream.connections == 2  # the POST went out on a fresh connection
+    logged = [r for r in caplog.records if "upstream sent more data than specified" in r.getMessage()]
+    assert len(logged) == 1

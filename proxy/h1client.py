@@ -50,12 +50,21 @@ _LOW_WATER = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
-class StaleConnection(errors.UpstreamReset):
-    """A reused keep-alive connection closed before a single byte of the response came back.
+# A reused connection counts as possibly closed by the upstream's keep-alive timeout only when it
+# sat idle in the pool at least this long before the request: servers' idle timeouts are seconds
+# (nginx 75 s, Node 5 s, gunicorn 2 s), so a connection busy moments ago was not closed by one.
+STALE_IDLE_S = 1.0
 
-    The upstream closed it while idle (its keep-alive timeout) just as this
-    request went out: a race, not an upstream failure.  ``UpstreamCall``
-    resends an idempotent request on another connection, outside the retry policy.
+
+class StaleConnection(errors.UpstreamReset):
+    """The keep-alive race: a pooled connection the upstream closed while it was idle.
+
+    Raised only when all hold: the connection had served a request before, it sat
+    idle in the pool for at least ``STALE_IDLE_S``, and it closed (FIN or RST)
+    before a single byte of the response came back.  The upstream's keep-alive
+    timeout then most likely fired just as this request went out, so the upstream
+    never processed it.  ``StaleResend`` resends an idempotent request once, as a
+    counted attempt.  Any other close before the head is a plain ``UpstreamReset``.
     """
 
 
@@ -199,6 +208,7 @@ class H1Connection(asyncio.Protocol):
         self._sender: asyncio.Task[None] | None = None
         self._idle_s: float | None = None  # the route's idle (read gap) timeout for the current request
         self._fd = -1
+        self._idled_s = 0.0  # how long the connection sat in the pool before the current request
         self.idle_since = 0.0
         self.requests = 0  # requests sent on this connection, the current one included
 
@@ -254,7 +264,7 @@ class H1Connection(asyncio.Protocol):
             where = f"upstream {self.pool.name}"
             if self._received:
                 head.set_exception(errors.UpstreamReset(f"connection to {where} was reset before response headers"))
-            elif self.requests > 1:
+            elif self.requests > 1 and self._idled_s >= STALE_IDLE_S:
                 head.set_exception(StaleConnection(
                     f"{where} closed a reused keep-alive connection before sending response headers"))
             else:
@@ -438,6 +448,8 @@ class H1Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed:
             raise errors.UpstreamReset(f"connection to upstream {self.pool.name} was reset before response headers")
+        now = self.loop.time()
+        self._idled_s = now - self.idle_since if self.requests else 0.0
         self.requests += 1
         self._headers = []
         self._response = None
@@ -447,7 +459,7 @@ class H1Connection(asyncio.Protocol):
         self._head_request = head_request
         self._idle_s = idle_s
         self._informational = False
-        self._last_data = self.loop.time()
+        self._last_data = now
         future: asyncio.Future[H1Response] = self.loop.create_future()
         self._head = future
         if body is None or isinstance(body, bytes):

@@ -20,7 +20,6 @@ from proxy import errors
 from proxy.chain import ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig
-from proxy.h1client import StaleConnection
 from proxy.h1pool import ConnectTimeout, H1Pool
 from proxy.headers import strip_sidecar_headers
 from proxy.tls import client_context
@@ -155,27 +154,16 @@ class UpstreamCall:
         head = "".join([f"{method} {self._target}{request.path} HTTP/1.1\r\n",
                         *[f"{name}: {value}\r\n" for name, value in headers.items()], "\r\n"]
                        ).encode("utf-8", "surrogateescape")
-        fresh = False
-        while True:
-            try:
-                conn = await pool.h1.acquire(self._connect, fresh=fresh)
-                response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
-                                              idle_s=self._idle)
-            except StaleConnection:
-                # The upstream closed an idle pooled connection as this request went out (its
-                # keep-alive timeout racing ours): an idempotent request is sent once more, on a new
-                # connection, as Go's client does. Not a policy retry: a new connection cannot be
-                # stale, so this at most doubles an attempt, and only after a reused one failed.
-                if fresh or not (request.idempotent and request.body.replayable):
-                    raise
-                fresh = True
-                if request.span is not None:
-                    request.event("stale_connection_resent", {"outrigger.attempt": request.attempt})
-                continue
-            except (OSError, aiohttp.ClientError) as exc:  # a transport error the client did not type itself
-                raise map_client_error(exc, pool.name) from exc
-            # Typed ProxyErrors and cancellation pass through; anything else (a bug, or the app's
-            # upload stream failing: UploadFailed) is no upstream fault either: it reaches the edge,
-            # which logs its traceback and answers 500 internal, with no retry and no breaker failure.
-            strip_sidecar_headers(response.headers)  # x-outrigger-* on a response comes from the sidecar only
-            return ProxyResponse(response.status, response.headers, upstream=response)
+        fresh, request.fresh_connection = request.fresh_connection, False
+        try:
+            conn = await pool.h1.acquire(self._connect, fresh=fresh)
+            response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
+                                          idle_s=self._idle)
+        except (OSError, aiohttp.ClientError) as exc:  # a transport error the client did not type itself
+            raise map_client_error(exc, pool.name) from exc
+        # Typed ProxyErrors (StaleConnection among them, for StaleResend) and cancellation pass
+        # through; anything else (a bug, or the app's upload stream failing: UploadFailed) is no
+        # upstream fault either: it reaches the edge, which logs its traceback and answers 500
+        # internal, with no retry and no breaker failure.
+        strip_sidecar_headers(response.headers)  # x-outrigger-* on a response comes from the sidecar only
+        return ProxyResponse(response.status, response.headers, upstream=response)

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy import h1client
 from proxy.chain import RequestBody
 from proxy.h1client import H1Connection
 from proxy.lifecycle import Sidecar
@@ -186,3 +187,47 @@ async def test_a_response_longer_than_its_content_length_discards_the_connection
     assert upstream.connections == 2  # the POST went out on a fresh connection
     logged = [r for r in caplog.records if "upstream sent more data than specified" in r.getMessage()]
     assert len(logged) == 1
+
+
+# --- item 4: resends stay inside max_attempts and are counted ---
+
+
+@pytest.mark.parametrize("stale_idle_s", [None, 0.0], ids=["default-threshold", "every-reuse-counts-as-idle"])
+async def test_an_upstream_resetting_half_the_requests_never_gets_one_more_than_max_attempts_times(
+        raw_upstream: Any, sidecar_factory: Factory, monkeypatch: pytest.MonkeyPatch,
+        stale_idle_s: float | None) -> None:
+    """Every hit is counted: in x-outrigger-attempts, the attempt metric and outrigger_retries_total."""
+    if stale_idle_s is not None:  # the worst case for the resend: every reset on a reused connection qualifies
+        monkeypatch.setattr(h1client, "STALE_IDLE_S", stale_idle_s)
+    hits: dict[str, int] = {}
+
+    async def reset_every_other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1].decode()
+            hits[path] = hits.get(path, 0) + 1
+            if sum(hits.values()) % 2 == 0:
+                _rst(writer)  # read, then reset: the upstream had the request
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    upstream = await raw_upstream(reset_every_other)
+    retry = {"max_attempts": 3, "retry_on": ["reset"], "backoff": {"base": "1ms", "max": "2ms"},
+             "budget": {"ratio": 0.5, "min_per_second": 1}}
+    sidecar = await sidecar_factory(base_config(f"http://127.0.0.1:{upstream.port}", retry=retry))
+    reported = 0
+    async with aiohttp.ClientSession() as session:
+        for i in range(40):
+            async with session.get(f"http://127.0.0.1:{sidecar.port('main')}/r{i}") as resp:
+                await resp.read()
+                reported += int(resp.headers["x-outrigger-attempts"])
+    total = sum(hits.values())
+    assert max(hits.values()) <= 3, hits
+    assert reported == total
+    results = ("success", "http_4xx", "http_5xx", "reset", "timeout", "connect_failure")
+    assert sum(_sample(sidecar, "outrigger_upstream_attempts_total", route="default", upstream="svc", result=r)
+               for r in results) == total
+    retried = sum(_sample(sidecar, "outrigger_retries_total", route="default", upstream="svc", reason=r)
+                  for r in ("reset", "stale_connection"))
+    assert retried == total - 40

@@ -1,4 +1,4 @@
-"""Load ``outrigger.yaml``: env substitution, YAML, typed conversion, checks.
+"""Load ``outrigger.yaml``: YAML and env substitution (``source``), typed conversion, checks.
 
 Every problem becomes a ``ConfigIssue`` carrying the exact path of the bad
 value (``listeners[0].routes[1].retry.max_attempts``).  Sections are
@@ -18,13 +18,14 @@ import re
 import ssl
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
+from proxy.config.issues import ConfigError, ConfigIssue, join_path
+from proxy.config.source import parse_document
 from proxy.config.types import (
     AdminConfig,
     Config,
@@ -50,8 +51,6 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsConfig, "telemetry": TelemetryConfig,
 }
 _KNOWN_TOP = {"version", "listeners", "upstreams", *_SECTIONS}
-# ${VAR}, ${VAR:-default}, and $${...} for a literal ${...} (as in Docker Compose).
-_ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ADMIN_ADDRESS_ENV = "OUTRIGGER_ADMIN_ADDRESS"
 UNROUTED = "none"  # the route (and upstream) label of requests no route matched
 _WILDCARDS = frozenset({"0.0.0.0", "::", "*"})
@@ -60,30 +59,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-class ConfigError(Exception):
-    """The config is invalid; ``issues`` lists every problem with its path."""
-
-    def __init__(self, issues: list[ConfigIssue], source: str = "<config>") -> None:
-        self.issues = issues
-        self.source = source
-        super().__init__("\n".join(str(i) for i in issues))
-
-
-def _join(base: str, sub: str) -> str:
-    if not sub:
-        return base
-    if not base:
-        return sub
-    return base + sub if sub.startswith("[") else f"{base}.{sub}"
+_join = join_path
 
 
 def _struct_in(tp: Any) -> type[msgspec.Struct] | None:
@@ -127,84 +103,6 @@ def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T |
             sub, message = _join(sub, unknown[1]), "unknown key"
         issues.append(ConfigIssue(_join(path, sub), message))
         return None
-
-
-def _split_comment(line: str) -> tuple[str, str]:
-    """Split a YAML line into (content, comment); ``#`` inside quotes is content."""
-    quote = ""
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i], line[i:]
-    return line, ""
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two YAML 1.1 traps removed.
-
-    Only ``true``/``false`` are booleans (YAML 1.2): in YAML 1.1 a bare ``on``,
-    ``off``, ``yes`` or ``no`` is a boolean too, which would turn the key
-    ``fallback.on`` into ``True``.  And a key given twice in one mapping is an
-    error instead of the last one silently winning.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # Checked as written, before merge keys (`<<: *base`) are flattened in: a key that
-        # overrides a merged one is the point of a merge, not a duplicate.
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.get(key)
-            except TypeError:
-                continue  # an unhashable key: the base class reports it
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-_StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def _substitute_env(text: str, env: Mapping[str, str], issues: list[ConfigIssue]) -> str:
-    """Replace ${VAR} and ${VAR:-default} outside comments, with the shell's meaning.
-
-    ``${VAR:-default}`` takes the default when VAR is unset or empty; ``${VAR}``
-    takes VAR as it is, and an unset VAR with no default is an error.
-    ``$${VAR}`` stands for the literal text ``${VAR}``.
-    """
-    out: list[str] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        content, comment = _split_comment(line)
-
-        def repl(match: re.Match[str], number: int = number) -> str:
-            escaped, name, default = match[1], match[2], match[3]
-            if escaped:
-                return match[0][1:]
-            value = env.get(name)
-            if default is not None:
-                return value if value else default
-            if value is not None:
-                return value
-            issues.append(ConfigIssue(f"line {number}", f"environment variable {name} is not set "
-                                                         f"(use ${{{name}:-default}})"))
-            return ""
-
-        out.append(_ENV_REF.sub(repl, content) + comment)
-    return "\n".join(out)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -386,9 +284,8 @@ def _route(raw: Any, path: str, defaults_raw: dict[str, Any], upstreams_raw: dic
 def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     """Parse and validate a config document; raise ``ConfigError`` listing every issue."""
     issues: list[ConfigIssue] = []
-    text = _substitute_env(text, os.environ if env is None else env, issues)
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+        raw = parse_document(text, os.environ if env is None else env, issues)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -396,6 +293,8 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         raise ConfigError([*issues, ConfigIssue(where, f"invalid YAML: {problem}")], source) from None
     if not isinstance(raw, dict):
         raise ConfigError([*issues, ConfigIssue("", "the config must be a YAML mapping")], source)
+    if issues:  # an unset variable: what follows would only report its empty value again
+        raise ConfigError(issues, source)
     admin_env = (os.environ if env is None else env).get(_ADMIN_ADDRESS_ENV)
     if admin_env and isinstance(raw.get("admin") or {}, dict) and "address" not in (raw.get("admin") or {}):
         # The container images and manifests set this to expose the probes to the kubelet

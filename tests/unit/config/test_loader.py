@@ -233,11 +233,46 @@ listeners:
 """
 
 
-def test_env_var_that_is_unset_is_an_error_naming_it_and_its_line() -> None:
+def test_env_var_that_is_unset_is_an_error_naming_it_and_the_value_it_is_in() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(_ENV_DOC, env={})
     assert [str(i) for i in info.value.issues] == [
-        "line 8: environment variable LISTEN is not set (use ${LISTEN:-default})"]
+        "listeners[0].address: environment variable LISTEN is not set (use ${LISTEN:-default})"]
+
+
+def test_env_value_with_a_newline_cannot_add_keys_to_the_config() -> None:
+    hostile = "http://a:8080\n    max_connections: 1"
+    with pytest.raises(ConfigError) as info:
+        load_config(_ENV_DOC, env={"LISTEN": "127.0.0.1:1", "SVC_URL": hostile})
+    assert [i.path for i in info.value.issues] == ["upstreams.svc.url"]  # one odd url, not a new key
+    unquoted = "  svc:\n    url: ${SVC_URL}"
+    doc = _ENV_DOC.replace('  svc: {url: "${SVC_URL:-http://fallback:8080}"}', unquoted)
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, env={"LISTEN": "127.0.0.1:1", "SVC_URL": hostile})
+    assert [i.path for i in info.value.issues] == ["upstreams.svc.url"]
+
+
+def test_env_value_with_a_hash_is_kept_whole_not_cut_as_a_comment() -> None:
+    doc = _ENV_DOC.replace("    routes: [{name: d, upstream: svc}]",
+                           "    routes:\n      - name: d\n        upstream: svc\n        fallback:\n"
+                           "          body: ${BODY}")
+    config = load_config(doc, env={"LISTEN": "127.0.0.1:1", "BODY": "price # 5 {not: yaml}"})
+    fallback = config.listeners[0].routes[0].fallback
+    assert fallback is not None and fallback.body == "price # 5 {not: yaml}"
+
+
+def test_env_var_that_is_a_whole_plain_value_takes_the_type_it_spells() -> None:
+    doc = _ENV_DOC.replace('  svc: {url: "${SVC_URL:-http://fallback:8080}"}',
+                           '  svc:\n    url: "http://svc:8080"\n    max_connections: ${MAXC:-7}')
+    assert load_config(doc, env={"LISTEN": "127.0.0.1:1"}).upstreams["svc"].max_connections == 7
+    assert load_config(doc, env={"LISTEN": "127.0.0.1:1", "MAXC": "12"}).upstreams["svc"].max_connections == 12
+
+
+def test_env_reference_in_a_key_is_not_substituted() -> None:
+    doc = _ENV_DOC.replace("version: 1\n", "version: 1\n${EXTRA}: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, env={"LISTEN": "127.0.0.1:1", "EXTRA": "drain"})
+    assert [i.path for i in info.value.issues] == ["${EXTRA}"]
 
 
 def test_env_var_default_is_used_when_unset_and_value_wins_when_set() -> None:

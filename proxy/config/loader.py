@@ -219,16 +219,25 @@ def _block_type(block: str) -> Any:
 
 
 def _listeners(raw: Any, defaults_raw: dict[str, Any], upstreams_raw: dict[str, Any],
-               issues: list[ConfigIssue]) -> list[ListenerConfig]:
+               issues: list[ConfigIssue]) -> tuple[list[ListenerConfig], list[tuple[int, ListenerConfig]]]:
+    """The valid listeners, and every listener whose own keys are valid, with its index.
+
+    The second list is for the address and name checks: a listener whose routes are
+    broken still takes its port, and an error in it must name its own index.
+    """
     listeners: list[ListenerConfig] = []
+    shells: list[tuple[int, ListenerConfig]] = []
     if not isinstance(raw, list) or not raw:
         issues.append(ConfigIssue("listeners", "expected a non-empty list of listeners"))
-        return listeners
+        return listeners, shells
     for li, body in enumerate(raw):
         path = f"listeners[{li}]"
         body_map = _as_mapping(body, path, issues)
         if body_map is None:
             continue
+        shell = _convert({**body_map, "routes": []}, ListenerConfig, path, issues)
+        if shell is not None:
+            shells.append((li, shell))
         routes_raw = body_map.get("routes")
         if not isinstance(routes_raw, list) or not routes_raw:
             issues.append(ConfigIssue(f"{path}.routes", "expected a non-empty list of routes"))
@@ -238,10 +247,9 @@ def _listeners(raw: Any, defaults_raw: dict[str, Any], upstreams_raw: dict[str, 
             route = _route(route_raw, f"{path}.routes[{ri}]", defaults_raw, upstreams_raw, issues)
             if route is not None:
                 routes.append(route)
-        shell = _convert({**body_map, "routes": []}, ListenerConfig, path, issues)
         if shell is not None and len(routes) == len(routes_raw):
             listeners.append(msgspec.structs.replace(shell, routes=tuple(routes)))
-    return listeners
+    return listeners, shells
 
 
 def _route(raw: Any, path: str, defaults_raw: dict[str, Any], upstreams_raw: dict[str, Any],
@@ -317,21 +325,21 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
     # only repeat them. Any other section's errors are reported alongside the routes'.
     if any(i.path.startswith(("line ", "defaults", "upstreams")) for i in issues):
         raise ConfigError(issues, source)
-    listeners = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
-    _check_addresses(listeners, sections.get("admin"), issues)
+    listeners, shells = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
+    _check_addresses(shells, sections.get("admin"), issues)
     _check_route_names(raw.get("listeners"), issues)
     if issues:
         raise ConfigError(issues, source)
     return Config(version=1, listeners=tuple(listeners), upstreams=upstreams, **sections)
 
 
-def _check_addresses(listeners: list[ListenerConfig], admin: AdminConfig | None,
+def _check_addresses(listeners: list[tuple[int, ListenerConfig]], admin: AdminConfig | None,
                      issues: list[ConfigIssue]) -> None:
     seen: dict[str, str] = {}
     entries = [("admin.address", admin.address)] if admin else []
-    entries += [(f"listeners[{i}].address", lst.address) for i, lst in enumerate(listeners)]
+    entries += [(f"listeners[{i}].address", lst.address) for i, lst in listeners]
     names: set[str] = set()
-    for i, lst in enumerate(listeners):
+    for i, lst in listeners:
         if lst.name in names:
             issues.append(ConfigIssue(f"listeners[{i}].name", f"duplicate listener name '{lst.name}'"))
         names.add(lst.name)

@@ -590,3 +590,29 @@ def test_a_duplicate_route_name_is_reported_alongside_the_routes_other_errors() 
         "listeners[0].routes[1].timeout: attempt (90s) is longer than total (5s)",
         "listeners[0].routes[1].name: duplicate route name 'charges'",
     ])
+
+
+# --- listeners whose routes are broken still take part in the address checks ---
+
+
+def _second_listener(address: str) -> Callable[[dict[str, Any]], None]:
+    def edit(d: dict[str, Any]) -> None:
+        _route(d).update(upstream="nope")  # listener 0 has an invalid route
+        d["listeners"].append({"name": "second", "address": address,
+                               "routes": [{"name": "other", "upstream": "payments"}]})
+    return edit
+
+
+def test_a_bad_address_is_reported_at_its_own_listener_index_after_a_listener_with_a_bad_route() -> None:
+    issues = _issues(_second_listener("15002"))
+    assert "listeners[1].address: invalid address '15002'; expected host:port" in issues
+    assert not any(i.startswith("listeners[0].address") for i in issues)
+
+
+def test_a_listener_with_a_bad_route_is_still_checked_for_an_address_clash() -> None:
+    def edit(d: dict[str, Any]) -> None:
+        _route(d).update(upstream="nope")
+        d["listeners"][0]["address"] = "127.0.0.1:9901"  # the admin's
+    issues = _issues(edit)
+    assert "listeners[0].address: address 127.0.0.1:9901 is already used by admin.address" in issues
+    assert "listeners[0].routes[0].upstream: unknown upstream 'nope'" in issues

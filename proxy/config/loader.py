@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from proxy.config.hints import block_expected, field_named, hint, unknown_key
 from proxy.config.issues import ConfigError, ConfigIssue, join_path
 from proxy.config.source import parse_document
 from proxy.config.types import (
@@ -78,13 +79,16 @@ def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T |
     (``attempt`` longer than ``total``) run once each key is valid.
     """
     struct = _struct_in(tp)
+    if struct is not None and raw is not None and not isinstance(raw, dict):
+        issues.append(ConfigIssue(path, block_expected(struct, raw)))  # `timeout: 5s`
+        return None
     if struct is not None and isinstance(raw, dict):
         fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
         found = len(issues)
         for key, value in raw.items():
             field = fields.get(key)
             if field is None:
-                issues.append(ConfigIssue(_join(path, str(key)), "unknown key"))
+                issues.append(ConfigIssue(_join(path, str(key)), unknown_key(key, fields)))
             else:
                 _convert(value, field.type, _join(path, str(key)), issues)
         if len(issues) > found:
@@ -101,7 +105,9 @@ def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T |
         unknown = _UNKNOWN.fullmatch(message)
         if unknown:
             sub, message = _join(sub, unknown[1]), "unknown key"
-        issues.append(ConfigIssue(_join(path, sub), message))
+        elif not sub and struct is not None:
+            sub = field_named(message, struct) or ""  # a block's own check about one of its keys
+        issues.append(ConfigIssue(_join(path, sub), hint(message, tp)))
         return None
 
 
@@ -310,8 +316,10 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         raw["admin"] = {**(raw.get("admin") or {}), "address": admin_env}
     for key in raw:
         if key not in _KNOWN_TOP:
-            issues.append(ConfigIssue(str(key), "unknown key"))
-    if raw.get("version") != 1 or isinstance(raw.get("version"), bool):
+            issues.append(ConfigIssue(str(key), unknown_key(key, _KNOWN_TOP)))
+    if "version" not in raw:
+        issues.append(ConfigIssue("version", "missing; add `version: 1` at the top of the file"))
+    elif raw.get("version") != 1 or isinstance(raw.get("version"), bool):
         issues.append(ConfigIssue("version", f"unsupported version {raw.get('version')!r}; expected 1"))
     sections: dict[str, Any] = {}
     for key, tp in _SECTIONS.items():

@@ -97,11 +97,12 @@ def map_client_error(exc: BaseException, upstream: str) -> errors.ProxyError:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return errors.UpstreamTlsError(f"TLS handshake with {where} failed: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return errors.UpstreamConnectFailure(f"DNS lookup for {where} failed")
+        return errors.UpstreamConnectFailure(f"DNS lookup for {where} failed: cannot resolve host {exc.host!r}")
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return ConnectTimeout(f"connecting to {where} timed out")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return errors.UpstreamConnectFailure(f"could not connect to {where}: {exc.strerror or exc}")
+        return errors.UpstreamConnectFailure(
+            f"could not connect to {where} at {exc.host}:{exc.port}: {exc.strerror or exc}")
     if isinstance(exc, aiohttp.SocketTimeoutError):
         return errors.UpstreamTimeout(f"{where} sent nothing within the idle timeout")
     if isinstance(exc, aiohttp.ServerDisconnectedError):

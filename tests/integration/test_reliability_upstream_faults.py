@@ -140,6 +140,24 @@ async def test_dns_failure_is_503_upstream_connect_failure(sidecar_factory: Fact
     await _assert_fault(sidecar, 503, "upstream_connect_failure", "connect_failure")
 
 
+async def _message(sidecar: Sidecar) -> str:
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{sidecar.port('main')}/fault") as resp:
+        body = await resp.json()
+        return str(body["message"])
+
+
+async def test_a_dns_failure_names_the_host_it_tried_to_resolve(sidecar_factory: Factory) -> None:
+    sidecar = await sidecar_factory(_config("http://outrigger-test.invalid:80"))
+    assert "'outrigger-test.invalid'" in await _message(sidecar)
+
+
+async def test_a_refused_connection_names_the_address_it_tried(sidecar_factory: Factory) -> None:
+    port = free_port()
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{port}"))
+    assert f"127.0.0.1:{port}" in await _message(sidecar)
+
+
 async def test_reset_before_response_headers_is_502_upstream_reset(
         sidecar_factory: Factory, raw_upstream: Callable[[Behaviour], Awaitable[RawUpstream]]) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

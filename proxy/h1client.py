@@ -419,7 +419,12 @@ class H1Connection(asyncio.Protocol):
         answer to a request it never saw; nginx discards the connection, and so do we.
         The response already read is whole and stays good.
         """
-        if not self._closed:
+        if self._closed:
+            pass
+        elif self._head is None and self._response is None:  # idle in the pool (a 408 before its close...)
+            log.info("upstream sent unsolicited data on an idle keep-alive connection; closing it",
+                     extra={"upstream": self.pool.name})
+        else:
             log.warning("upstream sent more data than specified in Content-Length; closing the connection",
                         extra={"upstream": self.pool.name})
         self._keep_alive = False

@@ -177,7 +177,7 @@ async def test_a_response_longer_than_its_content_length_discards_the_connection
     upstream = await raw_upstream(overlong_then_ok)
     sidecar = await sidecar_factory(base_config(f"http://127.0.0.1:{upstream.port}", retry={"max_attempts": 1}))
     url = f"http://127.0.0.1:{sidecar.port('main')}/r"
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     async with aiohttp.ClientSession() as session:
         async with session.get(url) as resp:
             assert (resp.status, await resp.read()) == (200, b"ok")
@@ -185,7 +185,10 @@ async def test_a_response_longer_than_its_content_length_discards_the_connection
         async with session.post(url, data=b"pay") as resp:
             assert (resp.status, await resp.read()) == (201, b"real"), resp.headers.get("x-outrigger-error")
     assert upstream.connections == 2  # the POST went out on a fresh connection
-    logged = [r for r in caplog.records if "upstream sent more data than specified" in r.getMessage()]
+    # Excess in the response's own read is nginx's case; excess arriving once the connection
+    # idles in the pool is unsolicited data there: either way one line, and the connection is gone.
+    expected = ("upstream sent more data than specified", *(("unsolicited data on an idle",) if later else ()))
+    logged = [r for r in caplog.records if any(text in r.getMessage() for text in expected)]
     assert len(logged) == 1
 
 

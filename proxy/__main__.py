@@ -80,13 +80,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.path is not None and args.config is not None and args.path != args.config:
+        print("outrigger: validate: give the config file once, as --config FILE or as FILE", file=sys.stderr)
+        return 2
+    path = _config_path(args.config or args.path)  # the same lookup as `run`
     try:
-        config = load_config_file(args.path)
+        config = load_config_file(path)
     except ConfigError as exc:
         _print_errors(exc)
         return 1
     routes = sum(len(lst.routes) for lst in config.listeners)
-    print(f"outrigger: {args.path} is valid: {len(config.listeners)} listener(s), {routes} route(s), "
+    print(f"outrigger: {path} is valid: {len(config.listeners)} listener(s), {routes} route(s), "
           f"{len(config.upstreams)} upstream(s)")
     return 0
 
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a config file and exit")
-    validate.add_argument("path")
+    validate.add_argument("path", nargs="?", help="config file (or --config FILE)")
+    validate.add_argument("--config", help=f"config file (default: $OUTRIGGER_CONFIG, then {DEFAULT_CONFIG})")
     validate.set_defaults(func=cmd_validate)
 
     demo = sub.add_parser("demo", help="show the sidecar fixing a flaky upstream")

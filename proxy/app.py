@@ -31,6 +31,7 @@ from proxy.policies.deadline import Deadline
 from proxy.policies.fallback import Fallback
 from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
+from proxy.policies.stale_resend import StaleResend
 from proxy.policies.timeout import AttemptTimeout
 from proxy.routing import Route, Router
 from proxy.telemetry.attempts import AttemptTelemetry
@@ -230,6 +231,10 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     endpoints = upstream.pool.endpoints
     if endpoints is not None:
         policies.append(Balance(endpoints, clock, other_endpoint=config.retry.other_endpoint))
+
+    # Stale-connection resend: inside breaker and bulkhead (the keep-alive race is no upstream
+    # failure, and the resend keeps the slot), outside telemetry (the resend is a counted attempt).
+    policies.append(StaleResend(max_attempts=config.retry.max_attempts, budget=budget, metrics=route_metrics))
 
     # Attempt telemetry: sees exactly the attempts that go out, and how each ended.
     policies.append(AttemptTelemetry(route=config.name, pool=upstream.pool, metrics=route_metrics,

@@ -74,8 +74,9 @@ class ProxyRequest:
     """One request from the app, as it moves through a route's chain."""
 
     __slots__ = (
-        "attempt", "body", "deadline", "deadline_timer", "endpoint", "headers", "idempotency_key", "max_attempts",
-        "method", "path", "request_id", "span", "timeout_override", "tried", "upstream_s",
+        "attempt", "body", "deadline", "deadline_timer", "endpoint", "fresh_connection", "headers",
+        "idempotency_key", "max_attempts", "method", "path", "request_id", "span", "stale_resent", "timeout_override",
+        "tried", "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
@@ -93,7 +94,9 @@ class ProxyRequest:
         self.span = span  # the SERVER span while it is recording, else None
         self.deadline = math.inf  # monotonic; set by the deadline policy
         self.deadline_timer: Expiry | None = None  # the deadline policy's timer
-        self.attempt = 0  # 1-based, set by the retry policy
+        self.attempt = 0  # 1-based, set by the retry policy; the stale-connection resend adds one
+        self.stale_resent = False  # the one keep-alive-race resend was spent (StaleResend)
+        self.fresh_connection = False  # the next attempt skips idle pooled connections (set by StaleResend)
         self.idempotency_key = "idempotency-key" in headers
         self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
         # The current attempt's endpoint and every endpoint tried so far, on balanced upstreams only;

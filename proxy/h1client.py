@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +31,12 @@ from multidict import CIMultiDict
 
 from proxy import errors
 
+log = logging.getLogger("outrigger.upstream")
+
 if TYPE_CHECKING:
     from proxy.h1pool import H1Pool
 
-__all__ = ["H1Connection", "H1Response", "StaleConnection"]
+__all__ = ["H1Connection", "H1Response", "StaleConnection", "UploadFailed"]
 
 # Response head limits, as aiohttp's client has them: a field or line over 8190 bytes or
 # more than 128 header fields is a protocol error.  llhttp hands a header over only once
@@ -46,17 +50,34 @@ _LOW_WATER = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
-class StaleConnection(errors.UpstreamReset):
-    """A reused keep-alive connection closed before a single byte of the response came back.
+# A reused connection counts as possibly closed by the upstream's keep-alive timeout only when it
+# sat idle in the pool at least this long before the request: servers' idle timeouts are seconds
+# (nginx 75 s, Node 5 s, gunicorn 2 s), so a connection busy moments ago was not closed by one.
+STALE_IDLE_S = 1.0
 
-    The upstream closed it while idle (its keep-alive timeout) just as this
-    request went out: a race, not an upstream failure.  ``UpstreamCall``
-    resends an idempotent request on another connection, outside the retry policy.
+
+class StaleConnection(errors.UpstreamReset):
+    """The keep-alive race: a pooled connection the upstream closed while it was idle.
+
+    Raised only when all hold: the connection had served a request before, it sat
+    idle in the pool for at least ``STALE_IDLE_S``, and it closed (FIN or RST)
+    before a single byte of the response came back.  The upstream's keep-alive
+    timeout then most likely fired just as this request went out, so the upstream
+    never processed it.  ``StaleResend`` resends an idempotent request once, as a
+    counted attempt.  Any other close before the head is a plain ``UpstreamReset``.
     """
+
+
+class UploadFailed(RuntimeError):
+    """The app's request body stream raised while it was being sent: an internal error, not an upstream one."""
 
 
 class _UnsupportedCoding(Exception):
     """Raised from the parser callback for a Transfer-Encoding other than chunked."""
+
+
+class _Excess(Exception):
+    """Raised from the parser callback when bytes follow a complete response."""
 
 
 class _HeadDone(Exception):
@@ -186,6 +207,8 @@ class H1Connection(asyncio.Protocol):
         self._idle_target: asyncio.Future[Any] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._idle_s: float | None = None  # the route's idle (read gap) timeout for the current request
+        self._fd = -1
+        self._idled_s = 0.0  # how long the connection sat in the pool before the current request
         self.idle_since = 0.0
         self.requests = 0  # requests sent on this connection, the current one included
 
@@ -193,8 +216,15 @@ class H1Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # The raw socket's descriptor, to read an early answer that a failed write left unread
+        # (see _salvage); not for TLS, whose bytes the transport would have to decrypt.
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None and transport.get_extra_info("sslcontext") is None else -1
 
     def data_received(self, data: bytes) -> None:
+        if self._message_done:  # the response was complete: whatever follows is not ours to parse
+            self._excess()
+            return
         self._last_data = self.loop.time()
         self._received = True
         if self._response is None:
@@ -205,7 +235,9 @@ class H1Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadDone):
+            if isinstance(exc.__context__, _Excess):
+                self._excess()
+            elif isinstance(exc.__context__, _HeadDone):
                 self._parser = httptools.HttpResponseParser(self)  # a HEAD response ends at its headers
             elif isinstance(exc.__context__, _HeadTooLarge):
                 self._broken(BadHttpMessage("response head too large"))
@@ -222,6 +254,8 @@ class H1Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.transport = None
+        if exc is not None and self._head is not None and not self._head.done():
+            self._salvage()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
@@ -230,7 +264,7 @@ class H1Connection(asyncio.Protocol):
             where = f"upstream {self.pool.name}"
             if self._received:
                 head.set_exception(errors.UpstreamReset(f"connection to {where} was reset before response headers"))
-            elif self.requests > 1:
+            elif self.requests > 1 and self._idled_s >= STALE_IDLE_S:
                 head.set_exception(StaleConnection(
                     f"{where} closed a reused keep-alive connection before sending response headers"))
             else:
@@ -249,6 +283,26 @@ class H1Connection(asyncio.Protocol):
             drain.set_exception(ConnectionResetError("upstream connection lost"))
         self.pool.connection_closed(self)
 
+    def _salvage(self) -> None:
+        """Read what the upstream sent before the connection broke under a write.
+
+        An upstream may answer early (413 and ``Connection: close`` after the head alone)
+        and then close with the body unread, which resets the connection.  When our next
+        write fails first, the transport gives up before reading, yet the answer is in the
+        socket's receive queue, ahead of the reset: that answer wins over the failed write,
+        as it does for curl.  Both asyncio and uvloop close the socket only after
+        ``connection_lost`` returns, so the descriptor is still this connection's.
+        """
+        fd, self._fd = self._fd, -1
+        while fd >= 0 and not self._message_done:
+            try:
+                data = os.read(fd, 256 * 1024)
+            except OSError:  # nothing more queued (BlockingIOError), or the reset itself
+                return
+            if not data:
+                return
+            self.data_received(data)
+
     def pause_writing(self) -> None:
         self._write_paused = True
 
@@ -261,6 +315,8 @@ class H1Connection(asyncio.Protocol):
     # --- httptools callbacks ---
 
     def on_message_begin(self) -> None:
+        if self._message_done:  # bytes past the end of the response in the same read
+            raise _Excess
         self._headers = []
 
     # Decoded as aiohttp does (UTF-8, undecodable bytes kept as surrogates), so values reach
@@ -356,6 +412,24 @@ class H1Connection(asyncio.Protocol):
             self._response._wake()
         self.close()
 
+    def _excess(self) -> None:
+        """More bytes than the response's framing said: this connection can never be trusted again.
+
+        The excess may look like the next response, which would then be taken as the
+        answer to a request it never saw; nginx discards the connection, and so do we.
+        The response already read is whole and stays good.
+        """
+        if self._closed:
+            pass
+        elif self._head is None and self._response is None:  # idle in the pool (a 408 before its close...)
+            log.info("upstream sent unsolicited data on an idle keep-alive connection; closing it",
+                     extra={"upstream": self.pool.name})
+        else:
+            log.warning("upstream sent more data than specified in Content-Length; closing the connection",
+                        extra={"upstream": self.pool.name})
+        self._keep_alive = False
+        self.close()
+
     def _broken(self, error: BaseException) -> None:
         head = self._head
         if head is not None and not head.done():
@@ -379,6 +453,8 @@ class H1Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed:
             raise errors.UpstreamReset(f"connection to upstream {self.pool.name} was reset before response headers")
+        now = self.loop.time()
+        self._idled_s = now - self.idle_since if self.requests else 0.0
         self.requests += 1
         self._headers = []
         self._response = None
@@ -388,7 +464,7 @@ class H1Connection(asyncio.Protocol):
         self._head_request = head_request
         self._idle_s = idle_s
         self._informational = False
-        self._last_data = self.loop.time()
+        self._last_data = now
         future: asyncio.Future[H1Response] = self.loop.create_future()
         self._head = future
         if body is None or isinstance(body, bytes):
@@ -406,9 +482,9 @@ class H1Connection(asyncio.Protocol):
 
     async def _send(self, body: AsyncIterator[bytes], chunked: bool, head: asyncio.Future[H1Response]) -> None:
         try:
-            async for chunk in body:
+            async for chunk in body:  # the app's stream: what it raises is the app side's failure
                 if self.transport is None:
-                    return
+                    return  # connection_lost settled the head (a reset, or an early answer that wins)
                 if not chunk:
                     continue
                 if chunked:
@@ -417,7 +493,10 @@ class H1Connection(asyncio.Protocol):
                     self.transport.write(chunk)
                 if self._write_paused:
                     self._drain = self.loop.create_future()
-                    await self._drain
+                    try:
+                        await self._drain
+                    except ConnectionError:
+                        return  # the socket broke: connection_lost already settled the head
             if chunked and self.transport is not None:
                 self.transport.write(b"0\r\n\r\n")
         except asyncio.CancelledError:
@@ -426,10 +505,13 @@ class H1Connection(asyncio.Protocol):
             if not head.done():
                 head.set_exception(exc)
             self.close()
-        except Exception:  # the app's stream or the upstream socket broke: the attempt is reset
+        except Exception as exc:
+            # Not the upstream's doing (socket failures end in connection_lost, never here): the
+            # request fails as an internal error, never as upstream_reset, and is not retried.
             if not head.done():
-                head.set_exception(errors.UpstreamReset(
-                    f"connection to upstream {self.pool.name} was reset before response headers"))
+                failed = UploadFailed(f"reading the request body to send upstream failed: {type(exc).__name__}")
+                failed.__cause__ = exc
+                head.set_exception(failed)
             self.close()
         finally:
             self._sender = None

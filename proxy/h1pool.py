@@ -74,6 +74,8 @@ class H1Pool:
 
     async def _connect(self, timeout_s: float | None) -> H1Connection:
         where = f"upstream {self.name}"
+        # The host and port tried, so that a 503 says what to check (DNS, the port, a typo in the URL).
+        address = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
         self._connecting += 1
         try:
             async with asyncio.timeout(timeout_s):
@@ -81,13 +83,15 @@ class H1Pool:
                     lambda: H1Connection(self), self._host, self._port, ssl=self._ssl,
                     server_hostname=self._server_hostname if self._ssl is not None else None)
         except TimeoutError:
-            raise ConnectTimeout(f"connecting to {where} timed out") from None
+            raise ConnectTimeout(f"connecting to {where} at {address} timed out") from None
         except ssl.SSLError as exc:
             raise errors.UpstreamTlsError(f"TLS handshake with {where} failed: {exc}") from exc
         except socket.gaierror as exc:
-            raise errors.UpstreamConnectFailure(f"DNS lookup for {where} failed") from exc
+            raise errors.UpstreamConnectFailure(
+                f"DNS lookup for {where} failed: cannot resolve host {self._host!r} ({exc.strerror or exc})") from exc
         except OSError as exc:
-            raise errors.UpstreamConnectFailure(f"could not connect to {where}: {exc.strerror or exc}") from exc
+            raise errors.UpstreamConnectFailure(
+                f"could not connect to {where} at {address}: {exc.strerror or exc}") from exc
         finally:
             self._connecting -= 1
             self._wake_one()

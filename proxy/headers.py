@@ -16,13 +16,17 @@ from proxy.errors import BadRequest
 
 __all__ = [
     "ATTEMPTS_HEADER", "MAX_ATTEMPTS_HEADER", "REQUEST_ID_HEADER", "TIMEOUT_HEADER", "connection_listed",
-    "parse_overrides", "request_id", "response_headers", "upstream_headers", "valid_traceparent",
+    "parse_overrides", "request_id", "response_headers", "strip_sidecar_headers", "upstream_headers",
+    "valid_traceparent",
 ]
 
 REQUEST_ID_HEADER = "x-request-id"
 TIMEOUT_HEADER = "x-outrigger-timeout-ms"
 MAX_ATTEMPTS_HEADER = "x-outrigger-max-attempts"
 ATTEMPTS_HEADER = "x-outrigger-attempts"
+# Response headers with this prefix are Outrigger's word to the app (x-outrigger-error, -fallback,
+# -attempts): only the sidecar may set them, so an upstream's own are dropped.
+SIDECAR_PREFIX = "x-outrigger-"
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
@@ -100,6 +104,19 @@ def response_headers(upstream: Iterable[tuple[str, str]], listed: set[str]) -> C
         if not _is_hop(name, listed):
             out.add(name, value)
     return out
+
+
+def strip_sidecar_headers(headers: CIMultiDict[str]) -> None:
+    """Drop every ``x-outrigger-*`` header an upstream sent, so it cannot forge the sidecar's.
+
+    Applied where an upstream's response enters the chain (``UpstreamCall``), not in
+    ``response_headers``: the edge also passes the fallback policy's own response through
+    that, and its ``x-outrigger-fallback`` must survive.
+    """
+    prefix = len(SIDECAR_PREFIX)
+    forged = {name for name in headers if name[:prefix].lower() == SIDECAR_PREFIX}
+    for name in forged:
+        del headers[name]
 
 
 def parse_overrides(headers: CIMultiDictProxy[str]) -> tuple[float | None, int | None]:

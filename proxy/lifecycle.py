@@ -86,7 +86,9 @@ class Sidecar:
         self._watch_interval = watch_interval_s
         self._watch_task: asyncio.Task[None] | None = None
         self._file_state: tuple[Any, ...] | None = None  # the file as last read by a reload
-        self._applied_state: tuple[Any, ...] | None = None  # the file as last applied
+        self._attempted_content: str | None = None  # digest of the file's content last attempted
+        self._attempt_succeeded = True
+        self._attempt_failed_outside = False  # it failed for a cause outside the file: SIGHUP retries
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -119,7 +121,8 @@ class Sidecar:
         if self.access_log is not None:
             self.access_log.start()
         if self.config_path is not None:
-            self._file_state = self._applied_state = self._stat_config()
+            self._file_state = self._stat_config()
+            self._attempted_content = self._file_state[-1] if self._file_state is not None else None
         if self.config_path is not None and self._watch_interval > 0:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         self.ready = True
@@ -175,27 +178,36 @@ class Sidecar:
             await asyncio.sleep(self._watch_interval)
             state = await asyncio.to_thread(self._stat_config)
             if state is not None and state != self._file_state:
-                await self.reload_from_file()
+                await self.reload_from_file(trigger="watch")
 
-    async def reload_from_file(self) -> bool:
-        """Load the config file and apply it (the file watcher and SIGHUP); never raises.
+    async def reload_from_file(self, *, trigger: str = "signal") -> bool:
+        """Load the config file and apply it (``trigger``: the file watcher or SIGHUP); never raises.
 
-        A file already applied as it stands is not applied again, so an edit
-        followed by SIGHUP reloads once, whichever of the two sees it first; a
-        file whose reload failed is tried again on SIGHUP.
+        The count follows the file's content, never the race between the two triggers:
+
+        * one version of the file (its content) is attempted once: one edit counts exactly
+          one success or one failure, whichever trigger reads it first; the other trigger,
+          and a SIGHUP on the version last attempted, is no new attempt and is logged so;
+        * the exception: a version whose attempt failed for a cause outside the file (a
+          busy port at bind, an upstream pool that would not start) is tried again on SIGHUP.
         """
         if self.config_path is None:
             return False
         if self.draining:
             log.info("config reload skipped: the sidecar is draining", extra={"config": self.config_path})
             return False
-        async with self._reload_lock:  # one reload at a time, the "already applied" check included
+        async with self._reload_lock:  # one reload at a time, the "already attempted" check included
             state = await asyncio.to_thread(self._stat_config)
-            if state is not None and state == self._applied_state:
-                log.info("config file unchanged since it was applied; nothing to reload",
-                         extra={"config": self.config_path})
-                return True
             self._file_state = state  # the watcher does not try this version again
+            content = state[-1] if state is not None else None
+            retry = trigger == "signal" and self._attempt_failed_outside
+            if content == self._attempted_content and not retry:
+                outcome = "was applied" if self._attempt_succeeded else "failed"
+                log.info(f"config file unchanged since its last reload attempt, which {outcome}; nothing to reload",
+                         extra={"config": self.config_path})
+                return self._attempt_succeeded
+            self._attempted_content = content
+            self._attempt_succeeded = self._attempt_failed_outside = False
             try:
                 config = await asyncio.to_thread(load_config_file, self.config_path)
             except ConfigError as exc:
@@ -204,9 +216,9 @@ class Sidecar:
                 applied = await self._apply_locked(config)
             except Exception as exc:  # a bug must not end the watcher: the next edit is still picked up
                 log.exception("config reload failed", extra={"config": self.config_path})
-                return self._reload_failed(f"config reload failed; keeping the active config: {exc}")
-            if applied:
-                self._applied_state = state
+                applied = self._reload_failed(f"config reload failed; keeping the active config: {exc}")
+            self._attempt_succeeded = applied
+            self._attempt_failed_outside = not applied and not self.draining  # the file itself was valid
             return applied
 
     def _reload_failed(self, message: str) -> bool:
@@ -399,7 +411,7 @@ class Sidecar:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop_signal)
         with contextlib.suppress(NotImplementedError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file()))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file(trigger="signal")))
         try:
             await self.start()
         except BaseException:

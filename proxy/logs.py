@@ -1,4 +1,10 @@
-"""Structured logs: JSON lines on stderr with level, message and request id."""
+"""Structured logs: JSON lines on stderr with level, message and request id.
+
+The handler never writes on the caller's thread: lines go to a ``LineWriter``
+(stream ``log``), whose thread writes them to stderr, so a stalled stderr
+reader cannot block the event loop; beyond its bound lines are dropped and
+counted in ``outrigger_log_lines_dropped_total{stream="log"}``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from proxy.telemetry.line_writer import LineWriter
 
 __all__ = ["configure_logging", "log"]
 
@@ -31,8 +39,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class NonBlockingHandler(logging.Handler):
+    """Formats on the caller's thread, writes on the ``LineWriter``'s."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # as logging.StreamHandler does: a broken record is reported, not raised
+            self.handleError(record)
+            return
+        self.writer.write([line])
+
+    def flush(self) -> None:
+        # Called by logging.shutdown() at exit: the last lines (a fatal error) get out, within a bound.
+        self.writer.wait_written(1.0)
+
+
 def configure_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = NonBlockingHandler(LineWriter(sys.stderr, "log"))
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

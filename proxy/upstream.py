@@ -5,7 +5,9 @@ keep-alive pool (``proxy.h1client``) for proxied requests and an aiohttp
 ``ClientSession`` for WebSocket upgrades.  ``UpstreamCall`` sends one attempt
 and returns as soon as the response headers arrive; the body is streamed later
 by the edge.  Every client/OS error is mapped to a typed ``ProxyError`` before
-the response head, so no policy ever sees a transport exception.
+the response head, so no policy ever sees a transport exception; any other
+exception is a bug (or the app's upload failing) and passes through untyped,
+so that it is never retried or counted against the upstream.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig, parse_address
 from proxy.endpoints.discovery import Discovery
 from proxy.endpoints.endpoint_set import Endpoint, EndpointSet, keep_warm
-from proxy.h1client import StaleConnection
 from proxy.h1pool import ConnectTimeout, H1Pool
+from proxy.headers import strip_sidecar_headers
 from proxy.telemetry.metrics import EndpointMetrics
 from proxy.tls import client_context
 
@@ -165,11 +167,12 @@ def map_client_error(exc: BaseException, upstream: str) -> errors.ProxyError:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return errors.UpstreamTlsError(f"TLS handshake with {where} failed: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return errors.UpstreamConnectFailure(f"DNS lookup for {where} failed")
+        return errors.UpstreamConnectFailure(f"DNS lookup for {where} failed: cannot resolve host {exc.host!r}")
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return ConnectTimeout(f"connecting to {where} timed out")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return errors.UpstreamConnectFailure(f"could not connect to {where}: {exc.strerror or exc}")
+        return errors.UpstreamConnectFailure(
+            f"could not connect to {where} at {exc.host}:{exc.port}: {exc.strerror or exc}")
     if isinstance(exc, aiohttp.SocketTimeoutError):
         return errors.UpstreamTimeout(f"{where} sent nothing within the idle timeout")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -222,28 +225,19 @@ class UpstreamCall:
         head = "".join([f"{method} {self._target}{request.path} HTTP/1.1\r\n",
                         *[f"{name}: {value}\r\n" for name, value in headers.items()], "\r\n"]
                        ).encode("utf-8", "surrogateescape")
-        fresh = False
-        while True:
-            try:
-                conn = await pool.connections(request.endpoint).acquire(self._connect, fresh=fresh)
-                reused = conn.requests > 0
-                response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
-                                              idle_s=self._idle)
-            except StaleConnection:
-                # The upstream closed an idle pooled connection as this request went out (its
-                # keep-alive timeout racing ours): an idempotent request is sent once more, on a new
-                # connection, as Go's client does. Not a policy retry: a new connection cannot be
-                # stale, so this at most doubles an attempt, and only after a reused one failed.
-                if fresh or not (request.idempotent and request.body.replayable):
-                    raise
-                fresh = True
-                if request.span is not None:
-                    request.event("stale_connection_resent", {"outrigger.attempt": request.attempt})
-                continue
-            except (errors.ProxyError, asyncio.CancelledError):
-                raise  # the client raises typed errors itself (and RequestTooLarge from the app's stream)
-            except Exception as exc:  # anything else from the socket layer
-                raise map_client_error(exc, pool.name) from exc
-            proxied = ProxyResponse(response.status, response.headers, upstream=response)
-            proxied.reused = reused
-            return proxied
+        fresh, request.fresh_connection = request.fresh_connection, False
+        try:
+            conn = await pool.connections(request.endpoint).acquire(self._connect, fresh=fresh)
+            reused = conn.requests > 0
+            response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
+                                          idle_s=self._idle)
+        except (OSError, aiohttp.ClientError) as exc:  # a transport error the client did not type itself
+            raise map_client_error(exc, pool.name) from exc
+        # Typed ProxyErrors (StaleConnection among them, for StaleResend) and cancellation pass
+        # through; anything else (a bug, or the app's upload stream failing: UploadFailed) is no
+        # upstream fault either: it reaches the edge, which logs its traceback and answers 500
+        # internal, with no retry and no breaker failure.
+        strip_sidecar_headers(response.headers)  # x-outrigger-* on a response comes from the sidecar only
+        proxied = ProxyResponse(response.status, response.headers, upstream=response)
+        proxied.reused = reused
+        return proxied

@@ -1,4 +1,4 @@
-"""Load ``outrigger.yaml``: env substitution, YAML, typed conversion, checks.
+"""Load ``outrigger.yaml``: YAML and env substitution (``source``), typed conversion, checks.
 
 Every problem becomes a ``ConfigIssue`` carrying the exact path of the bad
 value (``listeners[0].routes[1].retry.max_attempts``).  Sections are
@@ -18,13 +18,15 @@ import re
 import ssl
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
+from proxy.config.hints import block_expected, field_named, hint, unknown_key
+from proxy.config.issues import ConfigError, ConfigIssue, join_path
+from proxy.config.source import parse_document
 from proxy.config.types import (
     AdminConfig,
     Config,
@@ -50,8 +52,6 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsConfig, "telemetry": TelemetryConfig,
 }
 _KNOWN_TOP = {"version", "listeners", "upstreams", *_SECTIONS}
-# ${VAR}, ${VAR:-default}, and $${...} for a literal ${...} (as in Docker Compose).
-_ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ADMIN_ADDRESS_ENV = "OUTRIGGER_ADMIN_ADDRESS"
 UNROUTED = "none"  # the route (and upstream) label of requests no route matched
 _WILDCARDS = frozenset({"0.0.0.0", "::", "*"})
@@ -60,30 +60,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-class ConfigError(Exception):
-    """The config is invalid; ``issues`` lists every problem with its path."""
-
-    def __init__(self, issues: list[ConfigIssue], source: str = "<config>") -> None:
-        self.issues = issues
-        self.source = source
-        super().__init__("\n".join(str(i) for i in issues))
-
-
-def _join(base: str, sub: str) -> str:
-    if not sub:
-        return base
-    if not base:
-        return sub
-    return base + sub if sub.startswith("[") else f"{base}.{sub}"
+_join = join_path
 
 
 def _struct_in(tp: Any) -> type[msgspec.Struct] | None:
@@ -102,13 +79,16 @@ def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T |
     (``attempt`` longer than ``total``) run once each key is valid.
     """
     struct = _struct_in(tp)
+    if struct is not None and raw is not None and not isinstance(raw, dict):
+        issues.append(ConfigIssue(path, block_expected(struct, raw)))  # `timeout: 5s`
+        return None
     if struct is not None and isinstance(raw, dict):
         fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
         found = len(issues)
         for key, value in raw.items():
             field = fields.get(key)
             if field is None:
-                issues.append(ConfigIssue(_join(path, str(key)), "unknown key"))
+                issues.append(ConfigIssue(_join(path, str(key)), unknown_key(key, fields)))
             else:
                 _convert(value, field.type, _join(path, str(key)), issues)
         if len(issues) > found:
@@ -125,86 +105,10 @@ def _convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T |
         unknown = _UNKNOWN.fullmatch(message)
         if unknown:
             sub, message = _join(sub, unknown[1]), "unknown key"
-        issues.append(ConfigIssue(_join(path, sub), message))
+        elif not sub and struct is not None:
+            sub = field_named(message, struct) or ""  # a block's own check about one of its keys
+        issues.append(ConfigIssue(_join(path, sub), hint(message, tp)))
         return None
-
-
-def _split_comment(line: str) -> tuple[str, str]:
-    """Split a YAML line into (content, comment); ``#`` inside quotes is content."""
-    quote = ""
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i], line[i:]
-    return line, ""
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two YAML 1.1 traps removed.
-
-    Only ``true``/``false`` are booleans (YAML 1.2): in YAML 1.1 a bare ``on``,
-    ``off``, ``yes`` or ``no`` is a boolean too, which would turn the key
-    ``fallback.on`` into ``True``.  And a key given twice in one mapping is an
-    error instead of the last one silently winning.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # Checked as written, before merge keys (`<<: *base`) are flattened in: a key that
-        # overrides a merged one is the point of a merge, not a duplicate.
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.get(key)
-            except TypeError:
-                continue  # an unhashable key: the base class reports it
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-_StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def _substitute_env(text: str, env: Mapping[str, str], issues: list[ConfigIssue]) -> str:
-    """Replace ${VAR} and ${VAR:-default} outside comments, with the shell's meaning.
-
-    ``${VAR:-default}`` takes the default when VAR is unset or empty; ``${VAR}``
-    takes VAR as it is, and an unset VAR with no default is an error.
-    ``$${VAR}`` stands for the literal text ``${VAR}``.
-    """
-    out: list[str] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        content, comment = _split_comment(line)
-
-        def repl(match: re.Match[str], number: int = number) -> str:
-            escaped, name, default = match[1], match[2], match[3]
-            if escaped:
-                return match[0][1:]
-            value = env.get(name)
-            if default is not None:
-                return value if value else default
-            if value is not None:
-                return value
-            issues.append(ConfigIssue(f"line {number}", f"environment variable {name} is not set "
-                                                         f"(use ${{{name}:-default}})"))
-            return ""
-
-        out.append(_ENV_REF.sub(repl, content) + comment)
-    return "\n".join(out)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -350,16 +254,25 @@ def _block_type(block: str) -> Any:
 
 
 def _listeners(raw: Any, defaults_raw: dict[str, Any], upstreams_raw: dict[str, Any],
-               issues: list[ConfigIssue]) -> list[ListenerConfig]:
+               issues: list[ConfigIssue]) -> tuple[list[ListenerConfig], list[tuple[int, ListenerConfig]]]:
+    """The valid listeners, and every listener whose own keys are valid, with its index.
+
+    The second list is for the address and name checks: a listener whose routes are
+    broken still takes its port, and an error in it must name its own index.
+    """
     listeners: list[ListenerConfig] = []
+    shells: list[tuple[int, ListenerConfig]] = []
     if not isinstance(raw, list) or not raw:
         issues.append(ConfigIssue("listeners", "expected a non-empty list of listeners"))
-        return listeners
+        return listeners, shells
     for li, body in enumerate(raw):
         path = f"listeners[{li}]"
         body_map = _as_mapping(body, path, issues)
         if body_map is None:
             continue
+        shell = _convert({**body_map, "routes": []}, ListenerConfig, path, issues)
+        if shell is not None:
+            shells.append((li, shell))
         routes_raw = body_map.get("routes")
         if not isinstance(routes_raw, list) or not routes_raw:
             issues.append(ConfigIssue(f"{path}.routes", "expected a non-empty list of routes"))
@@ -369,10 +282,9 @@ def _listeners(raw: Any, defaults_raw: dict[str, Any], upstreams_raw: dict[str, 
             route = _route(route_raw, f"{path}.routes[{ri}]", defaults_raw, upstreams_raw, issues)
             if route is not None:
                 routes.append(route)
-        shell = _convert({**body_map, "routes": []}, ListenerConfig, path, issues)
         if shell is not None and len(routes) == len(routes_raw):
             listeners.append(msgspec.structs.replace(shell, routes=tuple(routes)))
-    return listeners
+    return listeners, shells
 
 
 def _route(raw: Any, path: str, defaults_raw: dict[str, Any], upstreams_raw: dict[str, Any],
@@ -415,9 +327,8 @@ def _route(raw: Any, path: str, defaults_raw: dict[str, Any], upstreams_raw: dic
 def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     """Parse and validate a config document; raise ``ConfigError`` listing every issue."""
     issues: list[ConfigIssue] = []
-    text = _substitute_env(text, os.environ if env is None else env, issues)
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+        raw = parse_document(text, os.environ if env is None else env, issues)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -425,6 +336,8 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         raise ConfigError([*issues, ConfigIssue(where, f"invalid YAML: {problem}")], source) from None
     if not isinstance(raw, dict):
         raise ConfigError([*issues, ConfigIssue("", "the config must be a YAML mapping")], source)
+    if issues:  # an unset variable: what follows would only report its empty value again
+        raise ConfigError(issues, source)
     admin_env = (os.environ if env is None else env).get(_ADMIN_ADDRESS_ENV)
     if admin_env and isinstance(raw.get("admin") or {}, dict) and "address" not in (raw.get("admin") or {}):
         # The container images and manifests set this to expose the probes to the kubelet
@@ -432,8 +345,10 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         raw["admin"] = {**(raw.get("admin") or {}), "address": admin_env}
     for key in raw:
         if key not in _KNOWN_TOP:
-            issues.append(ConfigIssue(str(key), "unknown key"))
-    if raw.get("version") != 1 or isinstance(raw.get("version"), bool):
+            issues.append(ConfigIssue(str(key), unknown_key(key, _KNOWN_TOP)))
+    if "version" not in raw:
+        issues.append(ConfigIssue("version", "missing; add `version: 1` at the top of the file"))
+    elif raw.get("version") != 1 or isinstance(raw.get("version"), bool):
         issues.append(ConfigIssue("version", f"unsupported version {raw.get('version')!r}; expected 1"))
     sections: dict[str, Any] = {}
     for key, tp in _SECTIONS.items():
@@ -447,21 +362,21 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
     # only repeat them. Any other section's errors are reported alongside the routes'.
     if any(i.path.startswith(("line ", "defaults", "upstreams")) for i in issues):
         raise ConfigError(issues, source)
-    listeners = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
-    _check_addresses(listeners, sections.get("admin"), issues)
+    listeners, shells = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
+    _check_addresses(shells, sections.get("admin"), issues)
     _check_route_names(raw.get("listeners"), issues)
     if issues:
         raise ConfigError(issues, source)
     return Config(version=1, listeners=tuple(listeners), upstreams=upstreams, **sections)
 
 
-def _check_addresses(listeners: list[ListenerConfig], admin: AdminConfig | None,
+def _check_addresses(listeners: list[tuple[int, ListenerConfig]], admin: AdminConfig | None,
                      issues: list[ConfigIssue]) -> None:
     seen: dict[str, str] = {}
     entries = [("admin.address", admin.address)] if admin else []
-    entries += [(f"listeners[{i}].address", lst.address) for i, lst in enumerate(listeners)]
+    entries += [(f"listeners[{i}].address", lst.address) for i, lst in listeners]
     names: set[str] = set()
-    for i, lst in enumerate(listeners):
+    for i, lst in listeners:
         if lst.name in names:
             issues.append(ConfigIssue(f"listeners[{i}].name", f"duplicate listener name '{lst.name}'"))
         names.add(lst.name)

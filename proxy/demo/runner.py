@@ -177,8 +177,8 @@ async def _demo(duration_s: float, concurrency: int, failure_rate: float) -> int
     await sidecar.stop()
     _print_trace(spans.get_finished_spans())
     await upstream_runner.cleanup()
-    print("\nNext: `outrigger run --config config/outrigger.yaml`, then point your app at the listener; "
-          "see README.md.")
+    print("\nNext: `PAYMENTS_UPSTREAM=http://<your-service>:<port> outrigger run --config config/outrigger.yaml`, "
+          "then point your app at the listener (PAYMENTS_LISTEN, 127.0.0.1:15001); see docs/configuration-notes.md.")
     return 0 if via.total and via.ok / via.total >= direct.ok / max(1, direct.total) else 1
 
 

@@ -1,10 +1,12 @@
 """Access log: one JSON line per request on stdout, written through a buffer.
 
-Lines are appended to an in-memory list and flushed by a periodic task, when
-200 are waiting (every ~15 ms at full load: a bigger buffer saves no
-measurable CPU and only adds to the sidecar's RSS) and on shutdown, so the
-hot path never blocks on a write.  Query strings and header values are never
-logged.
+Lines are appended to an in-memory list and handed to a ``LineWriter`` by a
+periodic task, when 200 are waiting (every ~15 ms at full load: a bigger
+buffer saves no measurable CPU and only adds to the sidecar's RSS) and on
+shutdown.  The writer's thread does the blocking write, so the hot path never
+waits on it; when stdout's reader stalls, lines beyond the writer's bound are
+dropped and counted (``outrigger_log_lines_dropped_total{stream="access"}``).
+Query strings and header values are never logged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from typing import IO
 
 import msgspec
+
+from proxy.telemetry.line_writer import LineWriter
 
 __all__ = ["AccessEntry", "AccessLog"]
 
@@ -45,6 +49,7 @@ class AccessLog:
     def __init__(self, stream: IO[str] | None = None, *, flush_interval_s: float = 0.5,
                  max_buffered: int = 200) -> None:
         self._stream = stream if stream is not None else sys.stdout
+        self._writer = LineWriter(self._stream, "access")
         self._lines: list[str] = []
         self._interval = flush_interval_s
         self._max = max_buffered
@@ -60,7 +65,7 @@ class AccessLog:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self.flush()
+            self._hand_over()
 
     def record(self, entry: AccessEntry) -> None:
         now = time.time()  # one reading, so the milliseconds belong to the same second
@@ -68,17 +73,23 @@ class AccessLog:
         if second != self._second:  # strftime once per second, not once per request
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         entry.time = f"{self._second_text}.{int((now - second) * 1000):03d}Z"
-        self._lines.append(self._encode(entry).decode())
+        self._lines.append(self._encode(entry).decode() + "\n")
         if len(self._lines) >= self._max:
-            self.flush()
+            self._hand_over()
 
-    def flush(self) -> None:
+    def _hand_over(self) -> None:
+        """Queue the waiting lines on the writer: never blocks (a full writer drops them)."""
         if not self._lines:
             return
         lines, self._lines = self._lines, []
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+        self._writer.write(lines)
+
+    def flush(self, timeout_s: float = 2.0) -> None:
+        """Hand the waiting lines over and wait (at most ``timeout_s``) until they are written.
+
+        Blocks the caller: for tests and tools, not the event loop's hot path."""
+        self._hand_over()
+        self._writer.wait_written(timeout_s)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -86,4 +97,7 @@ class AccessLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self.flush()
+        self._hand_over()
+        # The last lines are written off the loop, for a bounded time: a stalled reader
+        # must not hold up shutdown either.
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.wait_written, 2.0)

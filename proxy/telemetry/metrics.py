@@ -23,7 +23,11 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
+
+from proxy.telemetry import line_writer
 
 __all__ = [
     "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "ENDPOINT_STATES", "TIMEOUT_KINDS", "BreakerMetrics",
@@ -52,6 +56,25 @@ def method_label(method: str) -> str:
     """The method as a label value; any non-standard token is ``_OTHER`` (semconv), so apps
     sending made-up methods cannot grow the series count."""
     return method if method in _METHODS else "_OTHER"
+
+
+class _LogDropsCollector(Collector):
+    """``outrigger_log_lines_dropped_total{stream}``: read at scrape time from the process's log writers."""
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = self._family()
+        for stream in ("access", "log"):
+            family.add_metric([stream], line_writer.dropped_lines.get(stream, 0))
+        return [family]
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily("outrigger_log_lines_dropped",
+                                   "Log lines dropped because the stream's reader stalled (stream: access, log).",
+                                   labels=["stream"])
 
 
 class Metrics:
@@ -105,6 +128,7 @@ class Metrics:
         self.endpoint_attempts = Counter("outrigger_endpoint_attempts", "Upstream attempts by endpoint and result.",
                                          ["upstream", "endpoint", "result"], registry=r)
         self.endpoint_sources: dict[str, list[Callable[[str], int]]] = {}  # see EndpointMetrics
+        r.register(_LogDropsCollector())
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         for result in ("success", "failure"):

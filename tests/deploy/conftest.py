@@ -265,6 +265,15 @@ def _dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
     return rules
 
 
+def dockerignored(relative: str) -> bool:
+    """Whether .dockerignore keeps the repo-relative path ``relative`` out of the build context."""
+    verdict = False
+    for negated, regex in _dockerignore_patterns():
+        if regex.fullmatch(relative):
+            verdict = not negated
+    return verdict
+
+
 def build_context(destination: Path) -> Path:
     """Copy the repo as Docker would send it as build context (.dockerignore applied)."""
     rules = _dockerignore_patterns()

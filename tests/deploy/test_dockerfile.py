@@ -204,3 +204,22 @@ def test_lifecycle_hook_commands_in_the_manifests_exist_in_the_image(
     closed = f"127.0.0.1:{free_port()}"
     refused = image.run("wait-ready", "--address", closed, "--timeout", "1s", timeout=30)
     assert refused.returncode != 0
+
+
+@pytest.mark.parametrize("leftover", [
+    ".ci-venv/lib/python3.11/site-packages/aiohttp/__init__.py", ".venv/bin/python", "venv/bin/python",
+    ".hypothesis/examples/0a/1b", ".pytest_cache/v/cache/nodeids", "tests/.pytest_cache/README.md",
+    ".mypy_cache/3.11/proxy/app.data.json", ".ruff_cache/0.6.0/123", "build/lib/proxy/app.py",
+    "dist/outrigger-0.1.0-py3-none-any.whl", "outrigger.egg-info/PKG-INFO", "proxy/outrigger.egg-info/PKG-INFO",
+])
+def test_dockerignore_keeps_build_and_test_leftovers_out_of_the_build_context(leftover: str) -> None:
+    from tests.deploy.conftest import dockerignored
+
+    assert dockerignored(leftover), f"{leftover} would reach the build context"
+
+
+@pytest.mark.parametrize("needed", ["proxy/app.py", "pyproject.toml", "config/outrigger.yaml"])
+def test_dockerignore_keeps_the_package_and_its_config_in_the_build_context(needed: str) -> None:
+    from tests.deploy.conftest import dockerignored
+
+    assert not dockerignored(needed)

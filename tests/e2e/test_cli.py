@@ -181,3 +181,35 @@ async def test_logs_are_json_lines_on_stderr_with_time_level_and_message(upstrea
         assert entry["level"] in {"debug", "info", "warning", "error", "critical"}
     messages = [e["message"] for e in entries]
     assert "outrigger ready" in messages and "outrigger stopped" in messages
+
+
+def _validate(args: list[str], *, cwd: Path, config_env: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "OUTRIGGER_CONFIG"}
+    if config_env is not None:
+        env["OUTRIGGER_CONFIG"] = config_env
+    return subprocess.run([str(CONSOLE_SCRIPT), "validate", *args], capture_output=True, text=True, timeout=30,
+                          check=False, cwd=cwd, env=env)
+
+
+def _write(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    return path
+
+
+def test_validate_accepts_the_config_flag_as_run_does(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mine.yaml")
+    result = _validate(["--config", str(path)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{path} is valid" in result.stdout
+
+
+def test_bare_validate_finds_the_config_as_run_does(tmp_path: Path) -> None:
+    from_env = _write(tmp_path / "env.yaml")
+    result = _validate([], cwd=tmp_path, config_env=str(from_env))
+    assert result.returncode == 0, result.stderr
+    assert f"{from_env} is valid" in result.stdout
+    _write(tmp_path / "config" / "outrigger.yaml")
+    result = _validate([], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "./config/outrigger.yaml is valid" in result.stdout

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 
-from proxy import errors
+from proxy import errors, h1client
 from proxy.h1client import H1Response, StaleConnection
 from proxy.h1pool import H1Pool
 
@@ -264,18 +264,33 @@ async def test_close_before_the_head_is_an_upstream_reset(raw) -> None:  # type:
     assert not isinstance(info.value, StaleConnection)  # a new connection is never stale
 
 
-async def test_reused_connection_closed_before_any_response_byte_is_a_stale_connection(raw) -> None:  # type: ignore[no-untyped-def]
-    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await reader.readuntil(b"\r\n\r\n")  # the keep-alive timeout fires as the next request arrives
+async def _close_on_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")  # the keep-alive timeout fires as the next request arrives
 
-    server, pool = await raw(behaviour)
+
+async def test_reused_connection_idle_past_the_threshold_closed_before_any_response_byte_is_stale(  # type: ignore[no-untyped-def]
+        raw, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h1client, "STALE_IDLE_S", 0.05)
+    server, pool = await raw(_close_on_second)
     assert await body_of(await get(pool)) == b"ok"
+    await asyncio.sleep(0.1)  # idle in the pool, as a connection whose keep-alive timeout can fire
     with pytest.raises(StaleConnection):
         await get(pool)
     assert server.connections == 1
+
+
+async def test_reused_connection_busy_moments_ago_closed_before_any_response_byte_is_a_plain_reset(  # type: ignore[no-untyped-def]
+        raw, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No keep-alive timeout fires on a connection just used: the upstream had the request, so no resend."""
+    monkeypatch.setattr(h1client, "STALE_IDLE_S", 5.0)
+    _server, pool = await raw(_close_on_second)
+    assert await body_of(await get(pool)) == b"ok"
+    with pytest.raises(errors.UpstreamReset) as info:
+        await get(pool)
+    assert not isinstance(info.value, StaleConnection)
 
 
 async def test_a_complete_response_released_unread_leaves_its_connection_reusable(raw) -> None:  # type: ignore[no-untyped-def]

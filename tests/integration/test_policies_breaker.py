@@ -164,3 +164,17 @@ async def test_a_hanging_upstream_trips_the_breaker_when_the_apps_deadline_cuts_
     async with client.get(url(sidecar), headers=headers) as resp:
         assert resp.headers["x-outrigger-error"] == "circuit_open"
     assert len(upstream.requests) == 3
+
+
+async def test_an_upstream_cannot_forge_outrigger_headers_on_its_response(
+        upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession) -> None:
+    upstream.default = Reply(200, b"real", headers={"x-outrigger-error": "circuit_open",
+                                                     "X-Outrigger-Fallback": "true", "x-outrigger-attempts": "9",
+                                                     "X-Custom": "kept"})
+    sidecar = await sidecar_factory(breaker_config(upstream.url, failures=2))
+    async with client.get(url(sidecar)) as resp:
+        assert (resp.status, await resp.read()) == (200, b"real")
+        assert "x-outrigger-error" not in resp.headers
+        assert "x-outrigger-fallback" not in resp.headers
+        assert resp.headers.getall("x-outrigger-attempts") == ["1"]  # the sidecar's own, once
+        assert resp.headers["X-Custom"] == "kept"

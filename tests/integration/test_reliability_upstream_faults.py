@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy import h1client
 from proxy.lifecycle import Sidecar
 from tests.integration.test_core_tls import certs, https_url  # noqa: F401 - fixtures
 from tests.support.ports import free_port
@@ -137,6 +138,24 @@ async def test_dns_failure_is_503_upstream_connect_failure(sidecar_factory: Fact
     """``.invalid`` never resolves (RFC 6761), so no traffic leaves the host."""
     sidecar = await sidecar_factory(_config("http://outrigger-test.invalid:80"))
     await _assert_fault(sidecar, 503, "upstream_connect_failure", "connect_failure")
+
+
+async def _message(sidecar: Sidecar) -> str:
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{sidecar.port('main')}/fault") as resp:
+        body = await resp.json()
+        return str(body["message"])
+
+
+async def test_a_dns_failure_names_the_host_it_tried_to_resolve(sidecar_factory: Factory) -> None:
+    sidecar = await sidecar_factory(_config("http://outrigger-test.invalid:80"))
+    assert "'outrigger-test.invalid'" in await _message(sidecar)
+
+
+async def test_a_refused_connection_names_the_address_it_tried(sidecar_factory: Factory) -> None:
+    port = free_port()
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{port}"))
+    assert f"127.0.0.1:{port}" in await _message(sidecar)
 
 
 async def test_reset_before_response_headers_is_502_upstream_reset(
@@ -356,30 +375,54 @@ def _close_on_second_request(close: Callable[[asyncio.StreamWriter], None]) -> B
 
 
 @pytest.mark.parametrize("close", [_rst, lambda writer: writer.close()], ids=["rst", "fin"])
-async def test_idempotent_request_on_a_pooled_connection_the_upstream_just_closed_is_resent_transparently(
-        raw_upstream: Any, sidecar_factory: Factory, close: Callable[[asyncio.StreamWriter], None]) -> None:
+async def test_idempotent_request_on_an_idle_pooled_connection_the_upstream_just_closed_is_resent_once_and_counted(
+        raw_upstream: Any, sidecar_factory: Factory, close: Callable[[asyncio.StreamWriter], None],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h1client, "STALE_IDLE_S", 0.05)  # the keep-alive race needs an idle connection
     upstream = await raw_upstream(_close_on_second_request(close))
     sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{upstream.port}"))
     url = f"http://127.0.0.1:{sidecar.port('main')}/fault"
     async with aiohttp.ClientSession() as session:
         for expected_connections in (1, 2, 3):
-            async with session.get(url) as resp:  # retries are off: only the transparent resend can save it
+            async with session.get(url) as resp:  # retries are off: only the stale-connection resend can save it
                 assert resp.status == 200, resp.headers.get("x-outrigger-error")
                 assert await resp.read() == b"first"
-                assert resp.headers["x-outrigger-attempts"] == "1"
+                # the race's failed try is an attempt too
+                assert resp.headers["x-outrigger-attempts"] == ("1" if expected_connections == 1 else "2")
             assert upstream.connections == expected_connections
+            await asyncio.sleep(0.1)
     assert _attempts(sidecar, "success") == 3
+    assert _attempts(sidecar, "reset") == 2
+    assert _sample(sidecar, "outrigger_retries_total", route="default", upstream="svc",
+                   reason="stale_connection") == 2
     assert _sample(sidecar, "outrigger_retries_total", route="default", upstream="svc", reason="reset") == 0
 
 
-async def test_post_on_a_pooled_connection_the_upstream_just_closed_is_not_resent(
+async def test_a_connection_reused_at_once_that_the_upstream_closes_is_not_resent(
         raw_upstream: Any, sidecar_factory: Factory) -> None:
+    """Busy moments ago, it was not closed by a keep-alive timeout: the upstream read the request."""
+    upstream = await raw_upstream(_close_on_second_request(_rst))
+    sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{upstream.port}"))
+    url = f"http://127.0.0.1:{sidecar.port('main')}/fault"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as resp:
+            assert resp.status == 200
+        async with session.get(url) as resp:
+            assert (resp.status, resp.headers.get("x-outrigger-error")) == (502, "upstream_reset")
+            assert resp.headers["x-outrigger-attempts"] == "1"
+    assert upstream.connections == 1
+
+
+async def test_post_on_a_pooled_connection_the_upstream_just_closed_is_not_resent(
+        raw_upstream: Any, sidecar_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h1client, "STALE_IDLE_S", 0.05)
     upstream = await raw_upstream(_close_on_second_request(_rst))
     sidecar = await sidecar_factory(_config(f"http://127.0.0.1:{upstream.port}"))
     url = f"http://127.0.0.1:{sidecar.port('main')}/fault"
     async with aiohttp.ClientSession() as session:
         async with session.post(url, data=b"pay") as resp:
             assert resp.status == 200
+        await asyncio.sleep(0.1)  # idle long enough to be the keep-alive race
         async with session.post(url, data=b"pay") as resp:  # it may have been processed: never sent twice
             assert (resp.status, resp.headers.get("x-outrigger-error")) == (502, "upstream_reset")
     assert upstream.connections == 1

@@ -204,7 +204,8 @@ async def test_fifty_reloads_alternating_valid_and_invalid_under_load_fail_no_re
     data = base_config(upstream.url)
     path = tmp_path / "outrigger.yaml"
     _write(path, data)
-    sidecar = await start_sidecar(data, config_path=str(path))
+    # No watcher: this test triggers every reload itself (a watcher could read an edit half-written).
+    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0)
     failures: list[str] = []
     done = 0
     stop = asyncio.Event()
@@ -368,5 +369,80 @@ async def test_a_listener_may_take_over_the_port_another_leaves_under_another_sp
         assert await sidecar.apply(_config(changed))
         async with client.get(f"http://127.0.0.1:{port}/x") as resp:
             assert resp.status == 200
+    finally:
+        await sidecar.stop()
+
+
+# --- the reload count follows the file's content, never the race between watcher and SIGHUP ---
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write as editors and ConfigMaps do, whole at once: a reader never sees half of it."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+async def test_each_invalid_edit_followed_by_sighup_counts_one_failure_with_a_fast_watcher(
+        tmp_path: Path, upstream: ScriptedUpstream, caplog: Any) -> None:
+    data = base_config(upstream.url)
+    path = tmp_path / "outrigger.yaml"
+    _write(path, data)
+    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0.01)
+    try:
+        caplog.set_level("INFO")
+        for i in range(10):
+            _replace(path, f"version: 1\nlisteners: [}}  # edit {i}\n")
+            await asyncio.sleep(0.015 * (i % 3))  # sometimes the watcher reads it first, sometimes SIGHUP
+            await sidecar.reload_from_file(trigger="signal")
+        await asyncio.sleep(0.1)  # the watcher has seen the last edit too
+        assert _reloads(sidecar, "failure") == 10
+        assert _reloads(sidecar, "success") == 0
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and "config reload" in r.getMessage()]
+        assert len(errors) == 10
+    finally:
+        await sidecar.stop()
+
+
+async def test_sighup_on_the_version_last_attempted_is_no_new_attempt_and_says_so(
+        tmp_path: Path, upstream: ScriptedUpstream, caplog: Any) -> None:
+    data = base_config(upstream.url)
+    path = tmp_path / "outrigger.yaml"
+    _write(path, data)
+    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0)
+    try:
+        caplog.set_level("INFO")
+        _replace(path, "version: 1\nlisteners: [}\n")
+        assert await sidecar.reload_from_file() is False
+        assert await sidecar.reload_from_file() is False  # the same broken file: not attempted again
+        assert _reloads(sidecar, "failure") == 1
+        assert any("unchanged since its last reload attempt, which failed" in r.getMessage()
+                   for r in caplog.records)
+        _write(path, data)  # back to the running version: a new version, applied
+        assert await sidecar.reload_from_file() is True
+        assert await sidecar.reload_from_file() is True  # unchanged since applied: nothing to do
+        assert _reloads(sidecar, "success") == 1
+    finally:
+        await sidecar.stop()
+
+
+async def test_sighup_retries_a_version_that_failed_for_a_busy_port_and_counts_each_attempt(
+        tmp_path: Path, upstream: ScriptedUpstream) -> None:
+    data = base_config(upstream.url)
+    path = tmp_path / "outrigger.yaml"
+    _write(path, data)
+    sidecar = await start_sidecar(data, config_path=str(path), watch_interval_s=0)
+    try:
+        with socket.socket() as blocker:
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen()
+            moved = copy.deepcopy(data)
+            moved["listeners"][0]["address"] = f"127.0.0.1:{blocker.getsockname()[1]}"
+            _write(path, moved)
+            assert await sidecar.reload_from_file() is False
+            assert await sidecar.reload_from_file() is False  # the port is still busy: a second attempt
+            assert _reloads(sidecar, "failure") == 2
+        assert await sidecar.reload_from_file() is True  # freed: the same file now applies
+        assert _reloads(sidecar, "success") == 1
     finally:
         await sidecar.stop()

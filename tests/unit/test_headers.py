@@ -11,6 +11,7 @@ from proxy.headers import (
     parse_overrides,
     request_id,
     response_headers,
+    strip_sidecar_headers,
     upstream_headers,
     valid_traceparent,
 )
@@ -58,6 +59,14 @@ def test_response_hop_by_hop_and_connection_listed_headers_are_removed() -> None
                             ("Content-Type", "text/plain"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
     out = response_headers(upstream.items(), connection_listed(upstream))
     assert list(out.items()) == [("Content-Type", "text/plain"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+
+
+def test_upstream_x_outrigger_headers_are_stripped_in_any_case() -> None:
+    upstream = CIMultiDict([("X-Outrigger-Error", "circuit_open"), ("x-outrigger-fallback", "true"),
+                            ("Content-Type", "text/plain"), ("x-outriggers", "not ours"),
+                            ("x-outrigger-attempts", "7")])
+    strip_sidecar_headers(upstream)
+    assert list(upstream.items()) == [("Content-Type", "text/plain"), ("x-outriggers", "not ours")]
 
 
 def test_repeated_end_to_end_headers_keep_every_value_in_order() -> None:

@@ -64,26 +64,27 @@ def test_base_document_loads() -> None:
 
 
 def test_unknown_top_level_key_is_reported_at_its_name() -> None:
-    assert _issues(lambda d: d.update(listner=[])) == ["listner: unknown key"]
+    assert _issues(lambda d: d.update(listner=[])) == ["listner: unknown key; did you mean `listeners`?"]
 
 
 def test_unknown_key_nested_in_a_block_is_reported_with_its_full_path() -> None:
     def edit(d: dict[str, Any]) -> None:
         d["defaults"]["timeout"]["conect"] = "1s"
-    assert _issues(edit) == ["defaults.timeout.conect: unknown key"]
+    assert _issues(edit) == ["defaults.timeout.conect: unknown key; did you mean `connect`?"]
 
 
 def test_unknown_key_directly_in_a_section_is_reported_with_its_full_path() -> None:
-    assert _issues(lambda d: d["drain"].update(grase="1s")) == ["drain.grase: unknown key"]
+    assert _issues(lambda d: d["drain"].update(grase="1s")) == ["drain.grase: unknown key; did you mean `grace`?"]
 
 
 def test_unknown_key_in_a_route_is_reported_with_its_full_path() -> None:
-    assert _issues(lambda d: _route(d, 1).update(upstrem="x")) == ["listeners[0].routes[1].upstrem: unknown key"]
+    issues = _issues(lambda d: _route(d, 1).update(upstrem="x"))
+    assert issues == ["listeners[0].routes[1].upstrem: unknown key; did you mean `upstream`?"]
 
 
 def test_unknown_key_in_a_route_block_is_reported_with_its_full_path() -> None:
     issues = _issues(lambda d: _route(d, 1).update(retry={"max_attempt": 2}))
-    assert issues == ["listeners[0].routes[1].retry.max_attempt: unknown key"]
+    assert issues == ["listeners[0].routes[1].retry.max_attempt: unknown key; did you mean `max_attempts`?"]
 
 
 def test_wrong_type_is_reported_at_its_path() -> None:
@@ -136,7 +137,7 @@ def test_credentials_in_an_upstream_url_are_an_error_not_silently_dropped() -> N
 @pytest.mark.parametrize("size", [0, 100, "1000"])
 def test_max_header_bytes_below_1kib_is_an_error(size: Any) -> None:
     issues = _issues(lambda d: d.update(limits={"max_header_bytes": size}))
-    assert len(issues) == 1 and issues[0].startswith("limits: max_header_bytes") and "at least 1KiB" in issues[0]
+    assert len(issues) == 1 and issues[0].startswith("limits.max_header_bytes: ") and "at least 1KiB" in issues[0]
 
 
 def test_listener_on_the_admin_address_is_an_error() -> None:
@@ -233,11 +234,46 @@ listeners:
 """
 
 
-def test_env_var_that_is_unset_is_an_error_naming_it_and_its_line() -> None:
+def test_env_var_that_is_unset_is_an_error_naming_it_and_the_value_it_is_in() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(_ENV_DOC, env={})
     assert [str(i) for i in info.value.issues] == [
-        "line 8: environment variable LISTEN is not set (use ${LISTEN:-default})"]
+        "listeners[0].address: environment variable LISTEN is not set (use ${LISTEN:-default})"]
+
+
+def test_env_value_with_a_newline_cannot_add_keys_to_the_config() -> None:
+    hostile = "http://a:8080\n    max_connections: 1"
+    with pytest.raises(ConfigError) as info:
+        load_config(_ENV_DOC, env={"LISTEN": "127.0.0.1:1", "SVC_URL": hostile})
+    assert [i.path for i in info.value.issues] == ["upstreams.svc.url"]  # one odd url, not a new key
+    unquoted = "  svc:\n    url: ${SVC_URL}"
+    doc = _ENV_DOC.replace('  svc: {url: "${SVC_URL:-http://fallback:8080}"}', unquoted)
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, env={"LISTEN": "127.0.0.1:1", "SVC_URL": hostile})
+    assert [i.path for i in info.value.issues] == ["upstreams.svc.url"]
+
+
+def test_env_value_with_a_hash_is_kept_whole_not_cut_as_a_comment() -> None:
+    doc = _ENV_DOC.replace("    routes: [{name: d, upstream: svc}]",
+                           "    routes:\n      - name: d\n        upstream: svc\n        fallback:\n"
+                           "          body: ${BODY}")
+    config = load_config(doc, env={"LISTEN": "127.0.0.1:1", "BODY": "price # 5 {not: yaml}"})
+    fallback = config.listeners[0].routes[0].fallback
+    assert fallback is not None and fallback.body == "price # 5 {not: yaml}"
+
+
+def test_env_var_that_is_a_whole_plain_value_takes_the_type_it_spells() -> None:
+    doc = _ENV_DOC.replace('  svc: {url: "${SVC_URL:-http://fallback:8080}"}',
+                           '  svc:\n    url: "http://svc:8080"\n    max_connections: ${MAXC:-7}')
+    assert load_config(doc, env={"LISTEN": "127.0.0.1:1"}).upstreams["svc"].max_connections == 7
+    assert load_config(doc, env={"LISTEN": "127.0.0.1:1", "MAXC": "12"}).upstreams["svc"].max_connections == 12
+
+
+def test_env_reference_in_a_key_is_not_substituted() -> None:
+    doc = _ENV_DOC.replace("version: 1\n", "version: 1\n${EXTRA}: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, env={"LISTEN": "127.0.0.1:1", "EXTRA": "drain"})
+    assert [i.path for i in info.value.issues] == ["${EXTRA}"]
 
 
 def test_env_var_default_is_used_when_unset_and_value_wins_when_set() -> None:
@@ -470,11 +506,11 @@ def test_every_bad_key_of_one_block_is_reported_not_only_the_first() -> None:
         d["telemetry"] = {"tracing": {"exporter": "jaeger", "sample_ratio": "lots"}, "acess_log": {}}
         d["defaults"]["retry"] = {"max_attempts": "three", "backof": {}}
     assert sorted(_issues(edit)) == sorted([
-        "telemetry.tracing.exporter: Invalid enum value 'jaeger'",
+        "telemetry.tracing.exporter: invalid value 'jaeger'; valid values: otlp, console, none",
         "telemetry.tracing.sample_ratio: Expected `float | null`, got `str`",
-        "telemetry.acess_log: unknown key",
+        "telemetry.acess_log: unknown key; did you mean `access_log`?",
         "defaults.retry.max_attempts: Expected `int`, got `str`",
-        "defaults.retry.backof: unknown key",
+        "defaults.retry.backof: unknown key; did you mean `backoff`?",
     ])
 
 
@@ -524,7 +560,8 @@ listeners:
 """
     with pytest.raises(ConfigError) as info:  # x-timeouts is an unknown top-level key, nothing else is wrong
         load_config(doc, env={})
-    assert [str(i) for i in info.value.issues] == ["x-timeouts: unknown key"]
+    assert [str(i) for i in info.value.issues] == [
+        "x-timeouts: unknown key; valid keys: admin, defaults, drain, limits, listeners, telemetry, upstreams, version"]
     route = load_config(doc.replace("x-timeouts: &timeouts", "defaults: {timeout: &timeouts")
                         .replace("total: 5s}", "total: 5s}}"), env={}).listeners[0].routes[0]
     assert (route.timeout.attempt, route.timeout.total) == (2.0, 9.0)
@@ -555,3 +592,70 @@ def test_a_duplicate_route_name_is_reported_alongside_the_routes_other_errors() 
         "listeners[0].routes[1].timeout: attempt (90s) is longer than total (5s)",
         "listeners[0].routes[1].name: duplicate route name 'charges'",
     ])
+
+
+# --- listeners whose routes are broken still take part in the address checks ---
+
+
+def _second_listener(address: str) -> Callable[[dict[str, Any]], None]:
+    def edit(d: dict[str, Any]) -> None:
+        _route(d).update(upstream="nope")  # listener 0 has an invalid route
+        d["listeners"].append({"name": "second", "address": address,
+                               "routes": [{"name": "other", "upstream": "payments"}]})
+    return edit
+
+
+def test_a_bad_address_is_reported_at_its_own_listener_index_after_a_listener_with_a_bad_route() -> None:
+    issues = _issues(_second_listener("15002"))
+    assert "listeners[1].address: invalid address '15002'; expected host:port" in issues
+    assert not any(i.startswith("listeners[0].address") for i in issues)
+
+
+def test_a_listener_with_a_bad_route_is_still_checked_for_an_address_clash() -> None:
+    def edit(d: dict[str, Any]) -> None:
+        _route(d).update(upstream="nope")
+        d["listeners"][0]["address"] = "127.0.0.1:9901"  # the admin's
+    issues = _issues(edit)
+    assert "listeners[0].address: address 127.0.0.1:9901 is already used by admin.address" in issues
+    assert "listeners[0].routes[0].upstream: unknown upstream 'nope'" in issues
+
+
+# --- error messages say what to do ---
+
+
+def test_an_enum_error_lists_the_valid_values() -> None:
+    issues = _issues(lambda d: d.update(telemetry={"tracing": {"exporter": "jaeger"}}))
+    assert issues == ["telemetry.tracing.exporter: invalid value 'jaeger'; valid values: otlp, console, none"]
+
+
+def test_an_enum_error_inside_a_list_lists_the_valid_values() -> None:
+    issues = _issues(lambda d: _route(d).update(retry={"retry_on": ["reset", "5xxx"]}))
+    assert len(issues) == 1 and issues[0].startswith("listeners[0].routes[0].retry.retry_on[1]: invalid value '5xxx'")
+    assert "5xx" in issues[0] and "gateway-error" in issues[0]
+
+
+def test_an_unknown_key_suggests_the_nearest_valid_one() -> None:
+    issues = _issues(lambda d: d["upstreams"]["payments"].update(max_conections=5))
+    assert issues == ["upstreams.payments.max_conections: unknown key; did you mean `max_connections`?"]
+
+
+def test_a_quoted_boolean_says_only_true_and_false_are_booleans() -> None:
+    issues = _issues(lambda d: d.update(telemetry={"access_log": {"enabled": "yes"}}))
+    assert issues == ["telemetry.access_log.enabled: Expected `bool`, got `str`; "
+                      "only true and false (unquoted) are booleans"]
+
+
+def test_a_scalar_where_a_block_is_expected_says_so_and_lists_the_block_keys() -> None:
+    issues = _issues(lambda d: _route(d).update(timeout="5s"))
+    assert issues == ["listeners[0].routes[0].timeout: expected a block (a mapping with the keys connect, attempt, "
+                      "total, idle), got the str '5s'"]
+
+
+def test_a_missing_version_says_to_add_version_1() -> None:
+    issues = _issues(lambda d: d.pop("version"))
+    assert issues == ["version: missing; add `version: 1` at the top of the file"]
+
+
+def test_a_limits_error_names_the_key_not_the_block() -> None:
+    issues = _issues(lambda d: d.update(limits={"header_read_timeout": "0s"}))
+    assert issues == ["limits.header_read_timeout: header_read_timeout must be greater than 0"]

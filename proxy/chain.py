@@ -18,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from proxy.h1client import H1Response
+    from proxy.h1client import H1Response, Informational
     from proxy.timers import Expiry
 
 __all__ = ["Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
@@ -35,7 +35,7 @@ class RequestBody:
     it can never be replayed.
     """
 
-    __slots__ = ("data", "prefix", "received", "started", "stream")
+    __slots__ = ("data", "prefix", "received", "started", "stream", "waiting_on_app")
 
     def __init__(self, data: bytes | None = None, *, prefix: bytes = b"",
                  stream: AsyncIterator[bytes] | None = None) -> None:
@@ -44,6 +44,9 @@ class RequestBody:
         self.stream = stream
         self.started = False
         self.received = len(data) if data is not None else len(prefix)  # body bytes read from the app
+        # True while the stream waits for the app's next bytes (written by the edge): a timeout that
+        # fires then is the app's doing, not the upstream's.
+        self.waiting_on_app = False
 
     @property
     def replayable(self) -> bool:
@@ -67,13 +70,13 @@ class ProxyRequest:
     """One request from the app, as it moves through a route's chain."""
 
     __slots__ = (
-        "attempt", "body", "deadline", "deadline_timer", "headers", "idempotency_key", "max_attempts", "method",
-        "path", "request_id", "span", "timeout_override", "upstream_s",
+        "attempt", "body", "deadline", "deadline_timer", "headers", "idempotency_key", "informational",
+        "max_attempts", "method", "path", "request_id", "span", "timeout_override", "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
                  request_id: str, max_attempts: int | None = None, timeout_override: float | None = None,
-                 span: Span | None = None) -> None:
+                 span: Span | None = None, informational: Informational | None = None) -> None:
         self.method = method
         self.path = path  # path + query as sent upstream (after rewrite)
         self.headers = headers  # headers to send upstream, hop-by-hop already removed
@@ -89,6 +92,8 @@ class ProxyRequest:
         self.attempt = 0  # 1-based, set by the retry policy
         self.idempotency_key = "idempotency-key" in headers
         self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
+        # Set by the edge for HTTP/1.1 apps; the upstream client calls it with each interim 1xx response.
+        self.informational = informational
 
     @property
     def deadline_expired(self) -> bool:

@@ -1,6 +1,6 @@
 """Header rules at the edge: hop-by-hop removal, forwarding, ids, overrides.
 
-Pure functions over multidicts, used by ``proxy.server`` in both directions.
+Pure functions over multidicts, used by ``proxy.edge`` in both directions.
 Nothing here does I/O, so the rules are unit-tested directly.
 """
 
@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from proxy.errors import BadRequest
 
@@ -40,7 +40,7 @@ _ATTEMPTS = re.compile(r"[0-9]{1,3}")
 _MAX_TIMEOUT_MS = 24 * 3600 * 1000
 
 
-def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def connection_listed(headers: MultiMapping[str]) -> set[str]:
     """Lower-cased header names the ``Connection`` header lists (they are hop-by-hop too)."""
     listed: set[str] = set()
     for value in headers.getall("Connection", ()):
@@ -53,7 +53,7 @@ def _is_hop(name: str, listed: set[str]) -> bool:
     return lower in HOP_BY_HOP or lower.startswith("proxy-") or lower in listed
 
 
-def request_id(headers: CIMultiDictProxy[str]) -> str:
+def request_id(headers: MultiMapping[str]) -> str:
     """The caller's x-request-id when well-formed, else a fresh one (never echo garbage)."""
     value = headers.get(REQUEST_ID_HEADER)
     if value is not None and _REQUEST_ID.fullmatch(value):
@@ -72,7 +72,7 @@ def valid_traceparent(value: str) -> bool:
         and not value.startswith("ff")
 
 
-def upstream_headers(incoming: CIMultiDictProxy[str], *, client_ip: str | None, host: str | None,
+def upstream_headers(incoming: MultiMapping[str], *, client_ip: str | None, host: str | None,
                      rid: str, scheme: str = "http") -> CIMultiDict[str]:
     """The app's headers as the upstream should see them."""
     listed = connection_listed(incoming)
@@ -102,7 +102,7 @@ def response_headers(upstream: Iterable[tuple[str, str]], listed: set[str]) -> C
     return out
 
 
-def parse_overrides(headers: CIMultiDictProxy[str]) -> tuple[float | None, int | None]:
+def parse_overrides(headers: MultiMapping[str]) -> tuple[float | None, int | None]:
     """(timeout seconds, max attempts) from the override headers; 400 on garbage."""
     timeout_s: float | None = None
     attempts: int | None = None

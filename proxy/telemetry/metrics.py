@@ -93,6 +93,9 @@ class Metrics:
                                       registry=r)
         self.spans_dropped = Counter("outrigger_spans_dropped", "Spans not delivered to the trace collector.",
                                      ["reason"], registry=r)
+        self.tunnels_active = Gauge("outrigger_tunnels_active", "Upgrade tunnels (WebSocket and others) open now.",
+                                    registry=r)
+        self.tunnels = Counter("outrigger_tunnels", "Upgrade tunnels opened, by route.", ["route"], registry=r)
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         for result in ("success", "failure"):

@@ -118,6 +118,16 @@ async def test_dot_segment_path_is_400_and_no_upstream_connection_is_opened(
     await _assert_refused(sidecar, counting, request, 400, "bad_request")
 
 
+@pytest.mark.parametrize("path", [
+    b"/v1/a/..;/admin", b"/v1/a/%2e%2e;/admin", b"/v1/a/.;/x", b"/v1/..;jsessionid=1/admin", b"/v1/a/..%3b/admin",
+])
+async def test_dot_segment_with_path_parameter_is_refused_like_a_dot_segment(
+        sidecar: Sidecar, counting: CountingUpstream, path: bytes) -> None:
+    """Tomcat, Jetty and Spring resolve '..;' as '..': it must not get past the dot-segment refusal."""
+    request = b"GET " + path + b" HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+    await _assert_refused(sidecar, counting, request, 400, "bad_request")
+
+
 async def test_path_matching_no_route_is_404_and_no_upstream_connection_is_opened(
         sidecar: Sidecar, counting: CountingUpstream) -> None:
     request = b"GET /admin/secrets HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"

@@ -44,6 +44,20 @@ _BODYLESS_STATUS = frozenset({204, 304})
 _SKIP = HOP_BY_HOP | {REQUEST_ID_HEADER, ATTEMPTS_HEADER}
 
 
+_KEEP, _SKIP_IT, _LENGTH = 0, 1, 2
+_KINDS: dict[str, int] = {}  # response header name as the upstream spells it -> what the edge does with it
+
+
+def _kind(name: str) -> int:
+    """Classify a header name once (the same few names come back on every response)."""
+    lower = name.lower()
+    kind = _SKIP_IT if lower in _SKIP or lower.startswith("proxy-") else _LENGTH if lower == "content-length" \
+        else _KEEP
+    if len(_KINDS) < 4096:  # bounded: an upstream inventing names cannot grow it without end
+        _KINDS[name] = kind
+    return kind
+
+
 class IncomingBody:
     """The app's request body as the parser delivers it; read by one consumer."""
 
@@ -174,13 +188,18 @@ async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyRes
     headers = proxied.headers
     listed = connection_listed(headers) if "Connection" in headers else None
     has_length = False
+    kinds = _KINDS
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in _SKIP or lower.startswith("proxy-") or (listed is not None and lower in listed):
-            continue
-        if lower == "content-length":
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name)
+        if kind == _KEEP:
+            if listed is not None and name.lower() in listed:
+                continue
+            lines.append(f"{name}: {value}\r\n")
+        elif kind == _LENGTH:
             has_length = True
-        lines.append(f"{name}: {value}\r\n")
+            lines.append(f"{name}: {value}\r\n")
     lines.append(f"{REQUEST_ID_HEADER}: {rid}\r\n{ATTEMPTS_HEADER}: {proxied.attempts}\r\n")
     bodyless = req.method == "HEAD" or status in _BODYLESS_STATUS or status < 200
     chunked = False

@@ -74,6 +74,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._head_size = 0
+        self._limits = listener.limits
         self._method: str | None = None  # an extension method llhttp does not know, for the next head
         self._in_message = False
         self._in_head = False
@@ -183,6 +184,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = self._in_head = True
+        self._limits = self.listener.limits  # read once per request: a reload applies from the next one
         self._url = b""
         self._headers = []
         self._head_size = 0
@@ -193,7 +195,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
-        limits = self.listener.limits
+        limits = self._limits
         if len(headers) >= limits.max_headers:
             raise _Refused(errors.HeadersTooLarge(
                 f"request has more than limits.max_headers ({limits.max_headers}) header fields"))
@@ -209,7 +211,7 @@ class EdgeProtocol(asyncio.Protocol):
         parser = self._parser
         method = self._method or parser.get_method().decode("ascii")
         self._method = None
-        limits = self.listener.limits
+        limits = self._limits
         if len(method) + len(self._url) + self._head_size + 14 > limits.max_head:
             raise _Refused(errors.HeadersTooLarge(
                 f"request head exceeds limits.max_header_bytes ({limits.max_head} bytes)"))

@@ -18,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from proxy.h1client import H1Response
+    from proxy.h1client import H1Response, Informational
     from proxy.timers import Expiry
 
 __all__ = ["AttemptTarget", "Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
@@ -35,7 +35,7 @@ class RequestBody:
     it can never be replayed.
     """
 
-    __slots__ = ("data", "prefix", "received", "started", "stream")
+    __slots__ = ("data", "prefix", "received", "started", "stream", "waiting_on_app")
 
     def __init__(self, data: bytes | None = None, *, prefix: bytes = b"",
                  stream: AsyncIterator[bytes] | None = None) -> None:
@@ -44,6 +44,9 @@ class RequestBody:
         self.stream = stream
         self.started = False
         self.received = len(data) if data is not None else len(prefix)  # body bytes read from the app
+        # True while the stream waits for the app's next bytes (written by the edge): a timeout that
+        # fires then is the app's doing, not the upstream's.
+        self.waiting_on_app = False
 
     @property
     def replayable(self) -> bool:
@@ -75,13 +78,13 @@ class ProxyRequest:
 
     __slots__ = (
         "attempt", "body", "deadline", "deadline_timer", "endpoint", "fresh_connection", "headers",
-        "idempotency_key", "max_attempts", "method", "path", "request_id", "span", "stale_resent", "timeout_override",
-        "tried", "upstream_s",
+        "idempotency_key", "informational", "max_attempts", "method", "path", "request_id", "span", "stale_resent",
+        "timeout_override", "tried", "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
                  request_id: str, max_attempts: int | None = None, timeout_override: float | None = None,
-                 span: Span | None = None) -> None:
+                 span: Span | None = None, informational: Informational | None = None) -> None:
         self.method = method
         self.path = path  # path + query as sent upstream (after rewrite)
         self.headers = headers  # headers to send upstream, hop-by-hop already removed
@@ -103,6 +106,8 @@ class ProxyRequest:
         # written by the Balance policy, read by the upstream call, attempt telemetry and the access log.
         self.endpoint: AttemptTarget | None = None
         self.tried: list[AttemptTarget] | None = None
+        # Set by the edge for HTTP/1.1 apps; the upstream client calls it with each interim 1xx response.
+        self.informational = informational
 
     @property
     def deadline_expired(self) -> bool:

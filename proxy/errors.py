@@ -1,7 +1,8 @@
 """Typed proxy errors and the single place they become HTTP responses.
 
 Policies and the upstream client raise ``ProxyError`` subclasses; only the
-edge handler (``proxy.server``) calls ``to_response``.  Each error carries
+edge (``proxy.edge``) calls ``to_response``, which gives a transport-neutral
+``ErrorReply`` (status, headers, body bytes) that the edge serialises.  Each error carries
 its HTTP status, its public ``x-outrigger-error`` code, the ``retry_on``
 kind it belongs to (if any) and whether it counts as a breaker failure.
 Error bodies never echo request header values back.
@@ -12,14 +13,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
-from aiohttp import web
+from multidict import CIMultiDict
 
 __all__ = [
-    "BadRequest", "CircuitOpen", "DeadlineExceeded", "HeadersTooLarge", "Internal", "MethodNotAllowed",
-    "NoRoute", "Overflow", "ProxyError", "RateLimited", "RequestTooLarge", "UpstreamConnectFailure",
-    "UpstreamProtocolError", "UpstreamReset", "UpstreamTimeout", "UpstreamTlsError", "to_response",
+    "BadRequest", "CircuitOpen", "ClientTimeout", "DeadlineExceeded", "ErrorReply", "HeadersTooLarge", "Internal",
+    "MethodNotAllowed", "NoRoute", "Overflow", "ProxyError", "RateLimited", "RequestTooLarge",
+    "TransferCodingNotImplemented", "UpstreamConnectFailure", "UpstreamProtocolError", "UpstreamReset",
+    "UpstreamTimeout", "UpstreamTlsError", "to_response",
 ]
 
 ERROR_HEADER = "x-outrigger-error"
@@ -66,6 +68,22 @@ class HeadersTooLarge(ProxyError):
     status, code = 431, "headers_too_large"
 
 
+class ClientTimeout(ProxyError):
+    """The app stalled: it stopped sending its request body, or stopped reading the response.
+
+    Time spent waiting on the app is never the upstream's fault: not a breaker
+    failure and never retried.
+    """
+
+    status, code = 408, "client_timeout"
+
+
+class TransferCodingNotImplemented(ProxyError):
+    """A request ``Transfer-Encoding`` other than plain ``chunked`` (``gzip, chunked``...)."""
+
+    status, code = 501, "not_implemented"
+
+
 class RateLimited(ProxyError):
     status, code, sent, attempted = 429, "rate_limited", False, False
 
@@ -110,7 +128,15 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-def to_response(error: ProxyError, *, route: str | None, upstream: str | None, request_id: str) -> web.Response:
+class ErrorReply(NamedTuple):
+    """An error response as plain values; the edge adds framing and connection headers."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+def to_response(error: ProxyError, *, route: str | None, upstream: str | None, request_id: str) -> ErrorReply:
     body = {
         "error": error.code,
         "message": error.message,
@@ -118,10 +144,13 @@ def to_response(error: ProxyError, *, route: str | None, upstream: str | None, r
         "upstream": upstream,
         "request_id": request_id,
     }
-    headers = {ERROR_HEADER: error.code, "x-request-id": request_id, "Cache-Control": "no-store"}
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["Content-Type"] = "application/json; charset=utf-8"
+    headers[ERROR_HEADER] = error.code
+    headers["x-request-id"] = request_id
+    headers["Cache-Control"] = "no-store"
     if error.retry_after is not None:
         headers["Retry-After"] = retry_after_header(error.retry_after)
     if error.headers:
         headers.update(error.headers)
-    return web.Response(status=error.status, text=json.dumps(body), content_type="application/json",
-                        headers=headers)
+    return ErrorReply(error.status, headers, json.dumps(body).encode())

@@ -5,14 +5,14 @@ aiohttp's ``ClientSession`` was a third of the sidecar's CPU per request
 every read).  The upstream path needs far less: one keep-alive pool per
 upstream, a request written in one ``transport.write``, a response head
 parsed by ``httptools`` (llhttp, the C parser uvicorn uses) and a body handed
-over chunk by chunk with backpressure.  WebSockets still use aiohttp's
-session (``UpstreamPool.session``).
+over chunk by chunk with backpressure.
 
-Failures before the response head are raised as typed ``ProxyError``s with
-the same codes and messages ``upstream.map_client_error`` gives aiohttp's
-errors; failures mid-body are raised as aiohttp's own exception types
-(``SocketTimeoutError``, ``ClientPayloadError``) so the edge treats both
-clients alike.  Connections are pooled by ``proxy.h1pool``.
+Failures before the response head are raised as typed ``ProxyError``s;
+failures mid-body are raised as ``UpstreamBodyError`` subclasses carrying the
+public error code the edge reports.  Connections are pooled by
+``proxy.h1pool``; an upgrade (``request_upgrade``) runs on a dedicated
+connection that, once the upstream answers 101, becomes a raw byte pipe for
+the edge's tunnel (``proxy.edge.tunnel``).
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ import asyncio
 import collections
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import httptools
-from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
 from proxy import errors
@@ -36,7 +34,11 @@ log = logging.getLogger("outrigger.upstream")
 if TYPE_CHECKING:
     from proxy.h1pool import H1Pool
 
-__all__ = ["H1Connection", "H1Response", "StaleConnection", "UploadFailed"]
+__all__ = ["H1Connection", "H1Response", "InvalidResponse", "StaleConnection", "UploadFailed", "UpstreamBodyError",
+           "UpstreamBodyProtocolError", "UpstreamBodyTimeout"]
+
+# (status, reason, headers) of an interim 1xx response (103 Early Hints...), for the edge to forward.
+Informational = Callable[[int, str, list[tuple[str, str]]], None]
 
 # Response head limits, as aiohttp's client has them: a field or line over 8190 bytes or
 # more than 128 header fields is a protocol error.  llhttp hands a header over only once
@@ -70,6 +72,28 @@ class StaleConnection(errors.UpstreamReset):
 
 class UploadFailed(RuntimeError):
     """The app's request body stream raised while it was being sent: an internal error, not an upstream one."""
+
+
+class InvalidResponse(Exception):
+    """The upstream's bytes are not a valid HTTP/1.1 response (the parse error's cause)."""
+
+
+class UpstreamBodyError(Exception):
+    """The response body broke off after its head was relayed; ``code`` is the public error code."""
+
+    code = errors.UpstreamReset.code
+
+
+class UpstreamBodyProtocolError(UpstreamBodyError):
+    """The body's framing was invalid (a bad chunk size...)."""
+
+    code = errors.UpstreamProtocolError.code
+
+
+class UpstreamBodyTimeout(UpstreamBodyError, TimeoutError):
+    """Nothing arrived within the route's ``timeout.idle`` while the body was being read."""
+
+    code = errors.UpstreamTimeout.code
 
 
 class _UnsupportedCoding(Exception):
@@ -158,7 +182,7 @@ class H1Response:
                 return b""
             conn = self._conn
             if conn is None:
-                raise aiohttp.ClientPayloadError("response body read after the connection was closed")
+                raise UpstreamBodyError("response body read after the connection was closed")
             waiter = self._waiter = conn.loop.create_future()
             await conn.wait_idle(waiter)
 
@@ -209,6 +233,13 @@ class H1Connection(asyncio.Protocol):
         self._idle_s: float | None = None  # the route's idle (read gap) timeout for the current request
         self._fd = -1
         self._idled_s = 0.0  # how long the connection sat in the pool before the current request
+        self._informational_cb: Informational | None = None  # forwards 1xx (not 101) to the app
+        self._upgrading = False  # the current request asks for a protocol switch (request_upgrade)
+        self._switched = False  # the upstream answered 101: bytes now flow raw to ``_pipe``
+        self._pipe: Callable[[bytes], None] | None = None
+        self._pipe_buffer: list[bytes] = []  # raw bytes that arrived before the pipe was attached
+        self.on_pipe_closed: Callable[[], None] | None = None
+        self.on_write_paused: Callable[[bool], None] | None = None  # tunnel backpressure towards the app
         self.idle_since = 0.0
         self.requests = 0  # requests sent on this connection, the current one included
 
@@ -222,15 +253,18 @@ class H1Connection(asyncio.Protocol):
         self._fd = sock.fileno() if sock is not None and transport.get_extra_info("sslcontext") is None else -1
 
     def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        if self._switched:  # after a 101 the bytes are the tunnel's, not HTTP
+            self._to_pipe(data)
+            return
         if self._message_done:  # the response was complete: whatever follows is not ours to parse
             self._excess()
             return
-        self._last_data = self.loop.time()
         self._received = True
         if self._response is None:
             self._head_bytes += len(data)
             if self._head_bytes > _MAX_HEAD_READ:
-                self._broken(BadHttpMessage("response head too large"))
+                self._broken(InvalidResponse("response head too large"))
                 return
         try:
             self._parser.feed_data(data)
@@ -240,13 +274,18 @@ class H1Connection(asyncio.Protocol):
             elif isinstance(exc.__context__, _HeadDone):
                 self._parser = httptools.HttpResponseParser(self)  # a HEAD response ends at its headers
             elif isinstance(exc.__context__, _HeadTooLarge):
-                self._broken(BadHttpMessage("response head too large"))
+                self._broken(InvalidResponse("response head too large"))
             else:
                 self._broken(exc)
-        except httptools.HttpParserUpgrade:
-            self._broken(BadHttpMessage("unexpected protocol upgrade"))
+        except httptools.HttpParserUpgrade as exc:
+            if self._switched:
+                rest = data[exc.args[0]:] if exc.args else b""
+                if rest:
+                    self._to_pipe(rest)
+            else:
+                self._broken(InvalidResponse("unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
-            self._broken(BadHttpMessage(str(exc)))
+            self._broken(InvalidResponse(str(exc)))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost settles what was in flight
@@ -276,11 +315,13 @@ class H1Connection(asyncio.Protocol):
                 self._message_done = True  # a close-delimited body ends here
                 response._finish()
             else:
-                response._fail(aiohttp.ClientPayloadError(
-                    "upstream closed the connection before the response body ended"))
+                response._fail(UpstreamBodyError("upstream closed the connection before the response body ended"))
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_exception(ConnectionResetError("upstream connection lost"))
+        if self._switched and self.on_pipe_closed is not None:
+            callback, self.on_pipe_closed = self.on_pipe_closed, None
+            callback()
         self.pool.connection_closed(self)
 
     def _salvage(self) -> None:
@@ -305,9 +346,13 @@ class H1Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.on_write_paused is not None:
+            self.on_write_paused(True)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.on_write_paused is not None:
+            self.on_write_paused(False)
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -334,8 +379,16 @@ class H1Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        if status == 101 and self._upgrading:
+            self._switched = True  # from the end of this head on, bytes belong to the tunnel
+            response = self._response = H1Response(self, status, self._reason, CIMultiDict(self._headers))
+            if self._head is not None and not self._head.done():
+                self._head.set_result(response)
+            return
         if 100 <= status < 200:
             self._informational = True  # 100 Continue and friends: wait for the real response
+            if self._informational_cb is not None and status != 101:
+                self._informational_cb(status, self._reason, self._headers)
             self._reason = ""
             return
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
@@ -408,7 +461,7 @@ class H1Connection(asyncio.Protocol):
             self._idle_handle = self.loop.call_at(due, self._idle_check)
             return
         if self._response is not None:  # reading the body: the head is bounded by the attempt timeout
-            self._response._fail(aiohttp.SocketTimeoutError("upstream sent nothing within the idle timeout"))
+            self._response._fail(UpstreamBodyTimeout("upstream sent nothing within the idle timeout"))
             self._response._wake()
         self.close()
 
@@ -436,7 +489,7 @@ class H1Connection(asyncio.Protocol):
             head.set_exception(errors.UpstreamProtocolError(
                 f"upstream {self.pool.name} sent an invalid HTTP response"))
         elif self._response is not None:
-            broken = aiohttp.ClientPayloadError(f"response body broke off: {type(error).__name__}")
+            broken = UpstreamBodyProtocolError(f"response body broke off: {type(error).__name__}")
             broken.__cause__ = error
             self._response._fail(broken)
         self.close()
@@ -444,7 +497,8 @@ class H1Connection(asyncio.Protocol):
     # --- one request ---
 
     async def request(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
-                      chunked: bool, head_request: bool, idle_s: float | None) -> H1Response:
+                      chunked: bool, head_request: bool, idle_s: float | None,
+                      informational: Informational | None = None) -> H1Response:
         """Send one request; its response once the head is parsed.
 
         ``idle_s`` bounds every gap between reads of the body; the wait for the head is
@@ -464,6 +518,7 @@ class H1Connection(asyncio.Protocol):
         self._head_request = head_request
         self._idle_s = idle_s
         self._informational = False
+        self._informational_cb = informational
         self._last_data = now
         future: asyncio.Future[H1Response] = self.loop.create_future()
         self._head = future
@@ -516,7 +571,43 @@ class H1Connection(asyncio.Protocol):
         finally:
             self._sender = None
 
+    # --- one upgrade (a dedicated connection, never pooled) ---
+
+    async def request_upgrade(self, head: bytes, informational: Informational | None = None) -> H1Response:
+        """Send an upgrade request; its response once the head is parsed.
+
+        A 101 turns this connection into a raw pipe (``attach_pipe``); any other
+        answer is an ordinary response whose body is read as usual.
+        """
+        self._upgrading = True
+        return await self.request(head, None, chunked=False, head_request=False, idle_s=None,
+                                  informational=informational)
+
+    def attach_pipe(self, sink: Callable[[bytes], None]) -> None:
+        """After a 101: every byte from the upstream goes to ``sink`` (those already here first)."""
+        self._pipe = sink
+        buffered, self._pipe_buffer = self._pipe_buffer, []
+        for chunk in buffered:
+            sink(chunk)
+
+    def _to_pipe(self, data: bytes) -> None:
+        if self._pipe is not None:
+            self._pipe(data)
+        else:
+            self._pipe_buffer.append(data)
+
+    def write_raw(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
     def response_released(self, body_read: bool) -> None:
+        if self._upgrading:  # an upgrade's dedicated connection is never pooled
+            self.close()
+            return
         if body_read and self._message_done and self._keep_alive and self._sender is None and not self._closed:
             self._response = None
             self.resume_reading()  # a body that outgrew the buffer in its last read paused the transport

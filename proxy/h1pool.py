@@ -3,7 +3,7 @@
 At most ``max_connections`` connections are open (callers beyond that wait
 for one to come back), idle ones are reused last-in first-out and closed
 after ``idle_timeout``.  Connect failures become typed ``ProxyError``s here,
-with the messages ``upstream.map_client_error`` gives aiohttp's.
+with clear messages naming the upstream.
 """
 
 from __future__ import annotations
@@ -73,10 +73,24 @@ class H1Pool:
                 raise
 
     async def _connect(self, timeout_s: float | None) -> H1Connection:
+        self._connecting += 1
+        try:
+            conn = await self.open_dedicated(timeout_s)
+        finally:
+            self._connecting -= 1
+            self._wake_one()
+        where = f"upstream {self.name}"
+        if self._closed:
+            conn.close()
+            raise errors.UpstreamConnectFailure(f"{where} is being shut down")
+        self._open.add(conn)
+        return conn
+
+    async def open_dedicated(self, timeout_s: float | None) -> H1Connection:
+        """A new connection outside the pool's count (an upgrade's own connection; never released to the pool)."""
         where = f"upstream {self.name}"
         # The host and port tried, so that a 503 says what to check (DNS, the port, a typo in the URL).
         address = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
-        self._connecting += 1
         try:
             async with asyncio.timeout(timeout_s):
                 _, conn = await self.loop.create_connection(
@@ -92,13 +106,6 @@ class H1Pool:
         except OSError as exc:
             raise errors.UpstreamConnectFailure(
                 f"could not connect to {where} at {address}: {exc.strerror or exc}") from exc
-        finally:
-            self._connecting -= 1
-            self._wake_one()
-        if self._closed:
-            conn.close()
-            raise errors.UpstreamConnectFailure(f"{where} is being shut down")
-        self._open.add(conn)
         return conn
 
     @property

@@ -35,7 +35,8 @@ from proxy.admin import build_admin_app
 from proxy.app import Runtime, build_runtime
 from proxy.clock import Clock, SystemClock
 from proxy.config import UNROUTED, Config, ConfigError, LimitsConfig, load_config_file, parse_address, same_socket
-from proxy.server import EdgeContext, EdgeHandler, ListenerSlot, build_server
+from proxy.edge import EdgeContext, ListenerEdge, ListenerSlot
+from proxy.edge.listener import TunnelMetrics
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.tracing import Tracing
@@ -43,8 +44,7 @@ from proxy.telemetry.tracing import Tracing
 __all__ = ["Sidecar"]
 
 log = logging.getLogger("outrigger")
-# After drain.timeout, requests still in flight are cancelled: aiohttp's shutdown waits this
-# long for them to finish, then this long again after cancelling them.
+# After drain.timeout, requests still in flight are cancelled and get this long to finish.
 _CANCEL_WAIT_S = 0.25
 
 
@@ -57,10 +57,17 @@ def _parser_limits(config: Config) -> tuple[float, ...]:
 @dataclass(slots=True)
 class _Listener:
     slot: ListenerSlot
-    handler: EdgeHandler
-    runner: web.ServerRunner
-    site: web.TCPSite
+    edge: ListenerEdge  # the protocol factory and what its connections share
+    server: asyncio.Server
     port: int
+
+    def stop_accepting(self) -> None:
+        self.server.close()  # connections already open keep being served
+
+    async def cleanup(self) -> None:
+        """Cancel what is still in flight (``_CANCEL_WAIT_S`` to finish) and close every connection."""
+        self.server.close()
+        await self.edge.shutdown(_CANCEL_WAIT_S)
 
 
 class Sidecar:
@@ -77,7 +84,8 @@ class Sidecar:
         self.runtime: Runtime = build_runtime(config, metrics=self.metrics, tracing=self.tracing,
                                               clock=self.clock, rng=self.rng)
         self._edge = EdgeContext(self.clock, self.tracing, self.access_log,
-                                 self.metrics.for_route(UNROUTED, UNROUTED))
+                                 self.metrics.for_route(UNROUTED, UNROUTED),
+                                 TunnelMetrics(self.metrics.tunnels_active, self.metrics.tunnels))
         self.listeners: dict[str, _Listener] = {}
         self.admin_port = 0
         self.ready = False
@@ -109,7 +117,8 @@ class Sidecar:
             await admin_site.start()
         except OSError as exc:
             raise OSError(f"admin.address {address}: cannot bind: {exc.strerror or exc}") from exc
-        self.admin_port = self._bound_port(admin_site)
+        addresses = self._admin_runner.addresses  # aiohttp's public API: the bound socket names
+        self.admin_port = int(addresses[0][1]) if addresses else 0
         config = self.runtime.config
         for index, listener in enumerate(config.listeners):
             try:
@@ -129,8 +138,7 @@ class Sidecar:
         log.info("outrigger ready", extra={"config": self.runtime.version})
 
     @staticmethod
-    def _bound_port(site: web.TCPSite) -> int:
-        server = site._server
+    def _bound_port(server: Any) -> int:
         sockets = getattr(server, "sockets", None) or []
         return int(sockets[0].getsockname()[1]) if sockets else 0
 
@@ -138,23 +146,15 @@ class Sidecar:
         """Bind one listener (OSError when the address cannot be bound; nothing is left open then)."""
         host, port = parse_address(address)
         slot = ListenerSlot(name, address, runtime.routers[name], limits)
-        handler = EdgeHandler(slot, self._edge)
-        runner = web.ServerRunner(build_server(handler, limits), handle_signals=False,
-                                  shutdown_timeout=_CANCEL_WAIT_S)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        return _Listener(slot, handler, runner, site, self._bound_port(site))
+        edge = ListenerEdge(slot, self._edge)
+        server = await asyncio.get_running_loop().create_server(edge, host, port, reuse_address=True, backlog=1024)
+        return _Listener(slot, edge, server, self._bound_port(server))
 
     def port(self, listener: str) -> int:
         return self.listeners[listener].port
 
     def listener_status(self) -> dict[str, Any]:
-        return {name: {"address": lst.slot.address, "port": lst.port, "inflight": lst.handler.inflight}
+        return {name: {"address": lst.slot.address, "port": lst.port, "inflight": lst.edge.inflight}
                 for name, lst in self.listeners.items()}
 
     def unbound_listeners(self) -> list[str]:
@@ -283,14 +283,14 @@ class Sidecar:
                 bound[lst.name] = await self._open_listener(lst.name, lst.address, config.limits, runtime)
             except OSError as exc:
                 for listener in bound.values():
-                    await listener.runner.cleanup()
+                    await listener.cleanup()
                 await self._close_pools(started)
                 return self._reload_failed(
                     f"config reload rejected; keeping the active config: listeners[{index}].address: "
                     f"cannot bind {lst.address}: {exc.strerror or exc}")
         for name, current in leaving.items():
             del self.listeners[name]
-            await current.site.stop()  # stop accepting now; in-flight requests finish in the background
+            current.stop_accepting()  # in-flight requests finish in the background
             self._spawn(self._close_listener(current, config.drain.timeout))
         self.runtime = runtime
         self._in_service(runtime)
@@ -339,12 +339,12 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         # Polled (only while draining or closing a listener) so the request path pays for no event.
-        while any(lst.handler.inflight for lst in listeners) and loop.time() < deadline:  # noqa: ASYNC110
+        while any(lst.edge.inflight for lst in listeners) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
     async def _close_listener(self, listener: _Listener, timeout_s: float) -> None:
         await self._finish_inflight([listener], timeout_s)
-        await listener.runner.cleanup()
+        await listener.cleanup()
 
     @staticmethod
     async def _close_pools(pools: list[Any]) -> None:
@@ -378,15 +378,15 @@ class Sidecar:
         await asyncio.sleep(drain.grace)
         log.info("closing listeners; waiting up to %.1fs for in-flight requests", drain.timeout)
         for lst in self.listeners.values():
-            await lst.site.stop()  # stop accepting; connections already open keep being served
+            lst.stop_accepting()
         await asyncio.sleep(0.05)
         await self._finish_inflight(list(self.listeners.values()), drain.timeout)
-        await asyncio.gather(*(lst.runner.cleanup() for lst in self.listeners.values()))
+        await asyncio.gather(*(lst.cleanup() for lst in self.listeners.values()))
         await self.stop()
 
     async def stop(self) -> None:
         for lst in self.listeners.values():
-            await lst.runner.cleanup()
+            await lst.cleanup()
         for task in list(self._background):
             task.cancel()
         for up in self.runtime.upstreams.values():

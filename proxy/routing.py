@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 from proxy.chain import Handler
 from proxy.config import RouteConfig
@@ -45,7 +45,7 @@ class Route:
         self.rewrite_to = self.config.rewrite_prefix
         self.upstream = self.pool.name
 
-    def matches(self, method: str, path: str, headers: CIMultiDictProxy[str]) -> bool:
+    def matches(self, method: str, path: str, headers: MultiMapping[str]) -> bool:
         if not path.startswith(self.prefix):
             return False
         if self.methods is not None and method not in self.methods:
@@ -69,7 +69,7 @@ class Router:
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
 
-    def match(self, method: str, path: str, headers: CIMultiDictProxy[str]) -> Route | None:
+    def match(self, method: str, path: str, headers: MultiMapping[str]) -> Route | None:
         for route in self.routes:
             if route.matches(method, path, headers):
                 return route

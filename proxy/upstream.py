@@ -1,13 +1,14 @@
 """Upstream connection pools and the innermost handler of every chain.
 
 One ``UpstreamPool`` exists per configured upstream.  It holds a lean HTTP/1.1
-keep-alive pool (``proxy.h1client``) for proxied requests and an aiohttp
-``ClientSession`` for WebSocket upgrades.  ``UpstreamCall`` sends one attempt
-and returns as soon as the response headers arrive; the body is streamed later
-by the edge.  Every client/OS error is mapped to a typed ``ProxyError`` before
-the response head, so no policy ever sees a transport exception; any other
-exception is a bug (or the app's upload failing) and passes through untyped,
-so that it is never retried or counted against the upstream.
+keep-alive pool (``proxy.h1client``) for proxied requests; upgrades open a
+dedicated connection from the same pool settings.  ``UpstreamCall`` sends one
+attempt and returns as soon as the response headers arrive; the body is
+streamed later by the edge.  Every OS error is mapped to a typed
+``ProxyError`` before the response head, so no policy ever sees a transport
+exception; any other exception is a bug (or the app's upload failing) and
+passes through untyped, so that it is never retried or counted against the
+upstream.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import contextlib
 import random
 import ssl
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from proxy import errors
 from proxy.chain import AttemptTarget, ProxyRequest, ProxyResponse
@@ -38,7 +37,7 @@ EXPECTED_TIMEOUT_HEADER = "x-outrigger-expected-timeout-ms"
 
 
 class UpstreamPool:
-    """A named upstream: its base URL, TLS settings, the keep-alive pool and the WebSocket session."""
+    """A named upstream: its base URL, TLS settings and the keep-alive pool."""
 
     def __init__(self, name: str, config: UpstreamConfig, *, clock: Clock | None = None,
                  rng: random.Random | None = None, endpoint_metrics: EndpointMetrics | None = None,
@@ -55,7 +54,6 @@ class UpstreamPool:
         self.base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
         # SNI and certificate name to expect when it differs from the URL's host (tls.server_name).
         self.server_name = config.tls.server_name if parts.scheme == "https" else None
-        self._session: aiohttp.ClientSession | None = None
         self._h1: H1Pool | None = None
         self._tls: ssl.SSLContext | None = None
         self._rng = rng or random.Random()
@@ -69,12 +67,6 @@ class UpstreamPool:
                 raise ValueError(f"upstream {name}: a balanced upstream needs a clock and endpoint metrics")
             self.endpoints = EndpointSet(name, config, clock=clock, rng=self._rng, metrics=endpoint_metrics,
                                          pool_factory=self._endpoint_pool, connect_timeout_s=connect_timeout_s)
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError(f"upstream {self.name} used before start()")
-        return self._session
 
     @property
     def h1(self) -> H1Pool:
@@ -128,23 +120,6 @@ class UpstreamPool:
                 initial = self.discovery.resolved
                 self.discovery.start()
             await self.endpoints.start(initial)
-        # Only WebSocket upgrades use aiohttp's client; every proxied request goes through h1.
-        connector = aiohttp.TCPConnector(
-            limit=self.config.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=self.config.idle_timeout,
-            ssl=tls if tls is not None else True,
-            ttl_dns_cache=10,
-            enable_cleanup_closed=False,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None),
-            raise_for_status=False,
-        )
 
     async def close(self) -> None:
         if self._warm is not None:
@@ -157,29 +132,12 @@ class UpstreamPool:
             await self.endpoints.close()
         if self._h1 is not None:
             await self._h1.close()
-        if self._session is not None:
-            await self._session.close()
 
 
 def map_client_error(exc: BaseException, upstream: str) -> errors.ProxyError:
-    """Translate an aiohttp/OS error raised before response headers arrived."""
+    """Translate an OS error raised before response headers arrived."""
     where = f"upstream {upstream}"
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return errors.UpstreamTlsError(f"TLS handshake with {where} failed: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return errors.UpstreamConnectFailure(f"DNS lookup for {where} failed: cannot resolve host {exc.host!r}")
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return ConnectTimeout(f"connecting to {where} timed out")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return errors.UpstreamConnectFailure(
-            f"could not connect to {where} at {exc.host}:{exc.port}: {exc.strerror or exc}")
-    if isinstance(exc, aiohttp.SocketTimeoutError):
-        return errors.UpstreamTimeout(f"{where} sent nothing within the idle timeout")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return errors.UpstreamReset(f"{where} closed the connection before sending response headers")
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return errors.UpstreamProtocolError(f"{where} sent an invalid HTTP response")
-    if isinstance(exc, aiohttp.ClientOSError | OSError):
+    if isinstance(exc, OSError):
         return errors.UpstreamReset(f"connection to {where} was reset before response headers")
     return errors.UpstreamProtocolError(f"{where} failed: {type(exc).__name__}")
 
@@ -230,8 +188,8 @@ class UpstreamCall:
             conn = await pool.connections(request.endpoint).acquire(self._connect, fresh=fresh)
             reused = conn.requests > 0
             response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
-                                          idle_s=self._idle)
-        except (OSError, aiohttp.ClientError) as exc:  # a transport error the client did not type itself
+                                          idle_s=self._idle, informational=request.informational)
+        except OSError as exc:  # a transport error the client did not type itself
             raise map_client_error(exc, pool.name) from exc
         # Typed ProxyErrors (StaleConnection among them, for StaleResend) and cancellation pass
         # through; anything else (a bug, or the app's upload stream failing: UploadFailed) is no

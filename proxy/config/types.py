@@ -281,16 +281,27 @@ class DrainConfig(Block, frozen=True):
 
 
 class LimitsConfig(Block, frozen=True):
+    """The listener edge's limits (docs/edge.md has the table)."""
+
     max_header_bytes: Size = Size(64 * 1024)
     max_headers: PositiveInt = 100
     max_body_bytes: Size | None = None
     header_read_timeout: Duration = Duration(10.0)
+    # An app connection with no request in flight is closed after this long (nginx: 75s, Envoy: 1h).
+    keepalive_timeout: Duration = Duration(60.0)
+    # App connections open at once per listener; connections beyond it are closed as they are accepted.
+    max_connections: PositiveInt = 4096
+    # Requests one connection may have parsed and waiting behind the one being served.
+    max_pipelined: PositiveInt = 16
+    # The app sent no body bytes, or read no response bytes, for this long: the request ends (408 client_timeout).
+    client_idle_timeout: Duration = Duration(30.0)
 
     def __post_init__(self) -> None:
         if self.max_header_bytes < 1024:
             raise ValueError(f"max_header_bytes ({int(self.max_header_bytes)}) must be at least 1KiB: "
                              "every request would be refused with 431")
-        _positive("header_read_timeout", self.header_read_timeout)
+        for name in ("header_read_timeout", "keepalive_timeout", "client_idle_timeout"):
+            _positive(name, getattr(self, name))
 
 
 class TracingConfig(Block, frozen=True):

@@ -7,7 +7,8 @@ layer only classifies outcomes: connect failures, resets, attempt timeouts
 and ``failure_status_codes`` are failures; so is an attempt the total
 deadline cut off while it waited on the upstream (an app that passes its own
 deadline down must not blind the breaker to a hanging upstream); any other
-response (4xx included) is a success; an attempt cancelled for another reason
+response (4xx included) is a success; a deadline that fires while the upload
+waits on the app is the app's doing, no verdict; an attempt cancelled for another reason
 (the app went away) or shed before it went out gives no verdict.
 
 Durations (for slow calls) are the attempt's own time on the upstream, as
@@ -55,7 +56,7 @@ class CircuitBreakerPolicy:
             raise
         except BaseException:
             upstream_s = request.upstream_s - before
-            if upstream_s > 0.0 and request.deadline_expired:
+            if upstream_s > 0.0 and request.deadline_expired and not request.body.waiting_on_app:
                 breaker.record_failure(upstream_s, ticket)  # the upstream did not answer within the deadline
             else:
                 breaker.record_cancelled(ticket)

@@ -2,7 +2,10 @@
 
 Innermost policy, right above the upstream call, so it times exactly one
 attempt (connect + send + wait for headers).  The body stream afterwards is
-governed by the ``idle`` timeout inside the upstream session.
+governed by the ``idle`` timeout inside the upstream session.  When it fires
+while the upload is waiting for the app's next body bytes, the app is the slow
+side: the attempt ends with ``client_timeout``, which is neither retried nor a
+breaker failure.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
-from proxy.errors import UpstreamTimeout
+from proxy.errors import ClientTimeout, UpstreamTimeout
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.timers import TimerWheel
 
@@ -35,6 +38,9 @@ class AttemptTimeout:
         except asyncio.CancelledError:
             if not timer.take():
                 raise
+            if request.body.waiting_on_app:
+                raise ClientTimeout("the app did not send its request body in time: the upload stalled "
+                                    "within the attempt timeout") from None
             self._metrics.timeouts["attempt"].inc()
             raise UpstreamTimeout(self._message) from None
         finally:

@@ -129,6 +129,9 @@ class Metrics:
                                          ["upstream", "endpoint", "result"], registry=r)
         self.endpoint_sources: dict[str, list[Callable[[str], int]]] = {}  # see EndpointMetrics
         r.register(_LogDropsCollector())
+        self.tunnels_active = Gauge("outrigger_tunnels_active", "Upgrade tunnels (WebSocket and others) open now.",
+                                    registry=r)
+        self.tunnels = Counter("outrigger_tunnels", "Upgrade tunnels opened, by route.", ["route"], registry=r)
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         for result in ("success", "failure"):

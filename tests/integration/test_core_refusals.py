@@ -1,4 +1,5 @@
-"""Outrigger is not an open proxy: refused requests get a clear error and open no upstream connection.
+"""Outrigger is not an open proxy: refused requests get a clear error and open no upstream connection;
+an absolute-form target is served by its path, never by its authority.
 
 Requests are written as exact bytes on a raw socket, because HTTP clients
 normalise away the very things tested here (absolute-form targets, dot
@@ -78,19 +79,21 @@ async def _assert_refused(sidecar: Sidecar, counting: CountingUpstream, request:
 
 
 @pytest.mark.parametrize("target", [
-    b"http://evil.example/v1/x", b"http://evil.example:80/v1/x", b"https://169.254.169.254/v1/latest",
+    b"http://evil.example/v1/x", b"http://evil.example:80/v1/x", b"https://169.254.169.254/v1/x",
     b"http://127.0.0.1:1/v1/x",
 ])
-async def test_absolute_form_target_is_400_and_no_upstream_connection_is_opened(
+async def test_absolute_form_target_is_served_by_its_path_and_its_authority_never_selects_a_destination(
         sidecar: Sidecar, counting: CountingUpstream, target: bytes) -> None:
+    """RFC 9112 §3.2.2: a server accepts absolute-form; only the configured upstream is ever contacted."""
     request = b"GET " + target + b" HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
-    await _assert_refused(sidecar, counting, request, 400, "bad_request")
+    status, _, body = await _send(sidecar.port("main"), request)
+    assert (status, body) == (200, b"ok")
+    assert counting.connections == 1 and counting.targets == [b"/v1/x"]
 
 
-async def test_absolute_form_naming_the_configured_upstream_is_refused_too(
-        sidecar: Sidecar, counting: CountingUpstream) -> None:
-    target = f"http://127.0.0.1:{counting.port}/v1/x".encode()
-    request = b"GET " + target + b" HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+async def test_absolute_form_with_dot_segments_is_still_refused(sidecar: Sidecar,
+                                                                counting: CountingUpstream) -> None:
+    request = b"GET http://evil.example/v1/../admin HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
     await _assert_refused(sidecar, counting, request, 400, "bad_request")
 
 
@@ -111,6 +114,16 @@ async def test_asterisk_form_target_is_400(sidecar: Sidecar, counting: CountingU
 ])
 async def test_dot_segment_path_is_400_and_no_upstream_connection_is_opened(
         sidecar: Sidecar, counting: CountingUpstream, path: bytes) -> None:
+    request = b"GET " + path + b" HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+    await _assert_refused(sidecar, counting, request, 400, "bad_request")
+
+
+@pytest.mark.parametrize("path", [
+    b"/v1/a/..;/admin", b"/v1/a/%2e%2e;/admin", b"/v1/a/.;/x", b"/v1/..;jsessionid=1/admin", b"/v1/a/..%3b/admin",
+])
+async def test_dot_segment_with_path_parameter_is_refused_like_a_dot_segment(
+        sidecar: Sidecar, counting: CountingUpstream, path: bytes) -> None:
+    """Tomcat, Jetty and Spring resolve '..;' as '..': it must not get past the dot-segment refusal."""
     request = b"GET " + path + b" HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
     await _assert_refused(sidecar, counting, request, 400, "bad_request")
 

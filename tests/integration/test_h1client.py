@@ -11,12 +11,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import pytest
-from aiohttp.http_exceptions import BadHttpMessage
 
 from proxy import errors, h1client
-from proxy.h1client import H1Response, StaleConnection
+from proxy.h1client import (
+    H1Response,
+    InvalidResponse,
+    StaleConnection,
+    UpstreamBodyError,
+    UpstreamBodyProtocolError,
+    UpstreamBodyTimeout,
+)
 from proxy.h1pool import H1Pool
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -216,16 +221,17 @@ async def test_streamed_request_body_is_sent_chunked(raw) -> None:  # type: igno
     assert await received == b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
 
 
-async def test_stalled_body_fails_the_read_with_socket_timeout(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_stalled_body_fails_the_read_with_an_upstream_timeout(raw) -> None:  # type: ignore[no-untyped-def]
     _, pool = await raw(stalls_after(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
     response = await get(pool, idle_s=0.05)
     assert await response.read() == b"abc"
-    with pytest.raises(aiohttp.SocketTimeoutError):
+    with pytest.raises(UpstreamBodyTimeout) as caught:
         await response.read()
+    assert caught.value.code == "upstream_timeout"
     response.close()
 
 
-async def test_body_cut_short_is_a_payload_error_without_a_parse_cause(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_body_cut_short_is_an_upstream_reset_without_a_parse_cause(raw) -> None:  # type: ignore[no-untyped-def]
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
@@ -233,18 +239,20 @@ async def test_body_cut_short_is_a_payload_error_without_a_parse_cause(raw) -> N
 
     _, pool = await raw(behaviour)
     response = await get(pool)
-    with pytest.raises(aiohttp.ClientPayloadError) as caught:
+    with pytest.raises(UpstreamBodyError) as caught:
         await body_of(response)
-    assert not isinstance(caught.value.__cause__, BadHttpMessage)
+    assert caught.value.code == "upstream_reset"
+    assert not isinstance(caught.value, UpstreamBodyProtocolError)
+    assert not isinstance(caught.value.__cause__, InvalidResponse)
     response.close()
 
 
-async def test_invalid_chunk_framing_is_a_payload_error_caused_by_bad_http_message(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_invalid_chunk_framing_is_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
     _, pool = await raw(stalls_after(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"))
     response = await get(pool)
-    with pytest.raises(aiohttp.ClientPayloadError) as caught:
+    with pytest.raises(UpstreamBodyProtocolError) as caught:
         await body_of(response)
-    assert isinstance(caught.value.__cause__, BadHttpMessage)
+    assert caught.value.code == "upstream_protocol_error"
     response.close()
 
 

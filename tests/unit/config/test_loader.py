@@ -140,6 +140,23 @@ def test_max_header_bytes_below_1kib_is_an_error(size: Any) -> None:
     assert len(issues) == 1 and issues[0].startswith("limits.max_header_bytes: ") and "at least 1KiB" in issues[0]
 
 
+@pytest.mark.parametrize(("limits", "expected"), [
+    ({"keepalive_timeout": "0s"}, "limits.keepalive_timeout: keepalive_timeout must be greater than 0"),
+    ({"client_idle_timeout": "0s"}, "limits.client_idle_timeout: client_idle_timeout must be greater than 0"),
+    ({"max_connections": 0}, "limits.max_connections"),
+    ({"max_pipelined": 0}, "limits.max_pipelined"),
+])
+def test_edge_limits_out_of_range_are_errors_naming_their_path(limits: dict[str, Any], expected: str) -> None:
+    issues = _issues(lambda d: d.update(limits=limits))
+    assert len(issues) == 1 and issues[0].startswith(expected), issues
+
+
+def test_edge_limits_have_bounded_defaults() -> None:
+    limits = _load().limits
+    assert 0 < limits.keepalive_timeout <= 75 and 0 < limits.client_idle_timeout <= 60
+    assert limits.max_connections >= 1 and limits.max_pipelined >= 1
+
+
 def test_listener_on_the_admin_address_is_an_error() -> None:
     issues = _issues(lambda d: d["listeners"][0].update(address="127.0.0.1:9901"))
     assert issues == ["listeners[0].address: address 127.0.0.1:9901 is already used by admin.address"]

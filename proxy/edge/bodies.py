@@ -1,0 +1,261 @@
+"""Bodies at the edge: the app's request body on the way in, the response on the way out.
+
+``IncomingBody`` is fed by the connection's parser (``proxy.edge.protocol``)
+and read by the request's task with backpressure: reading from the app
+pauses while too much is buffered.  Request bodies up to the route's
+``buffer_limit`` are read whole so a retry can resend them; bigger ones
+become a buffered prefix plus the rest of the app's stream.  A gap longer
+than ``limits.client_idle_timeout`` in the app's upload ends the request with
+408 ``client_timeout``; broken chunked framing ends it with 400 at once.
+
+``send_response`` relays the response head and body: head and a complete
+small body in one write; otherwise chunk by chunk, honouring the app's
+read pace, bounded by ``limits.client_idle_timeout`` when the app stops
+reading.  When the upstream breaks off mid-body the app's connection is
+aborted, so it sees a broken response rather than a silently short one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from proxy import errors
+from proxy.chain import ProxyResponse, RequestBody
+from proxy.edge.responses import connection_line, head_bytes, status_line
+from proxy.h1client import UpstreamBodyError, UpstreamBodyTimeout
+from proxy.headers import ATTEMPTS_HEADER, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
+
+if TYPE_CHECKING:
+    from proxy.edge.protocol import EdgeProtocol, EdgeRequest
+
+__all__ = ["NO_BODY", "IncomingBody", "Sent", "read_request_body", "send_response"]
+
+log = logging.getLogger("outrigger.server")
+NO_BODY = RequestBody(None)  # immutable in practice: payload() of a bodiless request is always None
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HIGH_WATER = 256 * 1024  # request body buffered from the app that pauses reading from it
+_LOW_WATER = 64 * 1024
+_BODYLESS_STATUS = frozenset({204, 304})
+# Replaced by the edge's own values; hop-by-hop ones never cross.
+_SKIP = HOP_BY_HOP | {REQUEST_ID_HEADER, ATTEMPTS_HEADER}
+
+
+_KEEP, _SKIP_IT, _LENGTH = 0, 1, 2
+_KINDS: dict[str, int] = {}  # response header name as the upstream spells it -> what the edge does with it
+
+
+def _kind(name: str) -> int:
+    """Classify a header name once (the same few names come back on every response)."""
+    lower = name.lower()
+    kind = _SKIP_IT if lower in _SKIP or lower.startswith("proxy-") else _LENGTH if lower == "content-length" \
+        else _KEEP
+    if len(_KINDS) < 4096:  # bounded: an upstream inventing names cannot grow it without end
+        _KINDS[name] = kind
+    return kind
+
+
+class IncomingBody:
+    """The app's request body as the parser delivers it; read by one consumer."""
+
+    __slots__ = ("_buffered", "_chunks", "_done", "_error", "_proto", "_waiter", "expect_continue", "received")
+
+    def __init__(self, proto: EdgeProtocol, expect_continue: bool) -> None:
+        self._proto = proto
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.expect_continue = expect_continue  # answer 100 Continue on the first read that must wait
+        self.received = 0
+
+    # --- fed by the protocol ---
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        self.received += len(chunk)
+        self.expect_continue = False  # the app sent the body without waiting
+        if self._buffered > _HIGH_WATER:
+            self._proto.pause_for_body()
+        self._wake()
+
+    def finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._done and self._error is None:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def complete(self) -> bool:
+        """Every byte of the body arrived (what is left may still be buffered)."""
+        return self._done and self._error is None
+
+    # --- read by the request's task ---
+
+    async def read(self, owner: RequestBody | None = None) -> bytes:
+        """The next piece of the body, ``b""`` at its end."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered < _LOW_WATER:
+                    self._proto.resume_for_body()
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            await self._wait(owner)
+
+    async def _wait(self, owner: RequestBody | None) -> None:
+        proto = self._proto
+        if self.expect_continue:
+            self.expect_continue = False
+            proto.write(_CONTINUE)
+        waiter = self._waiter = proto.loop.create_future()
+        idle = proto.listener.limits.client_idle_s
+        timer = proto.loop.call_later(idle, self.fail, errors.ClientTimeout(
+            f"the app sent no request body bytes for limits.client_idle_timeout ({idle:g}s)"))
+        if owner is not None:
+            owner.waiting_on_app = True
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if owner is not None:
+                owner.waiting_on_app = False
+
+
+async def read_request_body(body: IncomingBody, length: int | None, buffer_limit: int,
+                            max_body: int | None) -> RequestBody:
+    """The request body, buffered up to ``buffer_limit`` (replayable) or streamed beyond it."""
+    if max_body is not None and length is not None and length > max_body:
+        raise errors.RequestTooLarge(f"request body of {length} bytes exceeds limits.max_body_bytes ({max_body})")
+    if length is not None and length > buffer_limit:
+        streamed = RequestBody(prefix=b"")
+        streamed.stream = _body_stream(body, streamed, max_body, 0)
+        return streamed
+    buffered = bytearray()
+    while len(buffered) <= buffer_limit:
+        chunk = await body.read()
+        if not chunk:
+            return RequestBody(bytes(buffered))
+        buffered += chunk
+        if max_body is not None and len(buffered) > max_body:
+            raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({max_body})")
+    streamed = RequestBody(prefix=bytes(buffered))
+    streamed.stream = _body_stream(body, streamed, max_body, len(buffered))
+    return streamed
+
+
+async def _body_stream(body: IncomingBody, owner: RequestBody, max_body: int | None,
+                       seen: int) -> AsyncIterator[bytes]:
+    while chunk := await body.read(owner):
+        seen += len(chunk)
+        if max_body is not None and seen > max_body:
+            raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({max_body})")
+        yield chunk
+
+
+class Sent(NamedTuple):
+    sent: int  # body bytes sent to the app
+    broken: str | None  # the error code if the body broke off (the app's connection was aborted)
+    head_sent_at: float  # clock time the response head left
+    keep_alive: bool  # the connection stays open after this response
+
+
+async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyResponse, rid: str, *,
+                        keep_alive: bool, idle_timeouts: Any) -> Sent:
+    """Write the upstream's response (or a policy's) to the app."""
+    upstream = proxied.upstream
+    status = proxied.status
+    lines = [status_line(status, upstream.reason if upstream is not None else None)]
+    headers = proxied.headers
+    listed = connection_listed(headers) if "Connection" in headers else None
+    has_length = False
+    kinds = _KINDS
+    for name, value in headers.items():
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name)
+        if kind == _KEEP:
+            if listed is not None and name.lower() in listed:
+                continue
+            lines.append(f"{name}: {value}\r\n")
+        elif kind == _LENGTH:
+            has_length = True
+            lines.append(f"{name}: {value}\r\n")
+    lines.append(f"{REQUEST_ID_HEADER}: {rid}\r\n{ATTEMPTS_HEADER}: {proxied.attempts}\r\n")
+    bodyless = req.method == "HEAD" or status in _BODYLESS_STATUS or status < 200
+    chunked = False
+    body = b""
+    if upstream is None or upstream.complete or bodyless:
+        if not bodyless:
+            body = proxied.body if upstream is None else upstream.read_all_nowait()
+            if not has_length:
+                lines.append(f"Content-Length: {len(body)}\r\n")
+        whole = True
+    else:
+        whole = False
+        if not has_length:
+            if req.http10:
+                keep_alive = False  # no chunked framing in HTTP/1.0: the body ends when the connection does
+            else:
+                chunked = True
+                lines.append("Transfer-Encoding: chunked\r\n")
+    connection = connection_line(keep_alive, req.http10)
+    if connection is not None:
+        lines.append(connection)
+    head = head_bytes(lines)
+    clock = proto.listener.ctx.clock
+    if whole:
+        proto.write(head + body if body else head)
+        proxied.release()
+        return Sent(len(body), None, clock.now(), keep_alive)
+    assert upstream is not None
+    proto.write(head)
+    head_at = clock.now()
+    sent = 0
+    completed = False
+    broken: str | None = None
+    try:
+        while chunk := await upstream.read():
+            proto.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            sent += len(chunk)
+            if proto.write_paused:
+                await proto.drain()
+        if chunked:
+            proto.write(b"0\r\n\r\n")
+        completed = True
+    except (UpstreamBodyError, errors.ProxyError) as exc:
+        # The upstream died or stalled mid-body, or the app stopped reading: abort, so the app
+        # sees a broken response rather than a silently short one.
+        if isinstance(exc, UpstreamBodyTimeout):
+            idle_timeouts.inc()
+        broken = exc.code
+        log.info("response body broke off after %d bytes; aborting the app's connection (%s)", sent, broken,
+                 extra={"request_id": rid})
+        proto.abort()
+    except ConnectionError:
+        pass  # the app went away mid-body; its request is still counted with the status sent
+    finally:
+        if completed:
+            proxied.release()
+        else:
+            proxied.close()
+    return Sent(sent, broken, head_at, keep_alive and completed)

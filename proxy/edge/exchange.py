@@ -1,0 +1,189 @@
+"""One request's flow at the edge: route, body, the route's chain, the response, telemetry.
+
+``serve`` is the outermost layer of every request and the only place that
+turns a ``ProxyError`` (or an unexpected exception) into a response.  It owns
+the per-request telemetry: the SERVER span (``proxy.edge.spans``), the
+request metrics and the access log line.  Upgrade requests go to
+``proxy.edge.tunnel`` instead of the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from proxy import errors
+from proxy.chain import ProxyRequest
+from proxy.edge.bodies import NO_BODY, read_request_body, send_response
+from proxy.edge.guard import origin_path
+from proxy.edge.responses import error_bytes
+from proxy.edge.spans import end_server_span, start_server_span
+from proxy.edge.tunnel import open_tunnel
+from proxy.headers import parse_overrides, request_id, upstream_headers
+from proxy.routing import Route
+from proxy.telemetry.access_log import AccessEntry
+
+if TYPE_CHECKING:
+    from proxy.edge.protocol import EdgeProtocol, EdgeRequest
+
+__all__ = ["serve"]
+
+log = logging.getLogger("outrigger.server")
+
+
+def _resolve(proto: EdgeProtocol, req: EdgeRequest) -> tuple[Route, str]:
+    method = req.method
+    if method == "CONNECT":
+        raise errors.MethodNotAllowed("CONNECT is not supported: Outrigger only forwards to configured upstreams")
+    target = origin_path(req.target)
+    path = target.partition("?")[0]
+    slot = proto.listener.slot
+    route = slot.router.match(method, path, req.headers)
+    if route is None:
+        raise errors.NoRoute(f"no route of listener {slot.name} matches {method} {path[:200]}")
+    return route, target
+
+
+async def serve(proto: EdgeProtocol, req: EdgeRequest) -> bool:
+    """Answer ``req``; whether the connection stays open for the next request."""
+    listener = proto.listener
+    ctx = listener.ctx
+    clock = ctx.clock
+    start = clock.now()
+    head_sent_at: float | None = None  # when the response head left; the duration metric ends there
+    rid = request_id(req.headers)
+    route: Route | None = None
+    status, outcome, attempts = 500, "internal", 0
+    outgoing: ProxyRequest | None = None
+    bytes_out = 0
+    keep_alive = req.keep_alive and not ctx.draining
+    listener.inflight += 1
+    # Started before routing, so that requests refused here (no_route, bad_request) are
+    # traced too and the app's trace goes on; named after the route once it is known.
+    span = start_server_span(ctx.tracing, req.method, req.headers)
+    try:
+        route, target = _resolve(proto, req)
+        route.metrics.inflight.inc()
+        if span is not None:
+            span.update_name(f"{req.method} {route.name}")
+        if req.upgrade:
+            tunnelled = await open_tunnel(proto, req, route, target, rid, keep_alive=keep_alive)
+            status, bytes_out, head_sent_at, keep_alive = tunnelled
+            outcome = "upstream"
+            return keep_alive
+        outgoing = await _outgoing(proto, req, route, target, rid, span)
+        proxied = await route.handler(outgoing)
+        status, attempts = proxied.status, proxied.attempts
+        outcome = proxied.error or "upstream"
+        if req.body is not None and not req.body.complete:
+            keep_alive = False  # answered before the app's body ended: its rest is not read
+        sent = await send_response(proto, req, proxied, rid, keep_alive=keep_alive,
+                                   idle_timeouts=route.metrics.timeouts["idle"])
+        bytes_out, head_sent_at, keep_alive = sent.sent, sent.head_sent_at, sent.keep_alive
+        if sent.broken is not None:
+            outcome = sent.broken  # the status was already sent; the metric still shows the failure
+        return keep_alive
+    except errors.ProxyError as error:
+        status, outcome, attempts = error.status, error.code, error.attempts
+        if span is not None:
+            span.add_event("proxy_error", {"outrigger.error": error.code})
+        keep_alive = keep_alive and (req.body is None or req.body.complete) and not req.upgrade \
+            and not isinstance(error, errors.BadRequest | errors.ClientTimeout)
+        bytes_out = _send_error(proto, req, error, route, rid, keep_alive)
+        return keep_alive
+    except asyncio.CancelledError:
+        status, outcome = 499, "client_closed"
+        attempts = outgoing.attempt if outgoing is not None else 0  # the app left mid-attempt
+        raise
+    except Exception as exc:
+        log.exception("internal error while proxying", extra={"request_id": rid})
+        internal = errors.Internal(f"internal error: {type(exc).__name__}")
+        status, outcome = internal.status, internal.code
+        _send_error(proto, req, internal, route, rid, False)
+        return False
+    finally:
+        listener.inflight -= 1
+        _record(proto, req, route, outgoing, span, start, head_sent_at, rid, status, outcome, attempts, bytes_out)
+
+
+def _send_error(proto: EdgeProtocol, req: EdgeRequest, error: errors.ProxyError, route: Route | None, rid: str,
+                keep_alive: bool) -> int:
+    reply = errors.to_response(error, route=route.name if route else None,
+                               upstream=route.upstream if route else None, request_id=rid)
+    proto.write(error_bytes(reply, attempts=error.attempts, keep_alive=keep_alive, http10=req.http10,
+                            head_only=req.method == "HEAD"))
+    return len(reply.body)
+
+
+def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing: ProxyRequest | None, span: Any,
+            start: float, head_sent_at: float | None, rid: str, status: int, outcome: str, attempts: int,
+            bytes_out: int) -> None:
+    """Metrics, span end and access log line of one request."""
+    ctx = proto.listener.ctx
+    end = ctx.clock.now()
+    metrics = route.metrics if route is not None else ctx.unmatched
+    if route is not None:
+        metrics.inflight.dec()
+    exemplar = None
+    path = req.target.partition("?")[0]  # as sent: a decoded %3F must not pass for a query
+    if span is not None:
+        span_ctx = span.get_span_context()
+        exemplar = {"trace_id": f"{span_ctx.trace_id:032x}"}
+        host = req.headers.get("Host")
+        port = host.rpartition(":")[2] if host and host.count(":") == 1 else ""
+        end_server_span(span, method=req.method, path=path, scheme="http", host=host,
+                        port=int(port) if port.isdigit() else 80, client=proto.client_ip,
+                        user_agent=req.headers.get("User-Agent"), version="1.0" if req.http10 else "1.1",
+                        route=route.name if route else None, upstream=route.upstream if route else None,
+                        status=status, outcome=outcome, attempts=attempts)
+    # From request received to response headers sent (a streamed body's time is not in it).
+    metrics.request_done(req.method, status, outcome, (head_sent_at if head_sent_at is not None else end) - start,
+                         exemplar)
+    if ctx.access_log is not None:
+        ctx.access_log.record(AccessEntry(
+            request_id=rid,
+            trace_id=exemplar["trace_id"] if exemplar else None,
+            span_id=f"{span.get_span_context().span_id:016x}" if span is not None else None,
+            method=req.method,
+            path=path[:512],
+            route=route.name if route else None,
+            upstream=route.upstream if route else None,
+            endpoint=outgoing.endpoint.address if outgoing is not None and outgoing.endpoint is not None else None,
+            status=status,
+            attempts=attempts,
+            duration_ms=round((end - start) * 1000, 3),
+            upstream_duration_ms=round(outgoing.upstream_s * 1000, 3) if outgoing is not None else None,
+            bytes_in=outgoing.body.received if outgoing is not None else (
+                req.body.received if req.body is not None else 0),
+            bytes_out=bytes_out,
+            error=None if outcome == "upstream" else outcome,
+        ))
+
+
+async def _outgoing(proto: EdgeProtocol, req: EdgeRequest, route: Route, target: str, rid: str,
+                    span: Any) -> ProxyRequest:
+    headers_in = req.headers
+    timeout_s, max_attempts = parse_overrides(headers_in)
+    headers = upstream_headers(headers_in, client_ip=proto.client_ip, host=headers_in.get("Host"), rid=rid)
+    # The request's whole time budget: timeout.total, tightened by x-outrigger-timeout-ms.
+    total = route.config.timeout.total if timeout_s is None else min(timeout_s, route.config.timeout.total)
+    if req.body is not None:
+        # Buffering the retry copy of the body is part of the request, so it spends the
+        # same deadline; the chain's Deadline then gets only what is left.
+        clock = proto.listener.ctx.clock
+        started = clock.now()
+        try:
+            async with asyncio.timeout(total):
+                body = await read_request_body(req.body, req.content_length, route.buffer_limit,
+                                               proto.listener.limits.max_body)
+        except TimeoutError:
+            route.metrics.timeouts["total"].inc()
+            raise errors.DeadlineExceeded(
+                f"request body was not received within the total timeout of {total:g}s") from None
+        total = max(0.0, total - (clock.now() - started))
+    else:
+        body = NO_BODY
+    return ProxyRequest(req.method, route.upstream_path(target), headers, body, request_id=rid,
+                        max_attempts=max_attempts, timeout_override=total, span=span,
+                        informational=None if req.http10 else proto.informational)

@@ -1,0 +1,51 @@
+"""Request-target and request-line rules applied before any route or policy runs.
+
+Pure functions used by ``proxy.edge.protocol`` (parse errors, extension
+methods) and ``proxy.edge.exchange`` (targets).  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+
+from proxy import errors
+
+__all__ = ["TOKEN", "describe_parse_error", "origin_path"]
+
+# A '.' or '..' segment, with the dots or the separators percent-encoded or as backslashes
+# (some upstreams decode %2F or treat '\' as '/', and would then walk up the tree), and with
+# a ';' path parameter after it (Tomcat, Jetty and Spring resolve '..;' as '..').
+_DOT_SEGMENT = re.compile(r"(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:(?:;|%3b)[^/\\]*)?(?:$|/|\\|%2f|%5c)",
+                          re.IGNORECASE)
+# An absolute-form target: scheme "://" authority, then the path (RFC 9112 §3.2.2).
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: a method name
+
+
+def origin_path(target: str) -> str:
+    """The origin-form target (path and query) a request is routed and forwarded by.
+
+    An absolute-form target is accepted by its path alone: its authority never
+    selects a destination, only the configured upstream is ever contacted.
+    """
+    if not target.startswith("/"):
+        match = _ABSOLUTE.match(target)
+        if match is None:
+            raise errors.BadRequest("asterisk-form and authority-form request targets are not accepted; "
+                                    "send origin-form paths to the listener")
+        rest = target[match.end():]
+        target = rest if rest.startswith("/") else "/" + rest
+    path = target.partition("?")[0]
+    if ("." in path or "%" in path or "\\" in path) and _DOT_SEGMENT.search(path):  # most paths skip the regex
+        raise errors.BadRequest("request path must not contain '.' or '..' segments")
+    return target
+
+
+_TLS_RECORD = (b"\x16\x03",)
+
+
+def describe_parse_error(reason: str, data_start: bytes) -> str:
+    """Why a request did not parse, in llhttp's fixed words (which never quote the request)."""
+    if data_start.startswith(_TLS_RECORD):
+        return "TLS handshake received on a plain-HTTP listener"
+    return reason.rstrip(".") or "unparsable request"

@@ -20,7 +20,15 @@ from proxy import h1client
 from proxy.chain import RequestBody
 from proxy.h1client import H1Connection
 from proxy.lifecycle import Sidecar
-from tests.integration.test_reliability_upstream_faults import Behaviour, Factory, RawUpstream, _read_head, _rst
+from tests.integration.test_reliability_upstream_faults import (
+    Behaviour,
+    Factory,
+    RawUpstream,
+    _close_on_second_request,
+    _read_head,
+    _rst,
+)
+from tests.support.otlp_receiver import GrpcOtlpReceiver
 from tests.support.sidecar import base_config
 
 
@@ -234,3 +242,28 @@ async def test_an_upstream_resetting_half_the_requests_never_gets_one_more_than_
     retried = sum(_sample(sidecar, "outrigger_retries_total", route="default", upstream="svc", reason=r)
                   for r in ("reset", "stale_connection"))
     assert retried == total - 40
+
+
+async def test_a_stale_connection_resend_is_on_the_trace_as_a_second_client_span_and_an_event(
+        raw_upstream: Any, sidecar_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h1client, "STALE_IDLE_S", 0.05)
+    upstream = await raw_upstream(_close_on_second_request(lambda writer: writer.close()))
+    receiver = GrpcOtlpReceiver().start()
+    try:
+        config = base_config(f"http://127.0.0.1:{upstream.port}", retry={"max_attempts": 1})
+        config["telemetry"]["tracing"] = {"enabled": True, "endpoint": receiver.endpoint, "sample_ratio": 1.0}
+        sidecar = await sidecar_factory(config, env={})
+        url = f"http://127.0.0.1:{sidecar.port('main')}/r"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as resp:
+                assert resp.status == 200
+            await asyncio.sleep(0.1)  # idle: the next request meets the keep-alive race
+            async with session.get(url) as resp:
+                assert resp.status == 200 and resp.headers["x-outrigger-attempts"] == "2"
+        await sidecar.stop()
+        spans = receiver.wait_for(lambda s: sum(x.kind == "SERVER" for x in s) >= 2, timeout=5)
+        (raced,) = [s for s in spans if s.kind == "SERVER" and "stale_connection_resent" in s.event_names()]
+        clients = [s for s in spans if s.kind == "CLIENT" and s.trace_id == raced.trace_id]
+        assert len(clients) == 2  # the try the upstream closed, and the resend
+    finally:
+        receiver.stop()

@@ -43,7 +43,7 @@ def finished_spans(provider: TracerProvider, exporter: InMemorySpanExporter) -> 
 def make_provider(resource: dict[str, str], limits: SpanLimits | None = None
                   ) -> tuple[TracerProvider, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create(resource), span_limits=limits)  # type: ignore[arg-type]
+    provider = TracerProvider(resource=Resource.create(resource), span_limits=limits)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
 

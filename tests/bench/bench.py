@@ -264,10 +264,14 @@ def _proxy_root() -> Path:
     return Path(spec.origin).resolve().parent.parent
 
 
-PROXY_ROOT = _proxy_root()
-# Children import ``proxy`` (and ``tests.bench``) from the same trees as this process.
-CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    dict.fromkeys([str(PROXY_ROOT), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))}
+def _child_env(root: Path) -> dict[str, str]:
+    """Children import ``proxy`` from ``root`` and ``tests.bench`` from this harness's tree."""
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(root), str(REPO), *extra]))}
+
+
+PROXY_ROOT = _proxy_root()  # --proxy-tree replaces it
+CHILD_ENV = _child_env(PROXY_ROOT)
 
 
 def spawn(cmd: Sequence[str], core: int, log_path: Path, *,
@@ -947,10 +951,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="py-spy profile of each Outrigger target under load (first round), written to the "
                              "results directory (pip install '.[bench]')")
     parser.add_argument("--output", default=str(RESULTS), help="results directory")
+    parser.add_argument("--proxy-tree", metavar="DIR",
+                        help="measure the proxy package in DIR (a checkout) instead of the one this process "
+                             "imports; for before/after comparisons")
     parser.add_argument("--otlp-protocol", choices=["http/protobuf", "grpc"], default="http/protobuf",
                         help="how Outrigger exports traces to the local OTLP sink (default http/protobuf: the "
                              "gRPC exporter's import alone costs ~13 MB RSS)")
     args = parser.parse_args(argv)
+    if args.proxy_tree:
+        global PROXY_ROOT, CHILD_ENV
+        PROXY_ROOT = Path(args.proxy_tree).resolve()
+        if not (PROXY_ROOT / "proxy" / "__main__.py").exists():
+            parser.error(f"--proxy-tree {args.proxy_tree}: no proxy/__main__.py there")
+        CHILD_ENV = _child_env(PROXY_ROOT)
     settings = Settings.make(args.quick)
     wanted = set(args.only.split(",")) if args.only else {t.key for t in TARGETS}
     unknown = wanted - {t.key for t in TARGETS}

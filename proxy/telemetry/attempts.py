@@ -92,5 +92,6 @@ class AttemptTelemetry:
         result = "http_5xx" if status >= 500 else "http_4xx" if status >= 400 else "success"
         metrics.attempt_results[result].inc()
         if span is not None:
-            tracing.end_client_span(span, status, None)  # type: ignore[union-attr]
+            peer = response.upstream.peer if response.upstream is not None else None
+            tracing.end_client_span(span, status, None, peer=peer)  # type: ignore[union-attr]
         return response

@@ -81,6 +81,18 @@ def test_a_sampled_parent_is_followed_even_at_ratio_zero() -> None:
     tracing.shutdown()
 
 
+def test_an_unsampled_request_builds_no_span_attributes_but_still_gets_trace_headers() -> None:
+    tracing = Tracing(telemetry(0.0), env={}, exporter=InMemorySpanExporter())
+
+    def attributes() -> dict[str, object]:
+        raise AssertionError("span attributes built for an unsampled request")
+
+    span, trace_headers = tracing.begin(CIMultiDict(), "GET", attributes)
+    assert span is None and trace_headers is not None and trace_headers.traceparent is not None
+    assert trace_headers.traceparent.endswith(("-00", "-02"))  # not sampled
+    tracing.shutdown()
+
+
 @pytest.mark.parametrize("headers", [
     {"traceparent": "garbage"}, {"traceparent": ""},
     {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
@@ -151,7 +163,8 @@ def test_resource_names_the_service_and_the_pod() -> None:
 
 def test_client_span_is_injected_and_4xx_marks_it_as_error() -> None:
     exporter = InMemorySpanExporter()
-    tracing = Tracing(telemetry(), env={}, exporter=exporter)
+    config = TelemetryConfig(tracing=TracingConfig(sample_ratio=1.0, redact_query_params=("token",)))
+    tracing = Tracing(config, env={}, exporter=exporter)
     server = tracing.start_server_span("GET r", CIMultiDict())
     assert server is not None
     request = ProxyRequest(
@@ -168,7 +181,7 @@ def test_client_span_is_injected_and_4xx_marks_it_as_error() -> None:
     tracing.shutdown()
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "GET" and s.attributes]
     attrs = dict(span.attributes or {})
-    assert attrs["url.full"] == "http://10.0.0.1:8080/base/a"
+    assert attrs["url.full"] == "http://10.0.0.1:8080/base/a?token=REDACTED"  # kept, with the value redacted
     assert attrs["http.request.resend_count"] == 1 and attrs["error.type"] == "404"
     assert "secret" not in repr(attrs)
 

@@ -70,8 +70,14 @@ async def readyz(request: web.Request) -> web.Response:
 async def config_view(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
     runtime = sidecar.runtime
-    return _json({"version": runtime.version, "source": sidecar.config_path,
-                  "config": redact(to_builtins(runtime.config))})
+    config = to_builtins(runtime.config)
+    # The values in force, from the config, the OTEL_* variables or the defaults (not nulls).
+    telemetry = config.setdefault("telemetry", {})
+    settings = dict(sidecar.tracing.settings)
+    telemetry["propagators"] = settings.pop("propagators")
+    telemetry["service_name"] = sidecar.tracing.service_name
+    telemetry["tracing"] = {**telemetry.get("tracing", {}), **settings}
+    return _json({"version": runtime.version, "source": sidecar.config_path, "config": redact(config)})
 
 
 async def status_view(request: web.Request) -> web.Response:

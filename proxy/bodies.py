@@ -22,10 +22,12 @@ from multidict import CIMultiDict
 from proxy import errors
 from proxy.chain import ProxyResponse, RequestBody
 from proxy.clock import Clock
+from proxy.logs import LogLimiter
 
 __all__ = ["NO_BODY", "Streamed", "read_request_body", "stream_response"]
 
 log = logging.getLogger("outrigger.server")
+_limited = LogLimiter(log, interval_s=10.0)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _STREAM_CHUNK = 64 * 1024
 NO_BODY = RequestBody(None)  # immutable in practice: payload() of a bodiless request is always None
@@ -137,8 +139,8 @@ async def stream_response(request: web.BaseRequest, proxied: ProxyResponse, head
             broken = exc.code
         else:  # the upstream connection closed, reset or broke its framing mid-body
             broken = _body_error_code(exc)
-        log.info("upstream body broke off after %d bytes; aborting the app's connection (%s)", sent, broken,
-                 extra={"request_id": rid})
+        _limited.info(broken, f"upstream body broke off after {sent} bytes; aborting the app's connection "
+                              f"({broken})", request_id=rid)  # one cause, maybe on every request: rate-limited
         if request.transport is not None:
             request.transport.abort()
     except (ConnectionError, RuntimeError):

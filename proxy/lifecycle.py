@@ -38,6 +38,7 @@ from proxy.config import UNROUTED, Config, ConfigError, LimitsConfig, load_confi
 from proxy.server import EdgeContext, EdgeHandler, ListenerSlot, build_server
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.operator_log import config_changes, describe_changes, startup_details
 from proxy.telemetry.tracing import Tracing
 
 __all__ = ["Sidecar"]
@@ -90,6 +91,7 @@ class Sidecar:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._trigger = "api"  # what started the reload under way: sighup, watcher or api
 
     # --- start ---
 
@@ -123,7 +125,9 @@ class Sidecar:
         if self.config_path is not None and self._watch_interval > 0:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         self.ready = True
-        log.info("outrigger ready", extra={"config": self.runtime.version})
+        log.info("outrigger ready", extra={"config": self.runtime.version, "details": startup_details(
+            config, config_path=self.config_path, admin_port=self.admin_port,
+            listener_ports={name: lst.port for name, lst in self.listeners.items()}, tracing=self.tracing.settings)})
 
     @staticmethod
     def _bound_port(site: web.TCPSite) -> int:
@@ -175,9 +179,9 @@ class Sidecar:
             await asyncio.sleep(self._watch_interval)
             state = await asyncio.to_thread(self._stat_config)
             if state is not None and state != self._file_state:
-                await self.reload_from_file()
+                await self.reload_from_file(trigger="watcher")
 
-    async def reload_from_file(self) -> bool:
+    async def reload_from_file(self, trigger: str = "api") -> bool:
         """Load the config file and apply it (the file watcher and SIGHUP); never raises.
 
         A file already applied as it stands is not applied again, so an edit
@@ -190,10 +194,11 @@ class Sidecar:
             log.info("config reload skipped: the sidecar is draining", extra={"config": self.config_path})
             return False
         async with self._reload_lock:  # one reload at a time, the "already applied" check included
+            self._trigger = trigger  # named by every line this reload logs
             state = await asyncio.to_thread(self._stat_config)
             if state is not None and state == self._applied_state:
                 log.info("config file unchanged since it was applied; nothing to reload",
-                         extra={"config": self.config_path})
+                         extra={"config": self.config_path, "trigger": trigger})
                 return True
             self._file_state = state  # the watcher does not try this version again
             try:
@@ -211,7 +216,8 @@ class Sidecar:
 
     def _reload_failed(self, message: str) -> bool:
         self.metrics.config_reloads.labels(result="failure").inc()
-        log.error(message, extra={"config": self.config_path})
+        log.error(message, extra={"config": self.config_path, "trigger": self._trigger,
+                                  "details": {"result": "failure"}})
         return False
 
     @staticmethod
@@ -231,13 +237,14 @@ class Sidecar:
                                          header_read_timeout=active.limits.header_read_timeout)
         return msgspec.structs.replace(new, admin=active.admin, telemetry=active.telemetry, limits=limits)
 
-    async def apply(self, config: Config) -> bool:
+    async def apply(self, config: Config, trigger: str = "api") -> bool:
         """Swap in a validated config; unchanged state carries over.
 
         New and moved listeners are bound first: if one cannot bind, nothing has
         changed yet, the reload is rejected and the active config keeps serving.
         """
         async with self._reload_lock:
+            self._trigger = trigger
             return await self._apply_locked(config)
 
     async def _apply_locked(self, config: Config) -> bool:
@@ -303,7 +310,10 @@ class Sidecar:
             return self._reload_failed("config applied, but listeners are down (/readyz is 503): "
                                        + "; ".join(failed))
         self.metrics.config_reloads.labels(result="success").inc()
-        log.info("config reloaded", extra={"config": runtime.version})
+        changes = config_changes(old.config, config)
+        log.info("config reloaded (%s): %s", self._trigger, describe_changes(changes),
+                 extra={"config": runtime.version, "trigger": self._trigger,
+                        "details": {"result": "success", **changes}})
         return True
 
     @staticmethod
@@ -396,7 +406,7 @@ class Sidecar:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop_signal)
         with contextlib.suppress(NotImplementedError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file()))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file(trigger="sighup")))
         try:
             await self.start()
         except BaseException:

@@ -23,7 +23,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("request_id", "route", "upstream", "path", "error", "config"):
+        for key in ("request_id", "route", "upstream", "path", "error", "config", "trigger", "details"):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value
@@ -57,7 +57,7 @@ class LogLimiter:
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()  # the exporter thread logs through these too
 
-    def log(self, level: int, cause: str, message: str, **extra: Any) -> bool:
+    def log(self, level: int, cause: str, message: str, exc_info: bool = False, **extra: Any) -> bool:
         """Log ``message`` unless ``cause`` was logged less than an interval ago; True when logged."""
         now = time.monotonic()
         with self._lock:
@@ -68,7 +68,7 @@ class LogLimiter:
             held = self._held.pop(cause, 0)
         suffix = f" ({held} more since the last report; next report in {self._interval:.0f}s at the earliest)" \
             if held else f" (further occurrences reported at most every {self._interval:.0f}s)"
-        self._log.log(level, message + suffix, extra=extra or None)
+        self._log.log(level, message + suffix, exc_info=exc_info, extra=extra or None)
         return True
 
     def info(self, cause: str, message: str, **extra: Any) -> bool:

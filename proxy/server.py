@@ -35,6 +35,7 @@ from proxy.headers import (
     upstream_headers,
 )
 from proxy.http_guard import GuardedServer
+from proxy.logs import LogLimiter
 from proxy.routing import Route, Router
 from proxy.telemetry import server_span
 from proxy.telemetry.access_log import AccessEntry, AccessLog
@@ -45,6 +46,7 @@ from proxy.websocket import proxy_websocket
 __all__ = ["EdgeContext", "EdgeHandler", "ListenerSlot"]
 
 log = logging.getLogger("outrigger.server")
+_limited = LogLimiter(log, interval_s=10.0)
 # A '.' or '..' segment, with the dots or the separators percent-encoded or as backslashes
 # (some upstreams decode %2F or treat '\' as '/', and would then walk up the tree).
 _DOT_SEGMENT = re.compile(r"(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:$|/|\\|%2f|%5c)", re.IGNORECASE)
@@ -146,7 +148,8 @@ class EdgeHandler:
             attempts = outgoing.attempt if outgoing is not None else 0  # the app left mid-attempt
             raise
         except Exception as exc:
-            log.exception("internal error while proxying", extra={"request_id": rid})
+            _limited.log(logging.ERROR, type(exc).__name__, f"internal error while proxying: {type(exc).__name__}",
+                         exc_info=True, request_id=rid)  # a bug may hit every request: rate-limited per type
             internal = errors.Internal(f"internal error: {type(exc).__name__}")
             status, outcome = internal.status, internal.code
             return self._error_response(internal, route, rid)

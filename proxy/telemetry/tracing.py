@@ -59,6 +59,7 @@ from proxy.telemetry.propagation import (
 )
 from proxy.telemetry.query import redact_query, redaction_set
 from proxy.telemetry.server_span import method_attributes, span_name
+from proxy.telemetry.settings import effective_service_name, effective_tracing
 
 if TYPE_CHECKING:
     from proxy.chain import ProxyRequest
@@ -314,8 +315,11 @@ def _exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter |
     if tracing.exporter == "none":
         return None
     if tracing.exporter == "console":
+        import sys
+
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-        return ConsoleSpanExporter()
+        # stderr, one JSON object per line: stdout is the access log's
+        return ConsoleSpanExporter(out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n")
     protocol = tracing.protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
     if protocol == "grpc":
@@ -347,6 +351,8 @@ class Tracing:
         names: Sequence[str] = config.propagators or \
             env.get("OTEL_PROPAGATORS", "tracecontext,baggage").split(",")
         self.propagator, self.w3c = _propagators(names)
+        self.settings = effective_tracing(config, env, names)  # what /config and the startup line show
+        self.service_name = effective_service_name(config, env)
         self.provider: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
         self.shutdown_timeout_s = _shutdown_timeout(env)

@@ -24,7 +24,7 @@ several ``tracestate`` header lines.  The rules, from the spec:
 from __future__ import annotations
 
 import logging
-import random
+import os
 import re
 from collections.abc import Sequence
 from typing import TypeAlias
@@ -139,20 +139,20 @@ def with_parent_id(traceparent: str, span_id: int) -> str:
     return f"{traceparent[:36]}{span_id:016x}{traceparent[52:]}"
 
 
-def new_span_id(rand: random.Random | None = None) -> str:
-    getrandbits = (rand or random).getrandbits
+def new_span_id() -> str:
+    """16 random hex digits, never all zero (os.urandom: cheaper here than getrandbits and formatting)."""
     while True:
-        value = getrandbits(64)
-        if value:
-            return f"{value:016x}"
+        value = os.urandom(8).hex()
+        if value != _ZERO_SPAN:
+            return value
 
 
-def new_trace_id(rand: random.Random | None = None) -> str:
-    getrandbits = (rand or random).getrandbits
+def new_trace_id() -> str:
+    """32 random hex digits, never all zero: a trace id whose random flag may be set."""
     while True:
-        value = getrandbits(128)
-        if value:
-            return f"{value:032x}"
+        value = os.urandom(16).hex()
+        if value != _ZERO_TRACE:
+            return value
 
 
 class TraceHeaders:

@@ -50,6 +50,7 @@ from proxy.telemetry.propagation import (
     SAMPLED,
     Headers,
     TraceHeaders,
+    TraceParent,
     extract,
     format_traceparent,
     new_span_id,
@@ -340,6 +341,13 @@ def _shutdown_timeout(env: Mapping[str, str]) -> float:
         return DEFAULT_SHUTDOWN_TIMEOUT_S
 
 
+def _parent_context(parent: TraceParent) -> Context:
+    """The SDK context of the app's (W3C) parent span, for a span we start under it."""
+    return trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
+        trace_flags=TraceFlags(parent.flags & (SAMPLED | RANDOM)))))
+
+
 class Tracing:
     """Owns the tracer provider for the process; ``tracer`` is None when disabled."""
 
@@ -400,26 +408,22 @@ class Tracing:
         if tracer is None:  # tracing off: a pass-through that drops only what is malformed
             return None, pass_through(headers) if w3c else None
         parent, tracestate = extract(headers) if w3c else (None, None)
-        context: Context | None = None
+        remote: Context | None = None  # a b3 parent's context
         random_flag = RANDOM  # our own root trace ids are random
+        sampled: bool | None = None  # None: a root request, not decided yet
         if parent is not None:
-            sampled: bool | None = parent.sampled
-            random_flag = parent.flags & RANDOM
-            context = trace.set_span_in_context(NonRecordingSpan(SpanContext(
-                int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
-                trace_flags=TraceFlags(parent.flags & (SAMPLED | RANDOM)))))
+            sampled, random_flag = parent.sampled, parent.flags & RANDOM
         elif self._parent_fields and any(field in headers for field in self._parent_fields):
-            context = self.propagator.extract(headers)  # b3
-            remote = trace.get_current_span(context).get_span_context()
-            if remote.is_valid:
-                sampled, random_flag = remote.trace_flags.sampled, 0
+            remote = self.propagator.extract(headers)  # b3
+            remote_span = trace.get_current_span(remote).get_span_context()
+            if remote_span.is_valid:
+                sampled, random_flag = remote_span.trace_flags.sampled, 0
             else:
-                context, sampled = None, None
-        else:
-            sampled = None
+                remote = None
         if sampled is None and self._root_ratio is not None:
             sampled = self._random() < self._root_ratio  # an unsampled root costs one random draw
         if sampled is not False and (self._gate is None or self._gate.admit()):
+            context = _parent_context(parent) if parent is not None else remote
             span = tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes())
             own = span.get_span_context()
             if span.is_recording():
@@ -429,14 +433,16 @@ class Tracing:
             sampled = own.trace_flags.sampled  # an SDK sampler from OTEL_TRACES_SAMPLER said no
         if not w3c:
             return None, None
+        # Not recorded (unsampled, or the collector is down): the same headers, with ids of our own.
         if parent is not None:
             trace_id = parent.trace_id
-        elif context is not None:
-            trace_id = f"{trace.get_current_span(context).get_span_context().trace_id:032x}"
+        elif remote is not None:
+            trace_id = f"{trace.get_current_span(remote).get_span_context().trace_id:032x}"
         else:
             trace_id = new_trace_id()
         if sampled is None:  # the collector gate said no before an SDK sampler could decide
             assert self._sampler is not None
+            context = _parent_context(parent) if parent is not None else remote
             decision = self._sampler.should_sample(context, int(trace_id, 16), name).decision
             sampled = decision is Decision.RECORD_AND_SAMPLE
         flags = random_flag | (SAMPLED if sampled else 0)

@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
@@ -243,7 +242,7 @@ class _CollectorGate:
 
 
 def _propagators(names: Sequence[str]) -> tuple[TextMapPropagator, bool]:
-    """The SDK propagators for everything but W3C trace context, and whether that is wanted too.
+    """The SDK propagators (b3) for everything but W3C trace context and baggage, and whether W3C is wanted.
 
     ``traceparent``/``tracestate`` are handled by ``proxy.telemetry.propagation``
     (the SDK's propagator follows an older ``tracestate`` grammar).
@@ -255,7 +254,9 @@ def _propagators(names: Sequence[str]) -> tuple[TextMapPropagator, bool]:
         if name == "tracecontext":
             w3c = True
         elif name == "baggage":
-            chosen.append(W3CBaggagePropagator())
+            # The app's baggage header passes through as sent; Outrigger adds none, so the SDK
+            # propagator would only parse it (and log rejected entries verbatim).
+            continue
         elif name in ("b3", "b3multi"):
             from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
             chosen.append(B3SingleFormat() if name == "b3" else B3MultiFormat())
@@ -473,7 +474,7 @@ class Tracing:
             current = request.headers.get("traceparent")
             request.headers["traceparent"] = with_parent_id(current, own.span_id) if current is not None \
                 else format_traceparent(f"{own.trace_id:032x}", f"{own.span_id:016x}", int(own.trace_flags))
-        self.propagator.inject(request.headers, context=trace.set_span_in_context(span))  # b3, baggage
+        self.propagator.inject(request.headers, context=trace.set_span_in_context(span))  # b3
         return span
 
     @staticmethod

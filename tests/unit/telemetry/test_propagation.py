@@ -87,3 +87,14 @@ def test_rejected_headers_are_never_logged_verbatim_and_at_most_once_per_interva
     assert len(lines) <= 1
     assert all(r.levelno <= logging.INFO for r in lines)
     assert not [r for r in caplog.records if "SECRET" in r.getMessage() or "token-value" in r.getMessage()]
+
+
+def test_baggage_beside_a_b3_parent_is_neither_parsed_nor_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = TelemetryConfig(tracing=TracingConfig(sample_ratio=1.0), propagators=("tracecontext", "baggage", "b3"))
+    tracing = Tracing(config, env={}, exporter=InMemorySpanExporter())
+    headers = (("b3", f"{T}-1234567890123456-1"), ("baggage", "SECRET token-value;;=="))
+    out = outgoing(tracing, headers)
+    assert out["traceparent"].split("-")[1] == T and out.getall("baggage") == ["SECRET token-value;;=="]
+    tracing.shutdown()
+    assert not [r for r in caplog.records if "SECRET" in r.getMessage()]

@@ -35,8 +35,8 @@ from proxy.logs import LogLimiter
 
 __all__ = [
     "MAX_MEMBERS", "RANDOM", "SAMPLED", "Headers", "MutableHeaders", "TraceHeaders", "TraceParent", "extract",
-    "format_traceparent", "new_span_id", "new_trace_id", "parse_traceparent", "parse_tracestate", "pass_through",
-    "with_parent_id",
+    "format_traceparent", "new_trace_id", "parse_traceparent", "parse_tracestate", "pass_through",
+    "unrecorded_traceparent", "with_parent_id",
 ]
 
 log = logging.getLogger("outrigger.tracing")
@@ -54,6 +54,7 @@ _MEMBER = re.compile(
 )
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
+_FLAG_TEXT = tuple(f"{flags:02x}" for flags in range(256))
 _rejections = LogLimiter(log, interval_s=60.0)
 Headers: TypeAlias = MultiMapping[str]
 MutableHeaders: TypeAlias = MutableMultiMapping[str]
@@ -131,20 +132,24 @@ def extract(headers: Headers) -> tuple[TraceParent | None, str | None]:
 
 def format_traceparent(trace_id: str, span_id: str, flags: int) -> str:
     """A version-00 ``traceparent``: the highest version this implementation knows."""
-    return f"00-{trace_id}-{span_id}-{flags & 0xff:02x}"
+    return f"00-{trace_id}-{span_id}-{_FLAG_TEXT[flags & 0xff]}"
+
+
+def unrecorded_traceparent(trace_id: str | None, flags: int) -> str:
+    """A ``traceparent`` for a request that is not recorded: the trace (a new one for None), a fresh span id.
+
+    One ``os.urandom`` call for both ids: this runs for every unsampled request.
+    """
+    while True:
+        raw = os.urandom(8 if trace_id is not None else 24).hex()
+        span_id, new_trace = raw[:16], raw[16:]
+        if span_id != _ZERO_SPAN and new_trace != _ZERO_TRACE:
+            return f"00-{trace_id or new_trace}-{span_id}-{_FLAG_TEXT[flags & 0xff]}"
 
 
 def with_parent_id(traceparent: str, span_id: int) -> str:
     """``traceparent`` (version 00) with its parent id replaced by ``span_id``."""
     return f"{traceparent[:36]}{span_id:016x}{traceparent[52:]}"
-
-
-def new_span_id() -> str:
-    """16 random hex digits, never all zero (os.urandom: cheaper here than getrandbits and formatting)."""
-    while True:
-        value = os.urandom(8).hex()
-        if value != _ZERO_SPAN:
-            return value
 
 
 def new_trace_id() -> str:

@@ -52,9 +52,9 @@ from proxy.telemetry.propagation import (
     TraceParent,
     extract,
     format_traceparent,
-    new_span_id,
     new_trace_id,
     pass_through,
+    unrecorded_traceparent,
     with_parent_id,
 )
 from proxy.telemetry.query import redact_query, redaction_set
@@ -436,18 +436,19 @@ class Tracing:
             return None, None
         # Not recorded (unsampled, or the collector is down): the same headers, with ids of our own.
         if parent is not None:
-            trace_id = parent.trace_id
+            trace_id: str | None = parent.trace_id
         elif remote is not None:
             trace_id = f"{trace.get_current_span(remote).get_span_context().trace_id:032x}"
         else:
-            trace_id = new_trace_id()
+            trace_id = None  # a new trace
         if sampled is None:  # the collector gate said no before an SDK sampler could decide
             assert self._sampler is not None
+            trace_id = trace_id or new_trace_id()
             context = _parent_context(parent) if parent is not None else remote
             decision = self._sampler.should_sample(context, int(trace_id, 16), name).decision
             sampled = decision is Decision.RECORD_AND_SAMPLE
-        flags = random_flag | (SAMPLED if sampled else 0)
-        return None, TraceHeaders(format_traceparent(trace_id, new_span_id(), flags), tracestate)
+        return None, TraceHeaders(unrecorded_traceparent(trace_id, random_flag | (SAMPLED if sampled else 0)),
+                                  tracestate)
 
     def start_client_span(self, request: ProxyRequest, route: str, pool: UpstreamPool) -> Span:
         """A CLIENT span for one attempt, injected into that attempt's outgoing headers."""

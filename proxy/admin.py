@@ -1,6 +1,7 @@
 """Admin server: probes, metrics, the active config and runtime status.
 
 Served on its own port (never a proxy port), by default on 127.0.0.1 only.
+``/`` is the status page (``proxy.status_page``), fed by ``/status``.
 ``/healthz`` answers while the event loop runs; ``/readyz`` is 200 only while
 every configured listener is bound and turns 503 the moment draining starts.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,6 +18,8 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from proxy.config import to_builtins
+from proxy.status_page import PAGE
+from proxy.telemetry.breaker_events import iso_time
 
 if TYPE_CHECKING:
     from proxy.lifecycle import Sidecar
@@ -70,8 +74,14 @@ async def readyz(request: web.Request) -> web.Response:
 async def config_view(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
     runtime = sidecar.runtime
-    return _json({"version": runtime.version, "source": sidecar.config_path,
-                  "config": redact(to_builtins(runtime.config))})
+    config = to_builtins(runtime.config)
+    # The values in force, from the config, the OTEL_* variables or the defaults (not nulls).
+    telemetry = config.setdefault("telemetry", {})
+    settings = dict(sidecar.tracing.settings)
+    telemetry["propagators"] = settings.pop("propagators")
+    telemetry["service_name"] = sidecar.tracing.service_name
+    telemetry["tracing"] = {**telemetry.get("tracing", {}), **settings}
+    return _json({"version": runtime.version, "source": sidecar.config_path, "config": redact(config)})
 
 
 async def status_view(request: web.Request) -> web.Response:
@@ -81,7 +91,18 @@ async def status_view(request: web.Request) -> web.Response:
     data["draining"] = sidecar.draining
     data["listeners"] = sidecar.listener_status()
     data["tasks"] = len(asyncio.all_tasks())
+    data["time"] = iso_time(time.time())
     return _json(data)
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """The self-contained status page; it refreshes itself from /status."""
+    return web.Response(text=PAGE, content_type="text/html", headers={
+        "Cache-Control": "no-store",
+        # inline CSS and script only: nothing may load from elsewhere
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+                                   "connect-src 'self'",
+    })
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -96,6 +117,7 @@ async def metrics_view(request: web.Request) -> web.Response:
 def build_admin_app(sidecar: Sidecar) -> web.Application:
     app = web.Application()
     app[SIDECAR] = sidecar
+    app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/config", config_view)

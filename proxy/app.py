@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -35,6 +34,7 @@ from proxy.policies.stale_resend import StaleResend
 from proxy.policies.timeout import AttemptTimeout
 from proxy.routing import Route, Router
 from proxy.telemetry.attempts import AttemptTelemetry
+from proxy.telemetry.breaker_events import BreakerEvents, iso_time
 from proxy.telemetry.metrics import BreakerMetrics, Metrics, UpstreamMetrics
 from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamCall, UpstreamPool
@@ -62,8 +62,10 @@ class Runtime:
     retired_pools: list[UpstreamPool] = field(default_factory=list)  # to close() after in-flight finish
     # Kept pools whose static endpoint list changed: the new list is diffed in once in service.
     endpoint_updates: list[tuple[UpstreamPool, UpstreamConfig]] = field(default_factory=list)
+    breaker_events: BreakerEvents = field(default_factory=BreakerEvents)  # carried over by reloads
 
     def status(self, clock: Clock) -> dict[str, Any]:
+        """Runtime state for /status: integer counts, seconds rounded, ISO times, routes keyed as in metrics."""
         upstreams = {}
         for name, up in self.upstreams.items():
             upstreams[name] = {
@@ -81,32 +83,42 @@ class Runtime:
         for route in self.routes:
             bulkhead = self.upstreams[route.upstream].bulkhead  # per upstream, shared by its routes
             entry: dict[str, Any] = {"listener": route.listener, "upstream": route.upstream,
-                                     "inflight": route.metrics.inflight._value.get(),
+                                     "http_route": route.prefix, **route.metrics.live.snapshot(),
                                      "active": bulkhead.active, "pending": bulkhead.pending}
             if "rate_limit" in route.status:
                 entry["rate_limit"] = route.status["rate_limit"].snapshot()
             if "retry" in route.status:
-                entry["retry_budget_remaining"] = round(route.status["retry"].budget.remaining(), 3)
+                # whole retries the budget would allow now
+                entry["retry_budget_remaining"] = int(route.status["retry"].budget.remaining())
             if "circuit_breaker" in route.status and route.config.circuit_breaker.scope == "route":
                 entry["circuit_breaker"] = _breaker_status(route.status["circuit_breaker"], clock)
-            routes[f"{route.listener}/{route.name}"] = entry
-        return {"version": self.version, "upstreams": upstreams, "routes": routes}
+            routes[route.name] = entry  # the `route` label of the metrics (route names are unique)
+        return {"version": self.version, "upstreams": upstreams, "routes": routes,
+                "breaker_transitions": list(self.breaker_events.recent)}
 
 
 def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
-    """The breaker's snapshot with its state-entry time as wall-clock ISO 8601."""
+    """The breaker's snapshot: state-entry time as ISO 8601, seconds rounded, window counts as integers."""
     snapshot = dict(breaker.snapshot())
     entered_wall = time.time() - (clock.now() - breaker.entered_at)
-    snapshot["entered_at"] = datetime.fromtimestamp(entered_wall, UTC).isoformat(timespec="milliseconds")
-    snapshot["seconds_in_state"] = round(clock.now() - breaker.entered_at, 3)
+    snapshot["entered_at"] = iso_time(entered_wall)
+    snapshot["seconds_in_state"] = round(clock.now() - breaker.entered_at, 1)
+    snapshot["retry_after"] = round(float(snapshot["retry_after"]), 1)  # type: ignore[arg-type]
+    for key in ("failure_rate", "slow_call"):
+        window = snapshot.get(key)
+        if isinstance(window, dict):
+            snapshot[key] = {name: round(value, 3) if name == "rate" else int(value) for name, value in window.items()}
     snapshot.pop("open_until", None)
     return snapshot
 
 
 def _breaker(config: Any, clock: Clock, rng: random.Random, metrics: BreakerMetrics,
              runtime: Runtime) -> CircuitBreaker:
+    events = runtime.breaker_events
+
     def on_transition(old: BreakerState, new: BreakerState) -> None:
         metrics.transition(old.value, new.value)
+        events.transition(metrics.upstream, breaker, old, new)  # the log line and /status's recent list
     breaker = CircuitBreaker(config, clock, rng, on_transition)
     runtime.new_breakers.append((breaker, metrics))
     return breaker
@@ -131,6 +143,8 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
                   rng: random.Random, previous: Runtime | None = None) -> Runtime:
     carry = _Carry(previous)
     runtime = Runtime(config=config, version=config_hash(config), upstreams={}, routers={})
+    if previous is not None:
+        runtime.breaker_events = previous.breaker_events
     for name, upstream in config.upstreams.items():
         old = carry.upstreams.get(name)
         if old is not None and old.pool.config == upstream:

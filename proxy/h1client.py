@@ -128,6 +128,14 @@ class H1Response:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        """(address, port) of the upstream this response came from, while its connection is held."""
+        conn = self._conn
+        transport = conn.transport if conn is not None else None
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return (str(peer[0]), int(peer[1])) if peer else None
+
     # --- fed by the connection ---
 
     def _feed(self, chunk: bytes) -> None:

@@ -39,6 +39,7 @@ from proxy.edge import EdgeContext, ListenerEdge, ListenerSlot
 from proxy.edge.listener import TunnelMetrics
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.operator_log import config_changes, describe_changes, startup_details
 from proxy.telemetry.tracing import Tracing
 
 __all__ = ["Sidecar"]
@@ -100,6 +101,7 @@ class Sidecar:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._trigger = "api"  # what started the reload under way: sighup, watcher or api
 
     # --- start ---
 
@@ -135,7 +137,9 @@ class Sidecar:
         if self.config_path is not None and self._watch_interval > 0:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         self.ready = True
-        log.info("outrigger ready", extra={"config": self.runtime.version})
+        log.info("outrigger ready", extra={"config": self.runtime.version, "details": startup_details(
+            config, config_path=self.config_path, admin_port=self.admin_port,
+            listener_ports={name: lst.port for name, lst in self.listeners.items()}, tracing=self.tracing.settings)})
 
     @staticmethod
     def _bound_port(server: Any) -> int:
@@ -178,10 +182,13 @@ class Sidecar:
             await asyncio.sleep(self._watch_interval)
             state = await asyncio.to_thread(self._stat_config)
             if state is not None and state != self._file_state:
-                await self.reload_from_file(trigger="watch")
+                await self.reload_from_file(trigger="watcher")
 
-    async def reload_from_file(self, *, trigger: str = "signal") -> bool:
-        """Load the config file and apply it (``trigger``: the file watcher or SIGHUP); never raises.
+    async def reload_from_file(self, trigger: str = "api") -> bool:
+        """Load the config file and apply it; never raises.
+
+        ``trigger`` names who asked, in every line the reload logs: ``watcher`` (the file
+        changed), ``sighup``, or ``api`` (a direct call).
 
         The count follows the file's content, never the race between the two triggers:
 
@@ -197,10 +204,11 @@ class Sidecar:
             log.info("config reload skipped: the sidecar is draining", extra={"config": self.config_path})
             return False
         async with self._reload_lock:  # one reload at a time, the "already attempted" check included
+            self._trigger = trigger  # named by every line this reload logs
             state = await asyncio.to_thread(self._stat_config)
             self._file_state = state  # the watcher does not try this version again
             content = state[-1] if state is not None else None
-            retry = trigger == "signal" and self._attempt_failed_outside
+            retry = trigger != "watcher" and self._attempt_failed_outside  # SIGHUP or a direct call
             if content == self._attempted_content and not retry:
                 outcome = "was applied" if self._attempt_succeeded else "failed"
                 log.info(f"config file unchanged since its last reload attempt, which {outcome}; nothing to reload",
@@ -223,7 +231,8 @@ class Sidecar:
 
     def _reload_failed(self, message: str) -> bool:
         self.metrics.config_reloads.labels(result="failure").inc()
-        log.error(message, extra={"config": self.config_path})
+        log.error(message, extra={"config": self.config_path, "trigger": self._trigger,
+                                  "details": {"result": "failure"}})
         return False
 
     @staticmethod
@@ -243,13 +252,14 @@ class Sidecar:
                                          header_read_timeout=active.limits.header_read_timeout)
         return msgspec.structs.replace(new, admin=active.admin, telemetry=active.telemetry, limits=limits)
 
-    async def apply(self, config: Config) -> bool:
+    async def apply(self, config: Config, trigger: str = "api") -> bool:
         """Swap in a validated config; unchanged state carries over.
 
         New and moved listeners are bound first: if one cannot bind, nothing has
         changed yet, the reload is rejected and the active config keeps serving.
         """
         async with self._reload_lock:
+            self._trigger = trigger
             return await self._apply_locked(config)
 
     async def _apply_locked(self, config: Config) -> bool:
@@ -315,7 +325,10 @@ class Sidecar:
             return self._reload_failed("config applied, but listeners are down (/readyz is 503): "
                                        + "; ".join(failed))
         self.metrics.config_reloads.labels(result="success").inc()
-        log.info("config reloaded", extra={"config": runtime.version})
+        changes = config_changes(old.config, config)
+        log.info("config reloaded (%s): %s", self._trigger, describe_changes(changes),
+                 extra={"config": runtime.version, "trigger": self._trigger,
+                        "details": {"result": "success", **changes}})
         return True
 
     @staticmethod
@@ -411,7 +424,7 @@ class Sidecar:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop_signal)
         with contextlib.suppress(NotImplementedError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file(trigger="signal")))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file(trigger="sighup")))
         try:
             await self.start()
         except BaseException:

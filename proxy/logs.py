@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
 from proxy.telemetry.line_writer import LineWriter
 
-__all__ = ["configure_logging", "log"]
+__all__ = ["LogLimiter", "configure_logging", "log"]
 
 log = logging.getLogger("outrigger")
 
@@ -30,7 +31,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("request_id", "route", "upstream", "path", "error", "config"):
+        for key in ("request_id", "route", "upstream", "path", "error", "config", "trigger", "details"):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value
@@ -68,3 +69,38 @@ def configure_logging(level: str = "info") -> None:
     # aiohttp logs every malformed request at error level with a traceback; keep them terse.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     logging.getLogger("aiohttp.access").disabled = True
+
+
+class LogLimiter:
+    """At most one line per cause per interval, for causes that could otherwise log on every request.
+
+    The line says how many occurrences it stands for; the count of the ones
+    held back is reported with the next line of the same cause.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0) -> None:
+        self._log = logger
+        self._interval = interval_s
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()  # the exporter thread logs through these too
+
+    def log(self, level: int, cause: str, message: str, exc_info: bool = False, **extra: Any) -> bool:
+        """Log ``message`` unless ``cause`` was logged less than an interval ago; True when logged."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(cause, 0.0):
+                self._held[cause] = self._held.get(cause, 0) + 1
+                return False
+            self._next[cause] = now + self._interval
+            held = self._held.pop(cause, 0)
+        suffix = f" ({held} more since the last report; next report in {self._interval:.0f}s at the earliest)" \
+            if held else f" (further occurrences reported at most every {self._interval:.0f}s)"
+        self._log.log(level, message + suffix, exc_info=exc_info, extra=extra or None)
+        return True
+
+    def info(self, cause: str, message: str, **extra: Any) -> bool:
+        return self.log(logging.INFO, cause, message, **extra)
+
+    def warning(self, cause: str, message: str, **extra: Any) -> bool:
+        return self.log(logging.WARNING, cause, message, **extra)

@@ -26,6 +26,7 @@ __all__ = [
 RetryOn = Literal["connect-failure", "reset", "timeout", "gateway-error", "5xx", "retriable-status-codes"]
 StatusCode = Annotated[int, msgspec.Meta(ge=100, le=599)]
 Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+QueryParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^&=#\s]+$")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
@@ -310,6 +311,8 @@ class TracingConfig(Block, frozen=True):
     protocol: Literal["grpc", "http/protobuf", "http"] | None = None
     endpoint: str | None = None
     sample_ratio: Ratio | None = None
+    # Query parameters whose values spans record as REDACTED, beside the semantic conventions' list.
+    redact_query_params: tuple[QueryParamName, ...] = ()
 
 
 class AccessLogConfig(Block, frozen=True):

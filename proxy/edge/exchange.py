@@ -2,7 +2,7 @@
 
 ``serve`` is the outermost layer of every request and the only place that
 turns a ``ProxyError`` (or an unexpected exception) into a response.  It owns
-the per-request telemetry: the SERVER span (``proxy.edge.spans``), the
+the per-request telemetry: the SERVER span (``proxy.telemetry.server_span``), the
 request metrics and the access log line.  Upgrade requests go to
 ``proxy.edge.tunnel`` instead of the chain.
 """
@@ -10,6 +10,7 @@ request metrics and the access log line.  Upgrade requests go to
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +19,11 @@ from proxy.chain import ProxyRequest
 from proxy.edge.bodies import NO_BODY, read_request_body, send_response
 from proxy.edge.guard import origin_path
 from proxy.edge.responses import error_bytes
-from proxy.edge.spans import end_server_span, start_server_span
 from proxy.edge.tunnel import open_tunnel
 from proxy.headers import parse_overrides, request_id, upstream_headers
+from proxy.logs import LogLimiter
 from proxy.routing import Route
+from proxy.telemetry import server_span
 from proxy.telemetry.access_log import AccessEntry
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["serve"]
 
 log = logging.getLogger("outrigger.server")
+_limited = LogLimiter(log, interval_s=10.0)
 
 
 def _resolve(proto: EdgeProtocol, req: EdgeRequest) -> tuple[Route, str]:
@@ -60,19 +63,24 @@ async def serve(proto: EdgeProtocol, req: EdgeRequest) -> bool:
     keep_alive = req.keep_alive and not ctx.draining
     listener.inflight += 1
     # Started before routing, so that requests refused here (no_route, bad_request) are
-    # traced too and the app's trace goes on; named after the route once it is known.
-    span = start_server_span(ctx.tracing, req.method, req.headers)
+    # traced too and the app's trace goes on; named after the route once it is known.  The
+    # trace headers the request sends upstream are decided here too, recorded or not.
+    span = trace_headers = None
+    if ctx.tracing is not None:
+        span, trace_headers = ctx.tracing.begin(req.headers, server_span.span_name(req.method, None),
+                                                functools.partial(_span_start, proto, req))
     try:
         route, target = _resolve(proto, req)
         route.metrics.inflight.inc()
-        if span is not None:
-            span.update_name(f"{req.method} {route.name}")
         if req.upgrade:
-            tunnelled = await open_tunnel(proto, req, route, target, rid, keep_alive=keep_alive)
+            tunnelled = await open_tunnel(proto, req, route, target, rid, keep_alive=keep_alive,
+                                          trace_headers=trace_headers)
             status, bytes_out, head_sent_at, keep_alive = tunnelled
             outcome = "upstream"
             return keep_alive
         outgoing = await _outgoing(proto, req, route, target, rid, span)
+        if trace_headers is not None:
+            trace_headers.apply(outgoing.headers)  # the one traceparent (and tracestate) it sends
         proxied = await route.handler(outgoing)
         status, attempts = proxied.status, proxied.attempts
         outcome = proxied.error or "upstream"
@@ -97,7 +105,8 @@ async def serve(proto: EdgeProtocol, req: EdgeRequest) -> bool:
         attempts = outgoing.attempt if outgoing is not None else 0  # the app left mid-attempt
         raise
     except Exception as exc:
-        log.exception("internal error while proxying", extra={"request_id": rid})
+        _limited.log(logging.ERROR, type(exc).__name__, f"internal error while proxying: {type(exc).__name__}",
+                     exc_info=True, request_id=rid)  # a bug may hit every request: rate-limited per type
         internal = errors.Internal(f"internal error: {type(exc).__name__}")
         status, outcome = internal.status, internal.code
         _send_error(proto, req, internal, route, rid, False)
@@ -130,13 +139,9 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
     if span is not None:
         span_ctx = span.get_span_context()
         exemplar = {"trace_id": f"{span_ctx.trace_id:032x}"}
-        host = req.headers.get("Host")
-        port = host.rpartition(":")[2] if host and host.count(":") == 1 else ""
-        end_server_span(span, method=req.method, path=path, scheme="http", host=host,
-                        port=int(port) if port.isdigit() else 80, client=proto.client_ip,
-                        user_agent=req.headers.get("User-Agent"), version="1.0" if req.http10 else "1.1",
-                        route=route.name if route else None, upstream=route.upstream if route else None,
-                        status=status, outcome=outcome, attempts=attempts)
+        server_span.finish(span, method=req.method, route_template=route.prefix if route else None,
+                           route=route.name if route else None, upstream=route.upstream if route else None,
+                           status=status, outcome=outcome, attempts=attempts)
     # From request received to response headers sent (a streamed body's time is not in it).
     metrics.request_done(req.method, status, outcome, (head_sent_at if head_sent_at is not None else end) - start,
                          exemplar)
@@ -159,6 +164,19 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
             bytes_out=bytes_out,
             error=None if outcome == "upstream" else outcome,
         ))
+
+
+def _span_start(proto: EdgeProtocol, req: EdgeRequest) -> dict[str, Any]:
+    """The SERVER span's start attributes (called only for a sampled request)."""
+    transport = proto.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    sock = transport.get_extra_info("sockname") if transport is not None else None
+    tracing = proto.listener.ctx.tracing
+    return server_span.start_attributes(
+        method=req.method, raw_target=origin_path(req.target), scheme="http", host_header=req.headers.get("Host"),
+        server_port=int(sock[1]) if sock else 0, client_address=proto.client_ip,
+        client_port=int(peer[1]) if peer else None, user_agent=req.headers.get("User-Agent"),
+        http_version="1.0" if req.http10 else "1.1", redact=tracing.redact if tracing is not None else frozenset())
 
 
 async def _outgoing(proto: EdgeProtocol, req: EdgeRequest, route: Route, target: str, rid: str,

@@ -25,11 +25,12 @@ from proxy.chain import ProxyResponse
 from proxy.edge.bodies import read_request_body, send_response
 from proxy.edge.responses import head_bytes, header_lines, status_line
 from proxy.h1client import H1Connection
-from proxy.headers import connection_listed, upstream_headers
+from proxy.headers import connection_listed, strip_sidecar_headers, upstream_headers
 
 if TYPE_CHECKING:
     from proxy.edge.protocol import EdgeProtocol, EdgeRequest
     from proxy.routing import Route
+    from proxy.telemetry.propagation import TraceHeaders
 
 __all__ = ["Splice", "Tunnelled", "open_tunnel"]
 
@@ -41,10 +42,13 @@ class Tunnelled(NamedTuple):
     keep_alive: bool
 
 
-def _upgrade_head(proto: EdgeProtocol, req: EdgeRequest, route: Route, target: str, rid: str, body: bytes) -> bytes:
+def _upgrade_head(proto: EdgeProtocol, req: EdgeRequest, route: Route, target: str, rid: str, body: bytes,
+                  trace_headers: TraceHeaders | None) -> bytes:
     incoming = req.headers
     pool = route.pool
     headers = upstream_headers(incoming, client_ip=proto.client_ip, host=incoming.get("Host"), rid=rid)
+    if trace_headers is not None:
+        trace_headers.apply(headers)  # the upgrade carries the request's trace like any other
     # The handshake's own hop-by-hop fields travel with it: Upgrade, Connection and what it lists.
     listed = connection_listed(incoming)
     for name, value in incoming.items():
@@ -63,7 +67,7 @@ def _upgrade_head(proto: EdgeProtocol, req: EdgeRequest, route: Route, target: s
 
 
 async def open_tunnel(proto: EdgeProtocol, req: EdgeRequest, route: Route, target: str, rid: str, *,
-                      keep_alive: bool) -> Tunnelled:
+                      keep_alive: bool, trace_headers: TraceHeaders | None = None) -> Tunnelled:
     """Forward the upgrade; relay the answer; splice until either side closes or idles out."""
     body = b""
     if req.body is not None:  # rare on an upgrade; read whole, bounded as any body
@@ -74,7 +78,7 @@ async def open_tunnel(proto: EdgeProtocol, req: EdgeRequest, route: Route, targe
     conn = await pool.h1.open_dedicated(timeout.connect)
     try:
         async with asyncio.timeout(timeout.attempt):
-            response = await conn.request_upgrade(_upgrade_head(proto, req, route, target, rid, body),
+            response = await conn.request_upgrade(_upgrade_head(proto, req, route, target, rid, body, trace_headers),
                                                   None if req.http10 else proto.informational)
     except TimeoutError:
         conn.close()
@@ -84,6 +88,7 @@ async def open_tunnel(proto: EdgeProtocol, req: EdgeRequest, route: Route, targe
         conn.close()
         raise
     clock = proto.listener.ctx.clock
+    strip_sidecar_headers(response.headers)  # only the sidecar sets x-outrigger-* towards the app
     if response.status != 101:
         proxied = ProxyResponse(response.status, response.headers, upstream=response)
         sent = await send_response(proto, req, proxied, rid, keep_alive=keep_alive,

@@ -98,5 +98,6 @@ class AttemptTelemetry:
         metrics.attempt_results[status_result(status)].inc()
         if span is not None:
             span.set_attribute("outrigger.connection_reused", response.reused)
-            tracing.end_client_span(span, status, None)  # type: ignore[union-attr]
+            peer = response.upstream.peer if response.upstream is not None else None
+            tracing.end_client_span(span, status, None, peer=peer)  # type: ignore[union-attr]
         return response

@@ -28,6 +28,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from proxy.telemetry import line_writer
+from proxy.telemetry.live import LiveStats
 
 __all__ = [
     "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "ENDPOINT_STATES", "TIMEOUT_KINDS", "BreakerMetrics",
@@ -134,13 +135,17 @@ class Metrics:
         self.tunnels = Counter("outrigger_tunnels", "Upgrade tunnels opened, by route.", ["route"], registry=r)
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
+        self._live: dict[tuple[str, str], LiveStats] = {}
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)
         for reason in DROP_REASONS:
             self.spans_dropped.labels(reason=reason)
 
     def for_route(self, route: str, upstream: str) -> RouteMetrics:
-        return RouteMetrics(self, route, upstream)
+        route_metrics = RouteMetrics(self, route, upstream)
+        # The same route across reloads keeps its live figures, as its Prometheus series do.
+        route_metrics.inflight = route_metrics.live = self._live.setdefault((route, upstream), route_metrics.live)
+        return route_metrics
 
     def for_upstream(self, upstream: str) -> UpstreamMetrics:
         return UpstreamMetrics(self, upstream)
@@ -256,7 +261,8 @@ class RouteMetrics:
         self.timeouts = {kind: metrics.timeouts.labels(kind=kind, **labels) for kind in TIMEOUT_KINDS}
         self.budget_exhausted = metrics.budget_exhausted.labels(**labels)
         self.rate_limited = metrics.rate_limited.labels(route=route)
-        self.inflight = metrics.inflight.labels(route=route)
+        # In flight: the Gauge child and a plain integer together (inc()/dec()), for /status.
+        self.inflight = self.live = LiveStats(metrics.inflight.labels(route=route))
         self._retries: dict[str, Any] = {}
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
@@ -270,6 +276,7 @@ class RouteMetrics:
 
     def request_done(self, method: str, status: int, outcome: str, seconds: float,
                      exemplar: dict[str, str] | None = None) -> None:
+        self.live.done(status, seconds)
         code = status_class(status)
         method = method_label(method)
         key = (method, code, outcome)

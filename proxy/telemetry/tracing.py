@@ -22,11 +22,11 @@ import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
@@ -35,16 +35,33 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
+    Decision,
     ParentBased,
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from proxy import __version__
 from proxy.config import TelemetryConfig
 from proxy.telemetry.export import SpanQueue, grpc_exporter, otlp_http_exporter
 from proxy.telemetry.metrics import DROP_REASONS
+from proxy.telemetry.propagation import (
+    RANDOM,
+    SAMPLED,
+    Headers,
+    TraceHeaders,
+    TraceParent,
+    extract,
+    format_traceparent,
+    new_trace_id,
+    pass_through,
+    unrecorded_traceparent,
+    with_parent_id,
+)
+from proxy.telemetry.query import redact_query, redaction_set
+from proxy.telemetry.server_span import method_attributes, span_name
+from proxy.telemetry.settings import effective_service_name, effective_tracing
 
 if TYPE_CHECKING:
     from proxy.chain import ProxyRequest
@@ -212,20 +229,28 @@ class _CollectorGate:
         return False
 
 
-def _propagators(names: Sequence[str]) -> TextMapPropagator:
+def _propagators(names: Sequence[str]) -> tuple[TextMapPropagator, bool]:
+    """The SDK propagators (b3) for everything but W3C trace context and baggage, and whether W3C is wanted.
+
+    ``traceparent``/``tracestate`` are handled by ``proxy.telemetry.propagation``
+    (the SDK's propagator follows an older ``tracestate`` grammar).
+    """
     chosen: list[TextMapPropagator] = []
+    w3c = False
     for name in names:
         name = name.strip().lower()
         if name == "tracecontext":
-            chosen.append(TraceContextTextMapPropagator())
+            w3c = True
         elif name == "baggage":
-            chosen.append(W3CBaggagePropagator())
+            # The app's baggage header passes through as sent; Outrigger adds none, so the SDK
+            # propagator would only parse it (and log rejected entries verbatim).
+            continue
         elif name in ("b3", "b3multi"):
             from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
             chosen.append(B3SingleFormat() if name == "b3" else B3MultiFormat())
         elif name and name != "none":
             log.warning("unknown propagator %r ignored", name)
-    return CompositePropagator(chosen)
+    return CompositePropagator(chosen), w3c
 
 
 def _ratio(value: str | None) -> float:
@@ -269,6 +294,7 @@ def _resource(config: TelemetryConfig, env: Mapping[str, str]) -> Resource:
         if sep and key.strip():
             attributes[key.strip()] = urllib.parse.unquote(value.strip())
     attributes.update({key: env[var] for key, var in _K8S_ENV.items() if env.get(var)})
+    attributes.setdefault("service.version", __version__)
     attributes["service.name"] = config.service_name or env.get("OTEL_SERVICE_NAME") \
         or attributes.get("service.name") or "outrigger"
     return Resource.create(attributes)
@@ -279,8 +305,11 @@ def _exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter |
     if tracing.exporter == "none":
         return None
     if tracing.exporter == "console":
+        import sys
+
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-        return ConsoleSpanExporter()
+        # stderr, one JSON object per line: stdout is the access log's
+        return ConsoleSpanExporter(out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n")
     protocol = tracing.protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
     if protocol == "grpc":
@@ -296,6 +325,13 @@ def _shutdown_timeout(env: Mapping[str, str]) -> float:
         return DEFAULT_SHUTDOWN_TIMEOUT_S
 
 
+def _parent_context(parent: TraceParent) -> Context:
+    """The SDK context of the app's (W3C) parent span, for a span we start under it."""
+    return trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
+        trace_flags=TraceFlags(parent.flags & (SAMPLED | RANDOM)))))
+
+
 class Tracing:
     """Owns the tracer provider for the process; ``tracer`` is None when disabled."""
 
@@ -306,7 +342,9 @@ class Tracing:
         env = os.environ if env is None else env
         names: Sequence[str] = config.propagators or \
             env.get("OTEL_PROPAGATORS", "tracecontext,baggage").split(",")
-        self.propagator = _propagators(names)
+        self.propagator, self.w3c = _propagators(names)
+        self.settings = effective_tracing(config, env, names)  # what /config and the startup line show
+        self.service_name = effective_service_name(config, env)
         self.provider: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
         self.shutdown_timeout_s = _shutdown_timeout(env)
@@ -315,7 +353,9 @@ class Tracing:
         self._gate: _CollectorGate | None = None
         self._random = random.random
         # Headers that carry a parent trace for the configured propagators (baggage alone does not).
-        self._parent_fields = tuple(f for f in ("traceparent", "b3", "x-b3-traceid") if f in self.propagator.fields)
+        self._parent_fields = tuple(f for f in ("b3", "x-b3-traceid") if f in self.propagator.fields)
+        self._sampler: Sampler | None = None
+        self.redact = redaction_set(config.tracing.redact_query_params)
         disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         if exporter is None and not disabled and config.tracing.enabled:
             exporter = _exporter(config, env)
@@ -324,50 +364,91 @@ class Tracing:
         self.export_state = _ExportState(metrics, report_interval_s)
         self._guard = _ExportGuard(exporter, self.export_state)
         sampler, self._root_ratio = _sampler(config.tracing.sample_ratio, env)
+        self._sampler = sampler
         self._gate = _CollectorGate(self.export_state)
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
         self.provider = TracerProvider(resource=_resource(config, env), sampler=sampler,
                                        shutdown_on_exit=False)
         self.provider.add_span_processor(SpanQueue(self._guard, on_queue_full=self.export_state.queue_full))
-        self.tracer = self.provider.get_tracer("outrigger")
+        self.tracer = self.provider.get_tracer("outrigger", __version__)
 
-    def start_server_span(self, name: str, headers: Mapping[str, str]) -> Span | None:
-        """The SERVER span for one app request, or None when not recording."""
-        if self.tracer is None:
-            return None
-        ratio = self._root_ratio
-        if ratio is None:
-            context = None  # extracted below, once the collector gate lets the trace through
-        elif any(field in headers for field in self._parent_fields):
-            context = self.propagator.extract(headers)
-            if not trace.get_current_span(context).get_span_context().is_valid and self._random() >= ratio:
-                return None  # the parent header was malformed: a root request after all, so the ratio decides
-        elif self._random() >= ratio:
-            return None  # an unsampled root request: no extract, no span, no attributes
+    def start_server_span(self, name: str, headers: Headers) -> Span | None:
+        """The SERVER span for one app request, or None when not recording (see ``begin``)."""
+        return self.begin(headers, name, dict)[0]
+
+    def begin(self, headers: Headers, name: str,
+              attributes: Callable[[], dict[str, Any]]) -> tuple[Span | None, TraceHeaders | None]:
+        """Decide on one app request: its SERVER span (None: not recorded) and the trace headers it sends.
+
+        The trace headers do not depend on whether the span is recorded: with
+        the collector down, or a root request not sampled, the request still
+        leaves with a valid ``traceparent`` (the app's trace, or a new one),
+        whose sampled flag is the sampling decision.  ``attributes`` is called
+        only for a span that is sampled, so an unsampled request builds none.
+        None for the headers: ``tracecontext`` is not a configured propagator.
+        """
+        w3c = self.w3c
+        tracer = self.tracer
+        if tracer is None:  # tracing off: a pass-through that drops only what is malformed
+            return None, pass_through(headers) if w3c else None
+        parent, tracestate = extract(headers) if w3c else (None, None)
+        remote: Context | None = None  # a b3 parent's context
+        random_flag = RANDOM  # our own root trace ids are random
+        sampled: bool | None = None  # None: a root request, not decided yet
+        if parent is not None:
+            sampled, random_flag = parent.sampled, parent.flags & RANDOM
+        elif self._parent_fields and any(field in headers for field in self._parent_fields):
+            remote = self.propagator.extract(headers)  # b3
+            remote_span = trace.get_current_span(remote).get_span_context()
+            if remote_span.is_valid:
+                sampled, random_flag = remote_span.trace_flags.sampled, 0
+            else:
+                remote = None
+        if sampled is None and self._root_ratio is not None:
+            sampled = self._random() < self._root_ratio  # an unsampled root costs one random draw
+        if sampled is not False and (self._gate is None or self._gate.admit()):
+            context = _parent_context(parent) if parent is not None else remote
+            span = tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes())
+            own = span.get_span_context()
+            if span.is_recording():
+                # the SDK's flags: sampled, and random as the parent says (or for its own random root ids)
+                return span, TraceHeaders(format_traceparent(f"{own.trace_id:032x}", f"{own.span_id:016x}",
+                                                             int(own.trace_flags)), tracestate) if w3c else None
+            sampled = own.trace_flags.sampled  # an SDK sampler from OTEL_TRACES_SAMPLER said no
+        if not w3c:
+            return None, None
+        # Not recorded (unsampled, or the collector is down): the same headers, with ids of our own.
+        if parent is not None:
+            trace_id: str | None = parent.trace_id
+        elif remote is not None:
+            trace_id = f"{trace.get_current_span(remote).get_span_context().trace_id:032x}"
         else:
-            context = None
-        if self._gate is not None and not self._gate.admit():
-            return None  # the collector is down: skip the span entirely (the app's headers pass through)
-        if context is None:
-            context = self.propagator.extract(headers)
-        span = self.tracer.start_span(name, context=context, kind=SpanKind.SERVER)
-        return span if span.is_recording() else None
+            trace_id = None  # a new trace
+        if sampled is None:  # the collector gate said no before an SDK sampler could decide
+            assert self._sampler is not None
+            trace_id = trace_id or new_trace_id()
+            context = _parent_context(parent) if parent is not None else remote
+            decision = self._sampler.should_sample(context, int(trace_id, 16), name).decision
+            sampled = decision is Decision.RECORD_AND_SAMPLE
+        return None, TraceHeaders(unrecorded_traceparent(trace_id, random_flag | (SAMPLED if sampled else 0)),
+                                  tracestate)
 
     def start_client_span(self, request: ProxyRequest, route: str, pool: UpstreamPool) -> Span:
         """A CLIENT span for one attempt, injected into that attempt's outgoing headers."""
         assert self.tracer is not None and request.span is not None
         attempt = request.attempt or 1
-        path = request.path.partition("?")[0]  # query strings may carry secrets: never recorded
-        attributes: dict[str, Any] = {
-            "http.request.method": request.method,
-            "url.full": pool.base + path,
-            "url.path": path,
+        path, _, query = request.path.partition("?")
+        attributes = method_attributes(request.method)
+        attributes.update({
+            # the query is kept with sensitive values redacted (telemetry.tracing.redact_query_params)
+            "url.full": pool.base + path + ("?" + redact_query(query, self.redact) if query else ""),
             "server.address": pool.host,
             "server.port": pool.port,
+            "network.protocol.version": "1.1",
             "outrigger.route": route,
             "outrigger.upstream": pool.name,
             "outrigger.attempt": attempt,
-        }
+        })
         if attempt > 1:
             attributes["http.request.resend_count"] = attempt - 1
         endpoint = request.endpoint
@@ -376,15 +457,26 @@ class Tracing:
             attributes["network.peer.address"] = host.strip("[]")
             attributes["network.peer.port"] = int(port)
             attributes["outrigger.endpoint"] = endpoint.address
-        span = self.tracer.start_span(request.method, context=trace.set_span_in_context(request.span),
+        span = self.tracer.start_span(span_name(request.method, None), context=trace.set_span_in_context(request.span),
                                       kind=SpanKind.CLIENT, attributes=attributes)
-        self.propagator.inject(request.headers, context=trace.set_span_in_context(span))
+        if self.w3c:  # the edge wrote the request's traceparent; each attempt names its own span as parent
+            own = span.get_span_context()
+            current = request.headers.get("traceparent")
+            request.headers["traceparent"] = with_parent_id(current, own.span_id) if current is not None \
+                else format_traceparent(f"{own.trace_id:032x}", f"{own.span_id:016x}", int(own.trace_flags))
+        self.propagator.inject(request.headers, context=trace.set_span_in_context(span))  # b3
         return span
 
     @staticmethod
     def end_client_span(span: Span, status: int | None, error: BaseException | None,
-                        error_type: str | None = None) -> None:
-        """End an attempt's span; ``error_type`` names an attempt cancelled without an error of its own."""
+                        error_type: str | None = None, peer: tuple[str, int] | None = None) -> None:
+        """End an attempt's span; ``error_type`` names an attempt cancelled without an error of its own.
+
+        ``peer`` is the address the attempt's connection went to (``network.peer.*``), when it had one.
+        """
+        if peer is not None:
+            span.set_attribute("network.peer.address", peer[0])
+            span.set_attribute("network.peer.port", peer[1])
         if error_type is not None:
             span.set_attribute("error.type", error_type)
             span.set_status(Status(StatusCode.ERROR, error_type))

@@ -38,7 +38,7 @@ def test_demo_shows_the_sidecar_fixing_the_flaky_upstream(tmp_path: Path) -> Non
 
     # One retried request as its trace: a SERVER span with a failed first attempt and a later one.
     trace = output.partition("One retried request, as its trace")[2]
-    assert re.search(r"SERVER GET default\s+-> \d{3}", trace), output
+    assert re.search(r"SERVER GET /\s+-> \d{3}", trace), output  # {method} {http.route}
     assert re.search(r"CLIENT GET attempt 1 -> \w+ \([\d.]+ ms\)", trace), output
     assert "CLIENT GET attempt 2 -> " in trace, output
     assert re.search(r"event backoff \([\d.]+ ms\)", trace), output

@@ -41,6 +41,7 @@ def http_receiver() -> Iterator[HttpOtlpReceiver]:
 
 def traced_config(upstream_url: str, **tracing: Any) -> dict[str, Any]:
     config = base_config(upstream_url, name="orders", match={"path_prefix": "/v1/orders"})
+    tracing.setdefault("redact_query_params", ["secret"])
     config["telemetry"] = {"tracing": {"enabled": True, **tracing}, "access_log": {"enabled": True}}
     return config
 
@@ -62,7 +63,9 @@ def by_kind(spans: list[ReceivedSpan], trace_id: str) -> tuple[ReceivedSpan, lis
 
 def assert_retried_trace(spans: list[ReceivedSpan], upstream: ScriptedUpstream, port: int) -> None:
     server, clients = by_kind(spans, APP_TRACE)
-    assert server.name == "GET orders"
+    assert server.name == "GET /v1/orders"  # {method} {http.route}, the route's path prefix
+    assert server.attributes["http.route"] == "/v1/orders"
+    assert server.attributes["url.query"] == "secret=REDACTED" and server.attributes["url.scheme"] == "http"
     assert server.parent_span_id == APP_SPAN  # the app's trace is continued
     attrs = server.attributes
     assert attrs["http.request.method"] == "GET"
@@ -84,7 +87,8 @@ def assert_retried_trace(spans: list[ReceivedSpan], upstream: ScriptedUpstream, 
         assert client.name == "GET"
         assert client.attributes["server.address"] == "127.0.0.1"
         assert client.attributes["server.port"] == port
-        assert client.attributes["url.full"] == f"http://127.0.0.1:{port}/v1/orders/17"
+        assert client.attributes["url.full"] == f"http://127.0.0.1:{port}/v1/orders/17?secret=REDACTED"
+        assert client.attributes["network.peer.address"] == "127.0.0.1"
         assert client.attributes["outrigger.attempt"] == attempt
         assert (client.attributes["outrigger.route"], client.attributes["outrigger.upstream"]) == (
             "orders",
@@ -95,7 +99,7 @@ def assert_retried_trace(spans: list[ReceivedSpan], upstream: ScriptedUpstream, 
     assert (first.attributes["http.response.status_code"], first.attributes["error.type"]) == (503, "503")
     assert first.status == "ERROR"
     assert second.attributes["http.response.status_code"] == 200 and second.status == "UNSET"
-    assert "secret" not in json.dumps([s.attributes for s in spans])  # query strings are never recorded
+    assert "secret=1" not in json.dumps([s.attributes for s in spans])  # listed query values are redacted
 
     # Each attempt carried its own CLIENT span's context upstream.
     sent = [r.headers["traceparent"] for r in upstream.requests[:2]]
@@ -198,9 +202,12 @@ async def test_sample_ratio_zero_exports_nothing_but_a_sampled_parent_is_still_f
     assert sorted(s.kind for s in spans) == ["CLIENT", "SERVER"]
     assert {s.trace_id for s in spans} == {APP_TRACE}
     assert all(s.attributes.get("url.path", "/v1/orders/3") == "/v1/orders/3" for s in spans)
-    # Unsampled requests carry no proxy-made context upstream; an app's own header passes through.
-    assert "traceparent" not in upstream.requests[0].headers
-    assert upstream.requests[5].headers["traceparent"] == unsampled_parent
+    # Unsampled requests still leave with a valid traceparent whose sampled flag is off: a new root,
+    # or the app's trace continued under a new parent id.
+    version, root_trace, _, flags = upstream.requests[0].headers["traceparent"].split("-")
+    assert version == "00" and root_trace != APP_TRACE and int(flags, 16) & 1 == 0
+    version, trace_id, parent_id, flags = upstream.requests[5].headers["traceparent"].split("-")
+    assert (trace_id, int(flags, 16) & 1) == (APP_TRACE, 0) and parent_id != APP_SPAN
     log = [json.loads(line) for line in sidecar.stdout().splitlines()]
     assert [entry["trace_id"] for entry in log[:6]] == [None] * 6
 

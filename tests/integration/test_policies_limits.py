@@ -150,7 +150,7 @@ async def test_status_shows_breaker_limiter_budget_and_bulkhead(upstream: Script
     assert breaker["seconds_in_state"] >= 0
     assert (data["upstreams"]["svc"]["active"], data["upstreams"]["svc"]["pending"]) == (0, 0)
 
-    route = data["routes"]["main/default"]
+    route = data["routes"]["default"]
     assert route["upstream"] == "svc"
     assert 3.9 <= route["rate_limit"]["tokens"] <= 4.2
     assert route["retry_budget_remaining"] == 9  # 0.2 * 1 request + 1/s * 10 s, minus the one retry
@@ -159,5 +159,26 @@ async def test_status_shows_breaker_limiter_budget_and_bulkhead(upstream: Script
 async def test_status_shows_active_and_pending_per_route(upstream: ScriptedUpstream, sidecar_factory,
                                                          client: aiohttp.ClientSession) -> None:
     sidecar = await sidecar_factory(base_config(upstream.url))
-    route = (await status(client, sidecar))["routes"]["main/default"]
+    route = (await status(client, sidecar))["routes"]["default"]
     assert (route["active"], route["pending"]) == (0, 0)
+
+
+async def test_status_counts_are_integers_seconds_rounded_and_routes_keyed_like_the_metrics(
+        upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession) -> None:
+    sidecar = await sidecar_factory(base_config(upstream.url, retry={"max_attempts": 1}))
+    upstream.script(Reply(200), Reply(503))
+    for _ in range(2):
+        await get(client, url(sidecar))
+    data = await status(client, sidecar)
+    metrics = sidecar.metrics.registry
+    assert metrics.get_sample_value("outrigger_requests_total", {
+        "route": "default", "upstream": "svc", "method": "GET", "code": "5xx", "outcome": "upstream"}) == 1
+    route = data["routes"]["default"]  # the metrics' `route` label, not listener/route
+    assert route["listener"] == "main" and route["http_route"] == "/"
+    for key in ("inflight", "requests", "errors", "active", "pending", "retry_budget_remaining"):
+        assert type(route[key]) is int, (key, route[key])
+    assert (route["inflight"], route["requests"], route["errors"]) == (0, 2, 1)
+    assert route["p99_s"] is not None and route["p99_s"] == round(route["p99_s"], 4)
+    breaker = data["upstreams"]["svc"]["circuit_breaker"]
+    assert breaker["seconds_in_state"] == round(breaker["seconds_in_state"], 1)
+    assert breaker["entered_at"].endswith("Z") and type(breaker["consecutive_failures"]) is int

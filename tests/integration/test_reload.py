@@ -394,7 +394,7 @@ async def test_each_invalid_edit_followed_by_sighup_counts_one_failure_with_a_fa
         for i in range(10):
             _replace(path, f"version: 1\nlisteners: [}}  # edit {i}\n")
             await asyncio.sleep(0.015 * (i % 3))  # sometimes the watcher reads it first, sometimes SIGHUP
-            await sidecar.reload_from_file(trigger="signal")
+            await sidecar.reload_from_file(trigger="sighup")
         await asyncio.sleep(0.1)  # the watcher has seen the last edit too
         assert _reloads(sidecar, "failure") == 10
         assert _reloads(sidecar, "success") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from proxy.chain import ProxyRequest, RequestBody
 from proxy.config import TelemetryConfig, TracingConfig, UpstreamConfig
+from proxy.logs import LogLimiter
 from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamPool
@@ -78,6 +80,18 @@ def test_a_sampled_parent_is_followed_even_at_ratio_zero() -> None:
     assert span is not None and span.is_recording()
     assert f"{span.get_span_context().trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
     span.end()
+    tracing.shutdown()
+
+
+def test_an_unsampled_request_builds_no_span_attributes_but_still_gets_trace_headers() -> None:
+    tracing = Tracing(telemetry(0.0), env={}, exporter=InMemorySpanExporter())
+
+    def attributes() -> dict[str, object]:
+        raise AssertionError("span attributes built for an unsampled request")
+
+    span, trace_headers = tracing.begin(CIMultiDict(), "GET", attributes)
+    assert span is None and trace_headers is not None and trace_headers.traceparent is not None
+    assert trace_headers.traceparent.endswith(("-00", "-02"))  # not sampled
     tracing.shutdown()
 
 
@@ -151,7 +165,8 @@ def test_resource_names_the_service_and_the_pod() -> None:
 
 def test_client_span_is_injected_and_4xx_marks_it_as_error() -> None:
     exporter = InMemorySpanExporter()
-    tracing = Tracing(telemetry(), env={}, exporter=exporter)
+    config = TelemetryConfig(tracing=TracingConfig(sample_ratio=1.0, redact_query_params=("token",)))
+    tracing = Tracing(config, env={}, exporter=exporter)
     server = tracing.start_server_span("GET r", CIMultiDict())
     assert server is not None
     request = ProxyRequest(
@@ -168,7 +183,7 @@ def test_client_span_is_injected_and_4xx_marks_it_as_error() -> None:
     tracing.shutdown()
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "GET" and s.attributes]
     attrs = dict(span.attributes or {})
-    assert attrs["url.full"] == "http://10.0.0.1:8080/base/a"
+    assert attrs["url.full"] == "http://10.0.0.1:8080/base/a?token=REDACTED"  # kept, with the value redacted
     assert attrs["http.request.resend_count"] == 1 and attrs["error.type"] == "404"
     assert "secret" not in repr(attrs)
 
@@ -255,3 +270,45 @@ def test_a_full_queue_drops_new_spans_and_counts_them(monkeypatch: pytest.Monkey
     assert dropped(metrics, "queue_full") == 1
     assert tracing.export_state.healthy is False
     tracing.shutdown(timeout_s=0.2)
+
+
+def test_console_exporter_writes_one_json_line_per_span_to_stderr_not_stdout(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    tracing = Tracing(TelemetryConfig(tracing=TracingConfig(exporter="console", sample_ratio=1.0)), env={})
+    for _ in range(2):
+        span = tracing.start_server_span("GET", CIMultiDict())
+        assert span is not None
+        span.end()
+    tracing.shutdown()
+    out, err = capfd.readouterr()
+    assert out == ""  # stdout is the access log's
+    spans = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert [s["name"] for s in spans] == ["GET", "GET"]
+
+
+@pytest.mark.parametrize("env, config, expected", [
+    ({}, TracingConfig(), {"sample_ratio": 1.0, "endpoint": "http://localhost:4317", "protocol": "grpc"}),
+    ({"OTEL_TRACES_SAMPLER_ARG": "0.1", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+      "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, TracingConfig(),
+     {"sample_ratio": 0.1, "endpoint": "http://c:4318/v1/traces", "protocol": "http/protobuf"}),
+    ({"OTEL_TRACES_SAMPLER_ARG": "0.1"}, TracingConfig(sample_ratio=0.5, endpoint="http://x:4317"),
+     {"sample_ratio": 0.5, "endpoint": "http://x:4317", "protocol": "grpc"}),
+    ({"OTEL_TRACES_SAMPLER": "always_off"}, TracingConfig(), {"sample_ratio": 0.0, "sampler": "always_off"}),
+])
+def test_effective_settings_show_the_values_in_force_from_config_env_or_defaults(
+        env: dict[str, str], config: TracingConfig, expected: dict[str, object]) -> None:
+    settings = Tracing(TelemetryConfig(tracing=config), env=env, exporter=InMemorySpanExporter()).settings
+    assert {key: settings[key] for key in expected} == expected
+
+
+def test_a_log_limiter_logs_one_line_per_cause_per_interval_with_the_count_held_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    limiter = LogLimiter(logging.getLogger("outrigger.test"), interval_s=0.2)
+    for _ in range(50):
+        limiter.warning("a", "cause a")
+        limiter.warning("b", "cause b")
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["cause a", "cause b"]
+    time.sleep(0.25)
+    limiter.warning("a", "cause a")
+    assert "49 more since the last report" in caplog.records[-1].getMessage()

@@ -19,6 +19,7 @@ from typing import Any
 from proxy.chain import Policy, build_chain
 from proxy.clock import Clock
 from proxy.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, config_hash
+from proxy.policies.adaptive_timeout import AdaptiveTimeout
 from proxy.policies.backoff import backoff_from_config
 from proxy.policies.breaker import BreakerState, CircuitBreaker
 from proxy.policies.budget import RetryBudget
@@ -26,6 +27,7 @@ from proxy.policies.bulkhead import Bulkhead
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
 from proxy.policies.deadline import Deadline
 from proxy.policies.fallback import Fallback
+from proxy.policies.latency import LatencySketch
 from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
 from proxy.policies.timeout import AttemptTimeout
@@ -36,6 +38,8 @@ from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamCall, UpstreamPool
 
 __all__ = ["Runtime", "build_runtime"]
+
+_SKETCH_WINDOW_S = 30.0  # the latency window of a route that hedges at `auto` without an adaptive timeout
 
 
 @dataclass(slots=True)
@@ -78,6 +82,9 @@ class Runtime:
                 entry["retry_budget_remaining"] = round(route.status["retry"].budget.remaining(), 3)
             if "circuit_breaker" in route.status and route.config.circuit_breaker.scope == "route":
                 entry["circuit_breaker"] = _breaker_status(route.status["circuit_breaker"], clock)
+            for part in ("adaptive_timeout", "hedge"):  # learned values (docs/adaptive.md)
+                if part in route.status:
+                    entry[part] = route.status[part].snapshot()
             routes[f"{route.listener}/{route.name}"] = entry
         return {"version": self.version, "upstreams": upstreams, "routes": routes}
 
@@ -152,6 +159,18 @@ def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | No
     return UpstreamRuntime(UpstreamPool(name, config), breaker, bulkhead, up_metrics)
 
 
+def _latency_sketch(key: tuple[str, str], config: RouteConfig, carry: _Carry, clock: Clock) -> LatencySketch | None:
+    """The route's latency sketch (per route and upstream; per endpoint once upstreams have several),
+    kept across a reload that leaves its upstream and window alone; None when nothing reads it."""
+    adaptive = config.timeout.adaptive
+    if adaptive is None and (config.hedge is None or config.hedge.delay_s is not None):
+        return None
+    window = adaptive.window if adaptive is not None else _SKETCH_WINDOW_S
+    old = carry.routes.get(key)
+    sketch = old.status.get("latency") if old is not None and old.config.upstream == config.upstream else None
+    return sketch if sketch is not None and sketch.window_s == window else LatencySketch(window, clock)
+
+
 def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime, carry: _Carry, *,
                  metrics: Metrics, tracing: Tracing | None, clock: Clock, rng: random.Random) -> Route:
     upstream = runtime.upstreams[config.upstream]
@@ -210,8 +229,18 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     policies.append(AttemptTelemetry(route=config.name, pool=upstream.pool, metrics=route_metrics,
                                      clock=clock, tracing=tracing))
 
-    # Attempt timeout: innermost, so it times one try up to response headers.
-    policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics))
+    # Attempt timeout: innermost, so it times one try up to response headers; it also feeds the
+    # route's latency sketch, since it alone sees each try's time to headers and whether it cut it off.
+    sketch = _latency_sketch(key, config, carry, clock)
+    adaptive = None
+    if sketch is not None:
+        status["latency"] = sketch
+        if config.timeout.adaptive is not None:
+            adaptive = AdaptiveTimeout(config.timeout.adaptive, config.timeout.attempt, sketch,
+                                       route_metrics.adaptive_timeout())
+            status["adaptive_timeout"] = adaptive
+    policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics, adaptive=adaptive,
+                                   sketch=sketch, clock=clock))
 
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
     # Bodies are buffered for replay only when the route can retry at all.

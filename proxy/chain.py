@@ -67,8 +67,21 @@ class ProxyRequest:
     """One request from the app, as it moves through a route's chain."""
 
     __slots__ = (
-        "attempt", "body", "deadline", "deadline_timer", "headers", "idempotency_key", "max_attempts", "method",
-        "path", "request_id", "span", "timeout_override", "upstream_s",
+        "attempt",
+        "attempt_timeout_s",
+        "body",
+        "deadline",
+        "deadline_timer",
+        "headers",
+        "hedge",
+        "idempotency_key",
+        "max_attempts",
+        "method",
+        "path",
+        "request_id",
+        "span",
+        "timeout_override",
+        "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
@@ -89,6 +102,21 @@ class ProxyRequest:
         self.attempt = 0  # 1-based, set by the retry policy
         self.idempotency_key = "idempotency-key" in headers
         self.upstream_s = 0.0  # seconds spent in upstream attempts; summed by AttemptTelemetry
+        self.attempt_timeout_s: float | None = None  # the adaptive timeout in force; set by AttemptTimeout
+        self.hedge = False  # this copy is a hedged attempt (set by the hedge policy on its fork)
+
+    def fork(self) -> ProxyRequest:
+        """A copy for a concurrent (hedged) attempt: own headers and per-attempt fields, shared body and deadline.
+
+        Only for fully buffered bodies (``body.stream is None``): the copies send the same bytes.
+        """
+        copy = ProxyRequest(self.method, self.path, self.headers.copy(), self.body, request_id=self.request_id,
+                            max_attempts=self.max_attempts, timeout_override=self.timeout_override, span=self.span)
+        copy.deadline = self.deadline
+        copy.deadline_timer = self.deadline_timer
+        copy.attempt = self.attempt
+        copy.idempotency_key = self.idempotency_key
+        return copy
 
     @property
     def deadline_expired(self) -> bool:

@@ -23,8 +23,8 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = [
-    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "TIMEOUT_KINDS", "BreakerMetrics", "Metrics", "RouteMetrics",
-    "UpstreamMetrics",
+    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "HEDGE_RESULTS", "TIMEOUT_KINDS", "BreakerMetrics", "Metrics",
+    "RouteMetrics", "UpstreamMetrics",
     "method_label", "status_class",
 ]
 
@@ -32,6 +32,7 @@ ATTEMPT_RESULTS = ("success", "http_5xx", "http_4xx", "timeout", "reset", "conne
 TIMEOUT_KINDS = ("connect", "attempt", "total", "idle")
 BREAKER_STATES = ("closed", "open", "half_open")
 DROP_REASONS = ("export_failed", "queue_full", "collector_down", "shutdown")
+HEDGE_RESULTS = ("won", "lost", "suppressed")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
@@ -93,6 +94,13 @@ class Metrics:
                                       registry=r)
         self.spans_dropped = Counter("outrigger_spans_dropped", "Spans not delivered to the trace collector.",
                                      ["reason"], registry=r)
+        # Adaptive policies (docs/adaptive.md): series appear only for routes/upstreams that use them.
+        self.adaptive_timeout = Gauge("outrigger_adaptive_timeout_seconds", "The attempt timeout in force.",
+                                      ["route", "upstream"], registry=r)
+        self.hedges = Counter("outrigger_hedges", "Hedged attempts: won, lost, or suppressed by their limits.",
+                              ["route", "upstream", "result"], registry=r)
+        self.concurrency_limit = Gauge("outrigger_concurrency_limit", "The adaptive concurrency limit in force.",
+                                       ["upstream"], registry=r)
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         for result in ("success", "failure"):
@@ -117,6 +125,11 @@ class UpstreamMetrics:
     def __init__(self, metrics: Metrics, upstream: str) -> None:
         self.upstream = upstream
         self.bulkhead_rejected = metrics.bulkhead_rejected.labels(upstream=upstream)
+        self._metrics = metrics
+
+    def concurrency_limit(self) -> Any:
+        """The adaptive limit's gauge child (bound only for an upstream with ``concurrency.adaptive``)."""
+        return self._metrics.concurrency_limit.labels(upstream=self.upstream)
 
 
 class BreakerMetrics:
@@ -159,6 +172,15 @@ class RouteMetrics:
         self._retries: dict[str, Any] = {}
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
+
+    def adaptive_timeout(self) -> Any:
+        """The adaptive timeout's gauge child (bound only for a route with ``timeout.adaptive``)."""
+        return self._metrics.adaptive_timeout.labels(route=self.route, upstream=self.upstream)
+
+    def hedge_results(self) -> dict[str, Any]:
+        """Hedge counters by result (bound only for a route with ``hedge``)."""
+        return {result: self._metrics.hedges.labels(route=self.route, upstream=self.upstream, result=result)
+                for result in HEDGE_RESULTS}
 
     def retry(self, reason: str) -> None:
         child = self._retries.get(reason)

@@ -27,6 +27,7 @@ from proxy.policies.bulkhead import Bulkhead
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
 from proxy.policies.deadline import Deadline
 from proxy.policies.fallback import Fallback
+from proxy.policies.hedge import Hedge
 from proxy.policies.latency import LatencySketch
 from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
@@ -40,6 +41,7 @@ from proxy.upstream import UpstreamCall, UpstreamPool
 __all__ = ["Runtime", "build_runtime"]
 
 _SKETCH_WINDOW_S = 30.0  # the latency window of a route that hedges at `auto` without an adaptive timeout
+_HEDGE_MIN_SAMPLES = 50  # ...and the samples it needs before `auto` has a delay to go by
 
 
 @dataclass(slots=True)
@@ -214,6 +216,21 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     if config.retry.max_attempts > 1:
         policies.append(retry)
 
+    # Hedge: inside retry, which sees one answer per round (the winner's) and shares its budget with
+    # it; outside the breaker, bulkhead, attempt telemetry and attempt timeout, so each hedge is an
+    # attempt of its own: asked of the breaker, holding a slot, with its own CLIENT span and per-try timeout.
+    sketch = _latency_sketch(key, config, carry, clock)
+    if config.hedge is not None:
+        adaptive_config = config.timeout.adaptive
+        bulkhead = upstream.bulkhead
+        hedge = Hedge(config.hedge, sketch=sketch, budget=budget, window_s=config.retry.budget.window,
+                      min_samples=adaptive_config.min_samples if adaptive_config else _HEDGE_MIN_SAMPLES,
+                      record_requests=config.retry.max_attempts == 1, clock=clock, metrics=route_metrics,
+                      spare=lambda: upstream.pool.h1.spare, gate=breaker.would_admit if breaker else None,
+                      room=lambda: bulkhead.has_room)
+        policies.append(hedge)
+        status["hedge"] = hedge
+
     # Circuit breaker: per attempt, so a retry is never sent to an open upstream;
     # outside the bulkhead, so fast-fails take no concurrency slot.
     if breaker is not None:
@@ -231,7 +248,6 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
 
     # Attempt timeout: innermost, so it times one try up to response headers; it also feeds the
     # route's latency sketch, since it alone sees each try's time to headers and whether it cut it off.
-    sketch = _latency_sketch(key, config, carry, clock)
     adaptive = None
     if sketch is not None:
         status["latency"] = sketch
@@ -243,7 +259,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
                                    sketch=sketch, clock=clock))
 
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
-    # Bodies are buffered for replay only when the route can retry at all.
-    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 else 0
+    # Bodies are buffered for replay only when the route can retry or hedge at all.
+    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 or config.hedge else 0
     return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,
                  metrics=route_metrics, buffer_limit=buffer_limit, status=status)

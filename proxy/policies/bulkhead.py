@@ -35,6 +35,11 @@ class Bulkhead:
         self.active = 0
         self.pending = 0
 
+    @property
+    def has_room(self) -> bool:
+        """An attempt would start now, without queueing (the hedge policy asks before sending one)."""
+        return self.active < self._max_active and not self.pending
+
     def _reject(self, request: ProxyRequest, why: str) -> Overflow:
         self._metrics.bulkhead_rejected.inc()
         if request.span is not None:

@@ -22,8 +22,9 @@ from proxy.policies.latency import LatencySketch
 from proxy.telemetry.metrics import Metrics
 
 
-def make(clock: FakeClock, *, delay: str | float = 0.001, max_extra_load: float = 1.0, budget: RetryBudget | None = None,
-         spare: int = 1, sketch: LatencySketch | None = None, **overrides: Any) -> tuple[Hedge, Metrics, RetryBudget]:
+def make(clock: FakeClock, *, delay: str | float = 0.001, max_extra_load: float = 1.0,
+         budget: RetryBudget | None = None, spare: int = 1, sketch: LatencySketch | None = None,
+         **overrides: Any) -> tuple[Hedge, Metrics, RetryBudget]:
     metrics = Metrics(process_collectors=False)
     budget = budget or RetryBudget(0.0, 1000.0, 10.0, clock)
     config = HedgeConfig(delay=delay, max_extra_load=max_extra_load, **overrides)
@@ -195,9 +196,12 @@ async def test_a_cancelled_request_cancels_every_try() -> None:
     hedge, _, _ = make(FakeClock())
     started: list[bool] = []
     cancelled: list[bool] = []
+    both = asyncio.Event()
 
     async def forever(req: ProxyRequest) -> ProxyResponse:
         started.append(req.hedge)
+        if len(started) == 2:
+            both.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -206,8 +210,7 @@ async def test_a_cancelled_request_cancels_every_try() -> None:
         raise AssertionError("unreachable")
 
     task = asyncio.ensure_future(hedge(request(), forever))
-    while len(started) < 2:
-        await asyncio.sleep(0.001)
+    await both.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -72,6 +72,8 @@ class Runtime:
                 "pending": up.bulkhead.pending,
                 "circuit_breaker": _breaker_status(up.breaker, clock) if up.breaker is not None else None,
             }
+            if up.bulkhead.aimd is not None:
+                upstreams[name]["concurrency_limit"] = up.bulkhead.aimd.limit
         routes = {}
         for route in self.routes:
             bulkhead = self.upstreams[route.upstream].bulkhead  # per upstream, shared by its routes
@@ -157,7 +159,7 @@ def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | No
     breaker = old.breaker if old is not None and old.pool.config.circuit_breaker == breaker_config else (
         _breaker(breaker_config, clock, rng, metrics.for_breaker(name), runtime) if breaker_config.enabled else None)
     bulkhead = old.bulkhead if old is not None and old.pool.config.concurrency == concurrency else (
-        Bulkhead(concurrency, name, up_metrics))
+        Bulkhead(concurrency, name, up_metrics, clock))
     return UpstreamRuntime(UpstreamPool(name, config), breaker, bulkhead, up_metrics)
 
 

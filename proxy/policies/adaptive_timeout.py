@@ -6,6 +6,12 @@ and arms its timer with the answer.  Below ``min_samples`` samples in the
 window the fixed ``attempt`` is used: adapting from a handful of samples is
 how a timeout gets clamped to its floor and kills legitimate slow calls.
 The remaining deadline is applied by the policy, per request.
+
+A retry after a cut-off waits twice as long as the try before it
+(``current(attempt)``: the learned value x 2^(attempt-1), still capped at
+``attempt``): when the upstream slows down for good, the learned value lags
+the change for as long as the sketch needs to see it, and in that time a
+too-tight timeout costs a retry, not the request.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ class AdaptiveTimeout:
         """Enough samples in the window to use the learned value."""
         return self.sketch.count() >= self._min_samples
 
-    def current(self) -> float:
-        """The attempt timeout in force now, in seconds (before the request's own deadline)."""
+    def current(self, attempt: int = 1) -> float:
+        """The timeout of the ``attempt``-th try starting now, in seconds (before the request's own deadline)."""
         value = self._attempt
         if self.sketch.count() >= self._min_samples:
             quantile = self.sketch.quantile(self._percentile)
@@ -49,7 +55,9 @@ class AdaptiveTimeout:
         if value != self._last:
             self._last = value
             if self._gauge is not None:
-                self._gauge.set(value)
+                self._gauge.set(value)  # the first try's value: the learned one
+        if attempt > 1 and value < self._attempt:
+            value = min(self._attempt, value * 2.0 ** min(attempt - 1, 16))
         return value
 
     def snapshot(self) -> dict[str, Any]:

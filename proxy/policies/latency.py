@@ -72,9 +72,12 @@ class LatencySketch:
                 slot.clear()
         self._head = index
 
-    def add(self, seconds: float) -> None:
-        """Record one latency (seconds)."""
+    def add(self, seconds: float, *, censored: bool = False) -> None:
+        """Record one latency (seconds); ``censored``: only a lower bound (the attempt was cut off at it),
+        which also drops the cached quantiles, as it says the learned value may be too tight."""
         self._advance()
+        if censored:
+            self._cache.clear()
         bucket = math.ceil(math.log(seconds if seconds > _FLOOR_S else _FLOOR_S) / _LOG_GAMMA)
         slot = self._slots[self._head % len(self._slots)]
         slot[bucket] = slot.get(bucket, 0) + 1

@@ -6,7 +6,8 @@ governed by the ``idle`` timeout inside the upstream session.
 
 With ``timeout.adaptive`` the value comes from ``AdaptiveTimeout`` per
 attempt (reported on the attempt's span as ``outrigger.attempt_timeout_s``,
-never past the remaining deadline).  When the route has a latency sketch
+never past the remaining deadline; a retry's is doubled per try, see
+``adaptive_timeout``).  When the route has a latency sketch
 (adaptive timeout or ``hedge.delay: auto``) this layer feeds it: the time to
 response headers of every answered attempt (not 5xx or 429, whose speed says
 nothing about a healthy answer's), and, for an attempt it cut off, the
@@ -70,7 +71,7 @@ class AttemptTimeout:
         start = clock.now()
         timeout = self._attempt
         if self._adaptive is not None:
-            timeout = self._adaptive.current()
+            timeout = self._adaptive.current(request.attempt or 1)
             left = request.deadline - start
             # The deadline policy's own timer ends the request at the deadline; this is the value in force.
             request.attempt_timeout_s = left if left < timeout else timeout
@@ -80,7 +81,7 @@ class AttemptTimeout:
         except asyncio.CancelledError:
             if not timer.take():
                 raise
-            sketch.add(timeout)
+            sketch.add(timeout, censored=True)
             self._metrics.timeouts["attempt"].inc()
             raise UpstreamTimeout(f"upstream {self._upstream} sent no response headers within the attempt "
                                   f"timeout of {timeout:g}s") from None

@@ -143,3 +143,31 @@ async def test_5xx_and_429_answers_are_not_learned() -> None:
             return ProxyResponse(status, CIMultiDict())
         await policy(request(clock.now() + 10.0), answer)
     assert sketch.count() == 2
+
+
+def test_each_retry_waits_twice_as_long_up_to_attempt() -> None:
+    """A learned value that lags a slowdown costs a retry, not the request."""
+    clock = FakeClock()
+    timeout = adaptive(clock, attempt=0.1)
+    for _ in range(100):
+        timeout.sketch.add(0.010)
+    learned = timeout.current(1)
+    assert learned == pytest.approx(0.020, rel=0.02)
+    assert [timeout.current(n) for n in (2, 3, 4)] == [learned * 2, learned * 4, 0.1]
+
+
+async def test_a_retry_after_a_cut_off_gets_the_doubled_timeout() -> None:
+    clock = FakeClock()
+    timeout = adaptive(clock)
+    for _ in range(100):
+        timeout.sketch.add(0.010)
+    policy = AttemptTimeout(2.0, "u", Metrics(process_collectors=False).for_route("r", "u"), adaptive=timeout,
+                            clock=clock)
+    req = request(clock.now() + 10.0)
+    req.attempt = 2
+
+    async def ok(req: ProxyRequest) -> ProxyResponse:
+        return ProxyResponse(200, CIMultiDict())
+
+    await policy(req, ok)
+    assert req.attempt_timeout_s == pytest.approx(0.040, rel=0.02)

@@ -225,7 +225,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     if config.hedge is not None:
         adaptive_config = config.timeout.adaptive
         bulkhead = upstream.bulkhead
-        hedge = Hedge(config.hedge, sketch=sketch, budget=budget, window_s=config.retry.budget.window,
+        hedge = Hedge(config.hedge, sketch=sketch, budget=budget,
                       min_samples=adaptive_config.min_samples if adaptive_config else _HEDGE_MIN_SAMPLES,
                       record_requests=config.retry.max_attempts == 1, clock=clock, metrics=route_metrics,
                       spare=lambda: upstream.pool.h1.spare, gate=breaker.would_admit if breaker else None,

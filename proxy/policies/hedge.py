@@ -15,9 +15,13 @@ no try has answered, up to ``max_hedges`` per round, only when all hold:
   bytes);
 * the breaker would admit it and the bulkhead has a free slot (a hedge into
   a queue only adds load to a saturated upstream);
-* hedges stay within ``max_extra_load`` of the route's requests over the
-  retry budget's window (a token scheme on the injected clock), however slow
-  the upstream gets: in a partial outage hedging all would double the load;
+* hedges stay within ``max_extra_load`` of the route's requests, however
+  slow the upstream gets (in a partial outage hedging all would double the
+  load): each request earns ``max_extra_load`` of a hedge token, a hedge
+  spends one, and at most ``max(1, 100 x max_extra_load)`` tokens are banked,
+  so over any stretch of N requests hedges are at most
+  ``max_extra_load x N`` plus that bank (a quiet hour cannot save up for a
+  burst of hedges in an outage);
 * the retry budget has a token (hedges and retries share it).
 
 A hedge that was due and not sent counts as ``suppressed``.  The first
@@ -41,10 +45,30 @@ from proxy.policies.budget import RetryBudget
 from proxy.policies.latency import LatencySketch
 from proxy.telemetry.metrics import RouteMetrics
 
-__all__ = ["Hedge"]
+__all__ = ["Hedge", "HedgeTokens"]
 
 _DRAIN_BYTES = 1 << 20  # a loser left to finish is read to its end up to this, else its connection is closed
 _DRAIN_S = 5.0
+
+
+class HedgeTokens:
+    """The ``max_extra_load`` cap: a token bucket filled by requests, not by time."""
+
+    __slots__ = ("_ratio", "capacity", "tokens")
+
+    def __init__(self, ratio: float) -> None:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"max_extra_load must be in (0, 1], got {ratio!r}")
+        self._ratio = ratio
+        self.capacity = max(1.0, 100.0 * ratio)
+        self.tokens = 0.0
+
+    def record_request(self) -> None:
+        tokens = self.tokens + self._ratio
+        self.tokens = tokens if tokens < self.capacity else self.capacity
+
+    def spend(self) -> None:
+        self.tokens -= 1.0
 
 
 class Hedge:
@@ -54,7 +78,7 @@ class Hedge:
     )
 
     def __init__(self, config: HedgeConfig, *, sketch: LatencySketch | None, min_samples: int, budget: RetryBudget,
-                 window_s: float, record_requests: bool, clock: Clock, metrics: RouteMetrics,
+                 record_requests: bool, clock: Clock, metrics: RouteMetrics,
                  spare: Callable[[], int], gate: Callable[[], bool] | None = None,
                  room: Callable[[], bool] | None = None) -> None:
         """``budget`` is the route's retry budget (``record_requests``: no retry policy counts requests
@@ -68,7 +92,7 @@ class Hedge:
         self._sketch = sketch
         self._min_samples = min_samples
         self._budget = budget
-        self._extra = RetryBudget(config.max_extra_load, 0.0, window_s, clock)
+        self._extra = HedgeTokens(config.max_extra_load)
         self._record_requests = record_requests
         self._clock = clock
         self._results = metrics.hedge_results()
@@ -90,7 +114,7 @@ class Hedge:
     def snapshot(self) -> dict[str, Any]:
         delay = self.delay()
         return {"delay_s": None if delay is None else round(delay, 6), "auto": self._delay is None,
-                "extra_load_remaining": self._extra.remaining()}
+                "hedge_tokens": round(self._extra.tokens, 3)}
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         self._extra.record_request()
@@ -110,12 +134,12 @@ class Hedge:
             reason = "circuit_open"
         elif self._room is not None and not self._room():
             reason = "bulkhead_full"
-        elif self._extra.remaining() < 1.0:
+        elif self._extra.tokens < 1.0:
             reason = "max_extra_load"
         elif not self._budget.try_withdraw():
             reason = "retry_budget"
         if reason is None:
-            self._extra.try_withdraw()
+            self._extra.spend()
             return True
         self._results["suppressed"].inc()
         if request.span is not None:

@@ -17,7 +17,7 @@ from proxy.clock import FakeClock
 from proxy.config.types import HedgeConfig
 from proxy.errors import UpstreamReset
 from proxy.policies.budget import RetryBudget
-from proxy.policies.hedge import Hedge
+from proxy.policies.hedge import Hedge, HedgeTokens
 from proxy.policies.latency import LatencySketch
 from proxy.telemetry.metrics import Metrics
 
@@ -28,7 +28,7 @@ def make(clock: FakeClock, *, delay: str | float = 0.001, max_extra_load: float 
     metrics = Metrics(process_collectors=False)
     budget = budget or RetryBudget(0.0, 1000.0, 10.0, clock)
     config = HedgeConfig(delay=delay, max_extra_load=max_extra_load, **overrides)
-    hedge = Hedge(config, sketch=sketch, min_samples=10, budget=budget, window_s=10.0, record_requests=True,
+    hedge = Hedge(config, sketch=sketch, min_samples=10, budget=budget, record_requests=True,
                   clock=clock, metrics=metrics.for_route("r", "u"), spare=lambda: spare)
     return hedge, metrics, budget
 
@@ -131,18 +131,37 @@ async def test_a_streamed_body_is_never_hedged() -> None:
 
 
 async def test_hedges_never_exceed_max_extra_load_of_requests() -> None:
-    clock = FakeClock()
-    hedge, metrics, _ = make(clock, max_extra_load=0.05)
-    upstream = Upstream(slow=0.05)  # every first try is slow
-    await asyncio.gather(*(hedge(request(), upstream) for _ in range(200)))
+    hedge, metrics, _ = make(FakeClock(), max_extra_load=0.05)
+    upstream = Upstream(slow=0.01)  # every first try is slow
+    for _ in range(10):
+        await asyncio.gather(*(hedge(request(), upstream) for _ in range(20)))
     assert upstream.tries.count(True) == 10  # 5% of 200
     assert hedges(metrics, "suppressed") == 190
-    clock.advance(11.0)  # the window forgets those requests and hedges
-    upstream.tries.clear()
-    await asyncio.gather(*(hedge(request(), upstream) for _ in range(19)))
-    assert upstream.tries.count(True) == 0  # 19 x 5% < 1 hedge
-    await hedge(request(), upstream)
-    assert upstream.tries.count(True) == 1  # the 20th earns one
+
+
+async def test_a_quiet_stretch_banks_at_most_a_hundred_requests_worth_of_hedges() -> None:
+    """An outage after an hour of fast answers cannot spend the hour's allowance at once."""
+    hedge, _, _ = make(FakeClock(), max_extra_load=0.05)
+    fast = Upstream(slow=0.0)
+    await asyncio.gather(*(hedge(request(), fast) for _ in range(1000)))
+    assert fast.tries.count(True) == 0
+    slow = Upstream(slow=0.01)
+    await asyncio.gather(*(hedge(request(), slow) for _ in range(100)))
+    assert slow.tries.count(True) == 5  # the bank (100 x 5% = 5), since all 100 came at once
+
+
+def test_hedge_tokens_fill_per_request_up_to_the_bank() -> None:
+    tokens = HedgeTokens(0.05)
+    for _ in range(19):
+        tokens.record_request()
+    assert tokens.tokens < 1.0
+    tokens.record_request()
+    assert tokens.tokens == pytest.approx(1.0)
+    for _ in range(1000):
+        tokens.record_request()
+    assert tokens.tokens == tokens.capacity == 5.0
+    with pytest.raises(ValueError, match="max_extra_load"):
+        HedgeTokens(0.0)
 
 
 async def test_hedges_and_retries_share_the_retry_budget() -> None:

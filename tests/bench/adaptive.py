@@ -80,6 +80,8 @@ class CongestedUpstream:
         return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
+        if request.path == "/__stats":
+            return web.json_response({"served": self.served, "shed": self.shed})
         if self.inflight >= self.SHED:
             self.shed += 1
             return web.Response(status=503, body=b"overloaded")
@@ -91,7 +93,7 @@ class CongestedUpstream:
         finally:
             self.inflight -= 1
         end = time.monotonic()
-        self.served.append((end, end - start))
+        self.served.append((time.time(), end - start))  # wall clock: comparable across processes
         return web.Response(status=200, body=b"ok")
 
     async def start(self) -> None:
@@ -104,6 +106,50 @@ class CongestedUpstream:
             await self._web.shutdown(0.1)
         if self._server is not None:
             self._server.close()
+
+    @staticmethod
+    async def serve(port_file: str) -> None:
+        """Run in its own process (``--serve-congested``), so the callers' event loop cannot slow it."""
+        upstream = CongestedUpstream()
+        await upstream.start()
+        Path(port_file).write_text(str(upstream.port))  # noqa: ASYNC240 (once, at start-up)
+        await asyncio.Event().wait()
+
+
+class CongestedProcess:
+    """A ``CongestedUpstream`` in a child process; its figures are read over HTTP at the end."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="outrigger-congested-")
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        port_file = Path(self._dir.name) / "port"
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.bench.adaptive", "--serve-congested", str(port_file),
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        for _ in range(300):
+            if port_file.exists() and port_file.read_text():
+                self.port = int(port_file.read_text())
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError("congested upstream did not start")
+
+    async def stats(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        async with session.get(f"{self.url}/__stats") as resp:
+            data: dict[str, Any] = await resp.json()
+            return data
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+        self._dir.cleanup()
 
 
 # --- one sidecar, several routes ------------------------------------------------------------------
@@ -321,7 +367,7 @@ class Bench:
     async def concurrency(self) -> tuple[list[Row], dict[str, Any]]:
         """64 closed-loop callers on an upstream that degrades past 16 concurrent: fixed vs AIMD."""
         names = ["fixed", "aimd"]
-        ups = {n: CongestedUpstream() for n in names}
+        ups = {n: CongestedProcess() for n in names}
         for up in ups.values():
             await up.start()
         # No breaker on either: its 503 trips would hide what the concurrency limit does.
@@ -350,23 +396,25 @@ class Bench:
             begin = time.monotonic()
             await asyncio.gather(*(caller(n, begin + seconds) for n in names for _ in range(64)))
             status = await sidecar.status(self.session)
+            stats = {n: await ups[n].stats(self.session) for n in names}
         finally:
             await sidecar.stop()
             for up in ups.values():
                 await up.stop()
         measured_from = begin + seconds / 3  # the first third lets AIMD settle
+        wall_from = time.time() - (time.monotonic() - measured_from)
         capacity = CongestedUpstream.KNEE / CongestedUpstream.SERVICE_S
         figures: dict[str, dict[str, float]] = {}
         for n in names:
             span = begin + seconds - measured_from
-            served = [d for end, d in ups[n].served if end >= measured_from]
+            served = [d for end, d in stats[n]["served"] if end >= wall_from]
             calls = [r for r in results[n] if r[0] >= measured_from]
             figures[n] = {
                 "goodput_share": len(served) / span / capacity,
                 "admitted_p99_ratio": percentile(served, 99) / CongestedUpstream.SERVICE_S,
                 "client_success": sum(1 for r in calls if r[1] == 200) / max(1, len(calls)),
                 "client_p99_ms": percentile([r[2] for r in calls], 99) * 1000,
-                "upstream_503s": float(ups[n].shed),
+                "upstream_503s": float(stats[n]["shed"]),
             }
         rows = [
             Row("degrades past 16, 64 callers", "aimd goodput / capacity", figures["aimd"]["goodput_share"] * 100,
@@ -489,10 +537,14 @@ def cli() -> int:
     parser.add_argument("--only", action="append", choices=SCENARIOS, help="run just this scenario (repeatable)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the upstreams' random latencies")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's duration")
+    parser.add_argument("--serve-congested", metavar="PORT_FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     with contextlib.suppress(ImportError):
         import uvloop
         uvloop.install()
+    if args.serve_congested:
+        asyncio.run(CongestedUpstream.serve(args.serve_congested))
+        return 0
     return asyncio.run(main(args.only or list(SCENARIOS), args.seed, args.scale))
 
 

@@ -255,7 +255,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
         status["latency"] = sketch
         if config.timeout.adaptive is not None:
             adaptive = AdaptiveTimeout(config.timeout.adaptive, config.timeout.attempt, sketch,
-                                       route_metrics.adaptive_timeout())
+                                       route_metrics.adaptive_timeout)
             status["adaptive_timeout"] = adaptive
     policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics, adaptive=adaptive,
                                    sketch=sketch, clock=clock))

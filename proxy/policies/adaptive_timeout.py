@@ -16,6 +16,7 @@ too-tight timeout costs a retry, not the request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from proxy.config.types import AdaptiveTimeoutConfig
@@ -25,10 +26,14 @@ __all__ = ["AdaptiveTimeout"]
 
 
 class AdaptiveTimeout:
-    __slots__ = ("_attempt", "_gauge", "_last", "_min", "_min_samples", "_multiplier", "_percentile", "sketch")
+    __slots__ = (
+        "_attempt", "_gauge", "_gauge_factory", "_last", "_min", "_min_samples", "_multiplier", "_percentile", "sketch",
+    )
 
     def __init__(self, config: AdaptiveTimeoutConfig, attempt_s: float, sketch: LatencySketch,
-                 gauge: Any = None) -> None:
+                 gauge: Callable[[], Any] | None = None) -> None:
+        """``gauge()`` binds ``outrigger_adaptive_timeout_seconds{route,upstream}``: called on first use, so a
+        reload that is then rejected shows no series."""
         if config.min > attempt_s:
             raise ValueError(f"adaptive.min ({config.min:g}s) is above attempt ({attempt_s:g}s)")
         self._percentile = config.percentile
@@ -36,7 +41,8 @@ class AdaptiveTimeout:
         self._min = float(config.min)
         self._min_samples = config.min_samples
         self._attempt = attempt_s
-        self._gauge = gauge  # outrigger_adaptive_timeout_seconds{route,upstream}
+        self._gauge_factory = gauge
+        self._gauge: Any = None
         self._last = -1.0
         self.sketch = sketch
 
@@ -54,6 +60,8 @@ class AdaptiveTimeout:
                 value = min(self._attempt, max(self._min, quantile * self._multiplier))
         if value != self._last:
             self._last = value
+            if self._gauge is None and self._gauge_factory is not None:
+                self._gauge = self._gauge_factory()
             if self._gauge is not None:
                 self._gauge.set(value)  # the first try's value: the learned one
         if attempt > 1 and value < self._attempt:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Any
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
@@ -49,14 +50,14 @@ class Bulkhead:
         if config.adaptive is not None:
             if clock is None:
                 raise ValueError("concurrency.adaptive needs a clock")
-            self._gauge = metrics.concurrency_limit()
+            # Set on the first attempt, not here: a reload that is then rejected must not show its limit.
+            self._gauge: Any = None
             self.aimd = AimdLimit(config.adaptive, config.max_active, clock, self._limit_changed)
             self._max_active = self.aimd.limit
-            self._gauge.set(self._max_active)
 
     def _limit_changed(self, limit: int) -> None:
         self._max_active = limit
-        self._gauge.set(limit)
+        self._show(limit)
         waiters = self._waiters
         while self.active < limit and waiters:  # a raised limit admits queued attempts at once
             waiter = waiters.popleft()
@@ -135,8 +136,15 @@ class Bulkhead:
         response.on_release(self._release)
         return response
 
+    def _show(self, limit: int) -> None:
+        if self._gauge is None:
+            self._gauge = self._metrics.concurrency_limit()
+        self._gauge.set(limit)
+
     async def _adaptive(self, request: ProxyRequest, call_next: Handler, aimd: AimdLimit) -> ProxyResponse:
         assert self._clock is not None
+        if self._gauge is None:
+            self._show(aimd.limit)
         started = self._clock.now()
         try:
             response = await call_next(request)

@@ -21,7 +21,7 @@ def adaptive(clock: FakeClock, attempt: float = 2.0, metrics: Metrics | None = N
              **overrides: float) -> AdaptiveTimeout:
     values = {"percentile": 99.0, "multiplier": 2.0, "min": 0.02, "window": 30.0, "min_samples": 50, **overrides}
     config = AdaptiveTimeoutConfig(**values)  # type: ignore[arg-type]
-    gauge = metrics.for_route("r", "u").adaptive_timeout() if metrics is not None else None
+    gauge = metrics.for_route("r", "u").adaptive_timeout if metrics is not None else None
     return AdaptiveTimeout(config, attempt, LatencySketch(config.window, clock), gauge)
 
 

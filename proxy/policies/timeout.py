@@ -75,7 +75,7 @@ class AttemptTimeout:
             left = request.deadline - start
             # The deadline policy's own timer ends the request at the deadline; this is the value in force.
             request.attempt_timeout_s = left if left < timeout else timeout
-        timer = wheel.start(timeout)
+        timer = wheel.start(timeout, yield_to_io=self._adaptive is not None)
         try:
             response = await call_next(request)
         except asyncio.CancelledError:

@@ -400,10 +400,20 @@ class Bench:
                 if status != 200:
                     await asyncio.sleep(0.1)  # a caller backs off a little after an error
 
+        limits: list[tuple[float, int]] = []
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                limits.append((time.monotonic(), (await sidecar.status(self.session))["upstreams"]["aimd"]
+                               .get("concurrency_limit", 0)))
+
         try:
             await sidecar.start(self.session)
             begin = time.monotonic()
+            poller = asyncio.get_running_loop().create_task(poll())
             await asyncio.gather(*(caller(n, begin + seconds) for n in names for _ in range(64)))
+            poller.cancel()
             status = await sidecar.status(self.session)
             stats = {n: await ups[n].stats(self.session) for n in names}
         finally:
@@ -424,6 +434,7 @@ class Bench:
                 "client_success": sum(1 for r in calls if r[1] == 200) / max(1, len(calls)),
                 "client_p99_ms": percentile([r[2] for r in calls], 99) * 1000,
                 "upstream_503s": float(stats[n]["shed"]),
+                "upstream_mean_inflight": sum(served) / span,  # Little's law over the measured span
             }
         rows = [
             Row("degrades past 16, 64 callers", "aimd goodput / capacity", figures["aimd"]["goodput_share"] * 100,
@@ -435,7 +446,10 @@ class Bench:
             Row("degrades past 16, 64 callers", "fixed admitted p99 / uncong.",
                 figures["fixed"]["admitted_p99_ratio"], math.nan, "x"),
         ]
-        return rows, {**figures, "learned_limit": status["upstreams"]["aimd"].get("concurrency_limit")}
+        measured = [limit for t, limit in limits if t >= measured_from]
+        return rows, {**figures, "learned_limit": status["upstreams"]["aimd"].get("concurrency_limit"),
+                      "aimd_limit_mean": sum(measured) / max(1, len(measured)),
+                      "aimd_limit_range": [min(measured, default=0), max(measured, default=0)]}
 
     async def cost(self) -> tuple[list[Row], dict[str, Any]]:
         """Sidecar CPU per request, none configured (this code and the code before it) and each policy on."""

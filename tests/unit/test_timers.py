@@ -67,13 +67,14 @@ async def test_a_cancellation_that_is_not_the_timers_is_not_taken_as_a_timeout()
     assert await loop.create_task(body()) is False
 
 
-@pytest.mark.parametrize("yield_to_io", [False, True])
-async def test_an_answer_due_with_a_late_timer_wins_only_when_the_timer_yields_to_io(yield_to_io: bool) -> None:
-    """A stalled loop (CPU throttling) makes the answer and the timer due together."""
+async def test_an_answer_due_with_a_late_timer_wins_when_the_timer_yields_to_io() -> None:
+    """A stalled loop (CPU throttling) makes the answer and the timer due together: the answer wins.
+
+    (Without ``yield_to_io`` the outcome depends on the loop's order of timers and I/O: not asserted.)"""
     loop = asyncio.get_running_loop()
     wheel = TimerWheel(loop)
     answer: asyncio.Future[str] = loop.create_future()
-    timer = wheel.start(0.01, yield_to_io=yield_to_io)
+    timer = wheel.start(0.01, yield_to_io=True)
     loop.call_later(0.002, time.sleep, 0.05)  # the loop stalls past both
     loop.call_later(0.005, answer.set_result, "head")
     try:
@@ -82,4 +83,5 @@ async def test_an_answer_due_with_a_late_timer_wins_only_when_the_timer_yields_t
         result = "timed out"
         assert timer.take()
     timer.stop()
-    assert result == ("head" if yield_to_io else "timed out")
+    assert result == "head"
+    assert not timer.expired

@@ -13,6 +13,13 @@ response headers of every answered attempt (not 5xx or 429, whose speed says
 nothing about a healthy answer's), and, for an attempt it cut off, the
 timeout itself: a lower bound of that latency, so a too-tight learned value
 can grow out of it rather than only ever seeing the answers that beat it.
+
+An attempt cut off by a learned value shorter than ``attempt`` raises
+``LearnedTimeout``: a 504 ``upstream_timeout`` that is retried like any
+attempt timeout but is no circuit-breaker failure.  It says the answer was
+slow against recent history, not that the upstream failed the route's own
+``attempt`` budget; counted as a failure, a lasting slowdown would trip the
+breaker (five cut-offs in a row) before the learned value catches up.
 """
 
 from __future__ import annotations
@@ -26,6 +33,12 @@ from proxy.policies.adaptive_timeout import AdaptiveTimeout
 from proxy.policies.latency import LatencySketch
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.timers import TimerWheel
+
+
+class LearnedTimeout(UpstreamTimeout):
+    """The adaptive timeout, below ``attempt``, cut the attempt off (not a breaker failure)."""
+
+    breaker_failure = False
 
 
 class AttemptTimeout:
@@ -83,8 +96,9 @@ class AttemptTimeout:
                 raise
             sketch.add(timeout, censored=True)
             self._metrics.timeouts["attempt"].inc()
-            raise UpstreamTimeout(f"upstream {self._upstream} sent no response headers within the attempt "
-                                  f"timeout of {timeout:g}s") from None
+            error = LearnedTimeout if timeout < self._attempt else UpstreamTimeout
+            raise error(f"upstream {self._upstream} sent no response headers within the attempt "
+                        f"timeout of {timeout:g}s") from None
         finally:
             timer.stop()
         status = response.status

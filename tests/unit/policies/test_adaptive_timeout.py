@@ -171,3 +171,26 @@ async def test_a_retry_after_a_cut_off_gets_the_doubled_timeout() -> None:
 
     await policy(req, ok)
     assert req.attempt_timeout_s == pytest.approx(0.040, rel=0.02)
+
+
+async def test_a_cut_off_below_attempt_is_no_breaker_failure_but_one_at_attempt_is() -> None:
+    """Five learned cut-offs in a row during a slowdown must not open the breaker."""
+    clock = FakeClock()
+    timeout = adaptive(clock, attempt=0.05, min=0.001, min_samples=1)
+    timeout.sketch.add(0.001)
+    policy = AttemptTimeout(0.05, "u", Metrics(process_collectors=False).for_route("r", "u"), adaptive=timeout,
+                            clock=clock)
+
+    async def hang(req: ProxyRequest) -> ProxyResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    with pytest.raises(UpstreamTimeout) as learned:
+        await policy(request(clock.now() + 10.0), hang)
+    assert learned.value.breaker_failure is False and learned.value.retry_kind == "timeout"
+    assert learned.value.code == "upstream_timeout"
+    fixed = AttemptTimeout(0.002, "u", Metrics(process_collectors=False).for_route("r", "u"),
+                           sketch=LatencySketch(30.0, clock), clock=clock)
+    with pytest.raises(UpstreamTimeout) as ceiling:
+        await fixed(request(clock.now() + 10.0), hang)
+    assert ceiling.value.breaker_failure is True

@@ -197,6 +197,13 @@ class Sidecar:
             data: dict[str, Any] = await resp.json()
             return data
 
+    async def metric(self, session: aiohttp.ClientSession, prefix: str) -> dict[str, float]:
+        """Samples of the sidecar's /metrics whose line starts with ``prefix``."""
+        async with session.get(f"http://127.0.0.1:{self.admin_port}/metrics") as resp:
+            text = await resp.text()
+        return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in text.splitlines()
+                if line.startswith(prefix)}
+
     def cpu_s(self) -> float:
         """User + system CPU seconds of the sidecar process so far."""
         assert self.proc is not None
@@ -266,6 +273,7 @@ class Bench:
                 up.arrivals.clear()
             loads = await self._phase(sidecar, names, 30.0)
             status = await sidecar.status(self.session)
+            hedge_counts = await sidecar.metric(self.session, "outrigger_hedges_total")
         finally:
             await sidecar.stop()
             for up in ups.values():
@@ -282,6 +290,7 @@ class Bench:
                        "p50_ms": percentile([s.latency for s in loads[n].samples], 50) * 1000,
                        "p99_ms": percentile([s.latency for s in loads[n].samples], 99) * 1000,
                        "p999_ms": p999(loads[n]) * 1000, "upstream_per_request": load_x[n]} for n in names}
+        details["hedges_total"] = hedge_counts
         details["learned"] = {n: status["routes"][f"main/{n}"].get(part) for n, part in
                               (("adaptive", "adaptive_timeout"), ("hedge", "hedge"))}
         return rows, details

@@ -286,7 +286,8 @@ class Bench:
             Row("0.5% x 1 s tail", "hedge p99.9 / fixed", p999(loads["hedge"]) / base, 0.25, "x"),
             Row("0.5% x 1 s tail", "hedges / requests", (load_x["hedge"] - 1) * 100, 5.0, "%"),
         ]
-        details: dict[str, Any] = {n: {"offered": loads[n].offered, "success": success(loads[n]), "outcomes": outcomes(loads[n]),
+        details: dict[str, Any] = {n: {"offered": loads[n].offered, "success": success(loads[n]),
+                                       "outcomes": outcomes(loads[n]),
                                        "p50_ms": percentile([s.latency for s in loads[n].samples], 50) * 1000,
                                        "p99_ms": percentile([s.latency for s in loads[n].samples], 99) * 1000,
                                        "p999_ms": p999(loads[n]) * 1000, "upstream_per_request": load_x[n]}

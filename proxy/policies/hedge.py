@@ -182,6 +182,7 @@ class Hedge:
         except asyncio.CancelledError:
             for loser in pending:  # the request is over (deadline, app gone): no try outlives it
                 loser.cancel()
+                loser.add_done_callback(_retrieve)
             raise
         finally:
             for sent in forks:
@@ -198,6 +199,7 @@ class Hedge:
         """A loser: cancelled (closing its connection) only when the pool can spare one, else left to finish."""
         if self._spare() > 0:
             task.cancel()
+            task.add_done_callback(_retrieve)
         else:
             task.add_done_callback(self._discard)
 
@@ -207,6 +209,15 @@ class Hedge:
         drain = asyncio.get_running_loop().create_task(_drain(task.result()))
         self._background.add(drain)
         drain.add_done_callback(self._background.discard)
+
+
+def _retrieve(task: asyncio.Future[ProxyResponse]) -> None:
+    """A cancelled try may still end in an error of its own (a timer that fired with the cancel): read it,
+    so asyncio does not log it as never retrieved; release an answer that beat the cancel."""
+    if task.cancelled():
+        return
+    if task.exception() is None:
+        task.result().close()
 
 
 async def _drain(response: ProxyResponse) -> None:

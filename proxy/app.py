@@ -21,6 +21,7 @@ from proxy.chain import Policy, build_chain
 from proxy.clock import Clock
 from proxy.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, config_hash
 from proxy.endpoints.policy import Balance
+from proxy.policies.adaptive_timeout import AdaptiveTimeout
 from proxy.policies.backoff import backoff_from_config
 from proxy.policies.breaker import BreakerState, CircuitBreaker
 from proxy.policies.budget import RetryBudget
@@ -28,6 +29,8 @@ from proxy.policies.bulkhead import Bulkhead
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
 from proxy.policies.deadline import Deadline
 from proxy.policies.fallback import Fallback
+from proxy.policies.hedge import Hedge
+from proxy.policies.latency import LatencySketch
 from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
 from proxy.policies.stale_resend import StaleResend
@@ -40,6 +43,9 @@ from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamCall, UpstreamPool
 
 __all__ = ["Runtime", "build_runtime"]
+
+_SKETCH_WINDOW_S = 30.0  # the latency window of a route that hedges at `auto` without an adaptive timeout
+_HEDGE_MIN_SAMPLES = 50  # ...and the samples it needs before `auto` has a delay to go by
 
 
 @dataclass(slots=True)
@@ -79,6 +85,8 @@ class Runtime:
                 upstreams[name]["endpoints"] = up.pool.endpoints.status()
                 if up.pool.discovery is not None:
                     upstreams[name]["discovery"] = {"host": up.pool.host, "last_error": up.pool.discovery.last_error}
+            if up.bulkhead.aimd is not None:
+                upstreams[name]["concurrency_limit"] = up.bulkhead.aimd.limit
         routes = {}
         for route in self.routes:
             bulkhead = self.upstreams[route.upstream].bulkhead  # per upstream, shared by its routes
@@ -92,6 +100,9 @@ class Runtime:
                 entry["retry_budget_remaining"] = int(route.status["retry"].budget.remaining())
             if "circuit_breaker" in route.status and route.config.circuit_breaker.scope == "route":
                 entry["circuit_breaker"] = _breaker_status(route.status["circuit_breaker"], clock)
+            for part in ("adaptive_timeout", "hedge"):  # learned values (docs/adaptive.md)
+                if part in route.status:
+                    entry[part] = route.status[part].snapshot()
             routes[route.name] = entry  # the `route` label of the metrics (route names are unique)
         return {"version": self.version, "upstreams": upstreams, "routes": routes,
                 "breaker_transitions": list(self.breaker_events.recent)}
@@ -179,10 +190,22 @@ def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | No
     breaker = old.breaker if old is not None and old.pool.config.circuit_breaker == breaker_config else (
         _breaker(breaker_config, clock, rng, metrics.for_breaker(name), runtime) if breaker_config.enabled else None)
     bulkhead = old.bulkhead if old is not None and old.pool.config.concurrency == concurrency else (
-        Bulkhead(concurrency, name, up_metrics))
+        Bulkhead(concurrency, name, up_metrics, clock))
     pool = UpstreamPool(name, config, clock=clock, rng=rng, endpoint_metrics=metrics.for_endpoints(name),
                         connect_timeout_s=connect_timeout_s)
     return UpstreamRuntime(pool, breaker, bulkhead, up_metrics)
+
+
+def _latency_sketch(key: tuple[str, str], config: RouteConfig, carry: _Carry, clock: Clock) -> LatencySketch | None:
+    """The route's latency sketch (per route and upstream; per endpoint once upstreams have several),
+    kept across a reload that leaves its upstream and window alone; None when nothing reads it."""
+    adaptive = config.timeout.adaptive
+    if adaptive is None and (config.hedge is None or config.hedge.delay_s is not None):
+        return None
+    window = adaptive.window if adaptive is not None else _SKETCH_WINDOW_S
+    old = carry.routes.get(key)
+    sketch = old.status.get("latency") if old is not None and old.config.upstream == config.upstream else None
+    return sketch if sketch is not None and sketch.window_s == window else LatencySketch(window, clock)
 
 
 def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime, carry: _Carry, *,
@@ -228,6 +251,21 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     if config.retry.max_attempts > 1:
         policies.append(retry)
 
+    # Hedge: inside retry, which sees one answer per round (the winner's) and shares its budget with
+    # it; outside the breaker, bulkhead, attempt telemetry and attempt timeout, so each hedge is an
+    # attempt of its own: asked of the breaker, holding a slot, with its own CLIENT span and per-try timeout.
+    sketch = _latency_sketch(key, config, carry, clock)
+    if config.hedge is not None:
+        adaptive_config = config.timeout.adaptive
+        bulkhead = upstream.bulkhead
+        hedge = Hedge(config.hedge, sketch=sketch, budget=budget,
+                      min_samples=adaptive_config.min_samples if adaptive_config else _HEDGE_MIN_SAMPLES,
+                      record_requests=config.retry.max_attempts == 1, clock=clock, metrics=route_metrics,
+                      spare=lambda: upstream.pool.h1.spare, gate=breaker.would_admit if breaker else None,
+                      room=lambda: bulkhead.has_room)
+        policies.append(hedge)
+        status["hedge"] = hedge
+
     # Circuit breaker: per attempt, so a retry is never sent to an open upstream;
     # outside the bulkhead, so fast-fails take no concurrency slot.
     if breaker is not None:
@@ -254,11 +292,20 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     policies.append(AttemptTelemetry(route=config.name, pool=upstream.pool, metrics=route_metrics,
                                      clock=clock, tracing=tracing))
 
-    # Attempt timeout: innermost, so it times one try up to response headers.
-    policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics))
+    # Attempt timeout: innermost, so it times one try up to response headers; it also feeds the
+    # route's latency sketch, since it alone sees each try's time to headers and whether it cut it off.
+    adaptive = None
+    if sketch is not None:
+        status["latency"] = sketch
+        if config.timeout.adaptive is not None:
+            adaptive = AdaptiveTimeout(config.timeout.adaptive, config.timeout.attempt, sketch,
+                                       route_metrics.adaptive_timeout)
+            status["adaptive_timeout"] = adaptive
+    policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics, adaptive=adaptive,
+                                   sketch=sketch, clock=clock))
 
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
-    # Bodies are buffered for replay only when the route can retry at all.
-    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 else 0
+    # Bodies are buffered for replay only when the route can retry or hedge at all.
+    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 or config.hedge else 0
     return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,
                  metrics=route_metrics, buffer_limit=buffer_limit, status=status)

@@ -77,9 +77,9 @@ class ProxyRequest:
     """One request from the app, as it moves through a route's chain."""
 
     __slots__ = (
-        "attempt", "body", "deadline", "deadline_timer", "endpoint", "fresh_connection", "headers",
-        "idempotency_key", "informational", "max_attempts", "method", "path", "request_id", "span", "stale_resent",
-        "timeout_override", "tried", "upstream_s",
+        "attempt", "attempt_timeout_s", "body", "deadline", "deadline_timer", "endpoint", "fresh_connection",
+        "headers", "hedge", "idempotency_key", "informational", "max_attempts", "method", "path", "request_id",
+        "span", "stale_resent", "timeout_override", "tried", "upstream_s",
     )
 
     def __init__(self, method: str, path: str, headers: CIMultiDict[str], body: RequestBody, *,
@@ -108,6 +108,25 @@ class ProxyRequest:
         self.tried: list[AttemptTarget] | None = None
         # Set by the edge for HTTP/1.1 apps; the upstream client calls it with each interim 1xx response.
         self.informational = informational
+        self.attempt_timeout_s: float | None = None  # the adaptive timeout in force; set by AttemptTimeout
+        self.hedge = False  # this copy is a hedged attempt (set by the hedge policy on its fork)
+
+    def fork(self) -> ProxyRequest:
+        """A copy for a concurrent (hedged) attempt: own headers and per-attempt fields, shared body and deadline.
+
+        Only for fully buffered bodies (``body.stream is None``): the copies send the same bytes.
+        """
+        copy = ProxyRequest(self.method, self.path, self.headers.copy(), self.body, request_id=self.request_id,
+                            max_attempts=self.max_attempts, timeout_override=self.timeout_override, span=self.span)
+        copy.deadline = self.deadline
+        copy.deadline_timer = self.deadline_timer
+        copy.attempt = self.attempt
+        copy.idempotency_key = self.idempotency_key
+        # Shared, so a hedge prefers an endpoint the request has not tried (the Balance policy's rule).
+        if self.tried is None:
+            self.tried = []
+        copy.tried = self.tried
+        return copy
 
     @property
     def deadline_expired(self) -> bool:

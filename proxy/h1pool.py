@@ -43,6 +43,12 @@ class H1Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
+    @property
+    def spare(self) -> int:
+        """Connections a request could get now without waiting: idle ones plus room under the limit."""
+        room = self._limit - len(self._open) - self._connecting if self._limit > 0 else 1
+        return len(self._idle) + max(0, room)
+
     async def acquire(self, connect_timeout_s: float | None, *, fresh: bool = False) -> H1Connection:
         """A connection for one request: the most recently idle one, or a new one.
 

@@ -12,6 +12,12 @@ Semantics follow ``asyncio.timeout``: on expiry the task is cancelled, and the
 owner turns that ``CancelledError`` into its timeout only when no other
 cancellation is pending (``Task.uncancel`` accounting).  Expiry may come up
 to a millisecond late (or, like any loop timer, a hair early).
+
+``start(..., yield_to_io=True)`` (the adaptive attempt timeout, whose values
+are tens of milliseconds) cancels two loop iterations after the timer runs:
+after a stall of the loop (CPU throttling) the timer and the answer that
+arrived during the stall are due together, uvloop runs timers before I/O,
+and the answer should win.
 """
 
 from __future__ import annotations
@@ -29,18 +35,26 @@ _RESOLUTION_S = 0.001
 class Expiry:
     """One pending timeout of one task."""
 
-    __slots__ = ("_cancelling", "_task", "_wheel", "bucket", "expired", "handled")
+    __slots__ = ("_cancelling", "_task", "_wheel", "_yield", "bucket", "expired", "handled", "stopped")
 
-    def __init__(self, wheel: TimerWheel, task: asyncio.Task[Any], bucket: int) -> None:
+    def __init__(self, wheel: TimerWheel, task: asyncio.Task[Any], bucket: int, yield_to_io: bool = False) -> None:
         self._wheel = wheel
         self._task = task
         self._cancelling = task.cancelling()
+        self._yield = yield_to_io
         self.bucket = bucket
         self.expired = False
         self.handled = False
+        self.stopped = False
 
     def fire(self) -> None:
-        if not self._task.done():
+        if self._yield:
+            self._wheel.loop.call_soon(self._wheel.loop.call_soon, self._fire_now)
+        else:
+            self._fire_now()
+
+    def _fire_now(self) -> None:
+        if not self.stopped and not self._task.done():
             self.expired = True
             self._task.cancel()
 
@@ -53,6 +67,7 @@ class Expiry:
 
     def stop(self) -> None:
         """Leave the wheel; settle the task's cancel count if expiry raced a normal finish."""
+        self.stopped = True
         self._wheel.discard(self)
         if self.expired and not self.handled:
             self.handled = True
@@ -71,12 +86,12 @@ class TimerWheel:
         self._armed = math.inf  # the bucket the loop timer is set for
         self._handle: asyncio.TimerHandle | None = None
 
-    def start(self, delay_s: float) -> Expiry:
-        """A timeout for the current task, ``delay_s`` from now."""
+    def start(self, delay_s: float, *, yield_to_io: bool = False) -> Expiry:
+        """A timeout for the current task, ``delay_s`` from now (``yield_to_io``: see the module docstring)."""
         task = asyncio.current_task(self.loop)
         assert task is not None, "a timeout needs a running task"
         bucket = math.ceil((self.loop.time() + delay_s) / _RESOLUTION_S)
-        expiry = Expiry(self, task, bucket)
+        expiry = Expiry(self, task, bucket, yield_to_io)
         pending = self._buckets.get(bucket)
         if pending is None:
             self._buckets[bucket] = {expiry}

@@ -13,14 +13,15 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from proxy.config.units import Duration, Size
+from proxy.config.units import Duration, Size, parse_duration
 
 __all__ = [
-    "AccessLogConfig", "AdminConfig", "BackoffConfig", "BudgetConfig", "CircuitBreakerConfig", "ConcurrencyConfig",
-    "Config", "DiscoveryConfig", "DrainConfig", "FailureRateConfig", "FallbackConfig", "LimitsConfig",
-    "ListenerConfig", "MatchConfig", "OpenDurationConfig", "OutlierDetectionConfig", "OutlierFailureRateConfig",
-    "PolicyDefaults", "RateLimitConfig", "RateLimitKey", "RetryConfig", "RouteConfig", "SlowCallConfig",
-    "TelemetryConfig", "TimeoutConfig", "TlsConfig", "TracingConfig", "UpstreamConfig",
+    "AccessLogConfig", "AdaptiveConcurrencyConfig", "AdaptiveTimeoutConfig", "AdminConfig", "BackoffConfig",
+    "BudgetConfig", "CircuitBreakerConfig", "ConcurrencyConfig", "Config", "DiscoveryConfig", "DrainConfig",
+    "FailureRateConfig", "FallbackConfig", "HedgeConfig", "LimitsConfig", "ListenerConfig", "MatchConfig",
+    "OpenDurationConfig", "OutlierDetectionConfig", "OutlierFailureRateConfig", "PolicyDefaults", "RateLimitConfig",
+    "RateLimitKey", "RetryConfig", "RouteConfig", "SlowCallConfig", "TelemetryConfig", "TimeoutConfig", "TlsConfig",
+    "TracingConfig", "UpstreamConfig",
 ]
 
 RetryOn = Literal["connect-failure", "reset", "timeout", "gateway-error", "5xx", "retriable-status-codes"]
@@ -43,17 +44,56 @@ def _positive(name: str, value: float) -> None:
 # --- policy blocks (see the "Resilience policies" section of the README) ---
 
 
+Percentile = Annotated[float, msgspec.Meta(gt=0.0, lt=100.0)]
+
+
+class AdaptiveTimeoutConfig(Block, frozen=True):
+    """``timeout.adaptive``: the attempt timeout learned from recent latencies (docs/adaptive.md)."""
+
+    percentile: Percentile = 99.0
+    multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
+    min: Duration = Duration(0.02)
+    window: Duration = Duration(30.0)
+    min_samples: PositiveInt = 50
+
+    def __post_init__(self) -> None:
+        _positive("min", self.min)
+        _positive("window", self.window)
+
+
 class TimeoutConfig(Block, frozen=True):
     connect: Duration = Duration(1.0)
     attempt: Duration = Duration(2.0)
     total: Duration = Duration(5.0)
     idle: Duration = Duration(30.0)
+    adaptive: AdaptiveTimeoutConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("connect", "attempt", "total", "idle"):
             _positive(name, getattr(self, name))
         if self.attempt > self.total:
             raise ValueError(f"attempt ({self.attempt:g}s) is longer than total ({self.total:g}s)")
+        if self.adaptive is not None and self.adaptive.min > self.attempt:
+            raise ValueError(f"adaptive.min ({self.adaptive.min:g}s) is above attempt ({self.attempt:g}s), "
+                             "the ceiling of the adaptive timeout")
+
+
+class HedgeConfig(Block, frozen=True):
+    """``hedge``: backup requests for slow idempotent attempts (docs/adaptive.md)."""
+
+    delay: str | float = "auto"  # "auto" (the route's observed percentile) or a duration
+    percentile: Percentile = 95.0
+    max_extra_load: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.05
+    max_hedges: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+
+    def __post_init__(self) -> None:
+        if self.delay != "auto":
+            _positive("delay", self.delay_s or 0.0)
+
+    @property
+    def delay_s(self) -> float | None:
+        """The fixed delay in seconds; None for ``auto``.  Raises ValueError for a malformed one."""
+        return None if self.delay == "auto" else float(parse_duration(self.delay))
 
 
 class BackoffConfig(Block, frozen=True):
@@ -143,10 +183,29 @@ class RateLimitConfig(Block, frozen=True):
     max_wait: Duration = Duration(0.1)
 
 
+class AdaptiveConcurrencyConfig(Block, frozen=True):
+    """``concurrency.adaptive``: an AIMD limit under ``max_active`` (docs/adaptive.md)."""
+
+    algorithm: Literal["aimd"] = "aimd"
+    initial: PositiveInt = 20
+    min: PositiveInt = 4
+    decrease_ratio: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.9
+
+    def __post_init__(self) -> None:
+        if self.min > self.initial:
+            raise ValueError(f"min ({self.min}) is above initial ({self.initial})")
+
+
 class ConcurrencyConfig(Block, frozen=True):
     max_active: PositiveInt = 100
     max_pending: Annotated[int, msgspec.Meta(ge=0)] = 100
     pending_timeout: Duration = Duration(1.0)
+    adaptive: AdaptiveConcurrencyConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.adaptive is not None and self.adaptive.initial > self.max_active:
+            raise ValueError(f"adaptive.initial ({self.adaptive.initial}) is above max_active "
+                             f"({self.max_active}), the ceiling of the adaptive limit")
 
 
 FallbackOn = Literal[
@@ -264,6 +323,7 @@ class RouteConfig(Block, frozen=True):
     circuit_breaker: CircuitBreakerConfig = msgspec.field(default_factory=CircuitBreakerConfig)
     rate_limit: RateLimitConfig | None = None
     fallback: FallbackConfig | None = None
+    hedge: HedgeConfig | None = None
 
 
 class ListenerConfig(Block, frozen=True):

@@ -3,7 +3,10 @@
 Placed between the bulkhead and the attempt timeout, so it sees exactly the
 attempts that went out (not ones shed by the bulkhead or breaker) and the
 timeout that ended them.  It injects the CLIENT span's context into the
-attempt's headers, so each retry appears as its own child in Jaeger.
+attempt's headers, so each retry appears as its own child in Jaeger.  A
+hedged attempt's span carries ``outrigger.hedge=true``; the adaptive attempt
+timeout in force (set by ``AttemptTimeout`` below) is recorded as
+``outrigger.attempt_timeout_s`` when the attempt ends.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def _exemplar(span: Span | None) -> dict[str, str] | None:
     return {"trace_id": f"{span.get_span_context().trace_id:032x}"}
 
 
+def _timeout_attribute(span: Span, request: ProxyRequest) -> None:
+    if request.attempt_timeout_s is not None:
+        span.set_attribute("outrigger.attempt_timeout_s", round(request.attempt_timeout_s, 6))
+
+
 class AttemptTelemetry:
     __slots__ = ("_clock", "_metrics", "_pool", "_route", "_tracing")
 
@@ -62,6 +70,8 @@ class AttemptTelemetry:
         span = None
         if request.span is not None and tracing is not None:  # unsampled requests cost nothing here
             span = tracing.start_client_span(request, self._route, self._pool)
+            if request.hedge:
+                span.set_attribute("outrigger.hedge", True)
         start = self._clock.now()
         try:
             response = await call_next(request)
@@ -76,6 +86,7 @@ class AttemptTelemetry:
             # Without a retry policy nothing else records that this one attempt was made.
             error.attempts = max(error.attempts, request.attempt or 1)
             if span is not None:
+                _timeout_attribute(span, request)
                 tracing.end_client_span(span, None, error)  # type: ignore[union-attr]
             raise
         except BaseException:
@@ -88,6 +99,7 @@ class AttemptTelemetry:
             # Any other cancellation (the app went away, shutdown) has no result label of its own:
             # the attempt is on its span, not in the metric.
             if span is not None:
+                _timeout_attribute(span, request)
                 tracing.end_client_span(span, None, None,  # type: ignore[union-attr]
                                         error_type=DeadlineExceeded.code if deadline else "cancelled")
             raise
@@ -98,6 +110,7 @@ class AttemptTelemetry:
         metrics.attempt_results[status_result(status)].inc()
         if span is not None:
             span.set_attribute("outrigger.connection_reused", response.reused)
+            _timeout_attribute(span, request)
             peer = response.upstream.peer if response.upstream is not None else None
             tracing.end_client_span(span, status, None, peer=peer)  # type: ignore[union-attr]
         return response

@@ -31,9 +31,8 @@ from proxy.telemetry import line_writer
 from proxy.telemetry.live import LiveStats
 
 __all__ = [
-    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "ENDPOINT_STATES", "TIMEOUT_KINDS", "BreakerMetrics",
-    "EndpointMetrics", "Metrics", "RouteMetrics",
-    "UpstreamMetrics",
+    "ATTEMPT_RESULTS", "BREAKER_STATES", "DROP_REASONS", "ENDPOINT_STATES", "HEDGE_RESULTS", "TIMEOUT_KINDS",
+    "BreakerMetrics", "EndpointMetrics", "Metrics", "RouteMetrics", "UpstreamMetrics",
     "method_label", "status_class",
 ]
 
@@ -42,6 +41,7 @@ TIMEOUT_KINDS = ("connect", "attempt", "total", "idle")
 BREAKER_STATES = ("closed", "open", "half_open")
 DROP_REASONS = ("export_failed", "queue_full", "collector_down", "shutdown")
 ENDPOINT_STATES = ("healthy", "ejected", "slow_start")
+HEDGE_RESULTS = ("won", "lost", "suppressed")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
@@ -133,6 +133,13 @@ class Metrics:
         self.tunnels_active = Gauge("outrigger_tunnels_active", "Upgrade tunnels (WebSocket and others) open now.",
                                     registry=r)
         self.tunnels = Counter("outrigger_tunnels", "Upgrade tunnels opened, by route.", ["route"], registry=r)
+        # Adaptive policies (docs/adaptive.md): series appear only for routes/upstreams that use them.
+        self.adaptive_timeout = Gauge("outrigger_adaptive_timeout_seconds", "The attempt timeout in force.",
+                                      ["route", "upstream"], registry=r)
+        self.hedges = Counter("outrigger_hedges", "Hedged attempts: won, lost, or suppressed by their limits.",
+                              ["route", "upstream", "result"], registry=r)
+        self.concurrency_limit = Gauge("outrigger_concurrency_limit", "The adaptive concurrency limit in force.",
+                                       ["upstream"], registry=r)
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         self._live: dict[tuple[str, str], LiveStats] = {}
@@ -164,6 +171,11 @@ class UpstreamMetrics:
     def __init__(self, metrics: Metrics, upstream: str) -> None:
         self.upstream = upstream
         self.bulkhead_rejected = metrics.bulkhead_rejected.labels(upstream=upstream)
+        self._metrics = metrics
+
+    def concurrency_limit(self) -> Any:
+        """The adaptive limit's gauge child (bound only for an upstream with ``concurrency.adaptive``)."""
+        return self._metrics.concurrency_limit.labels(upstream=self.upstream)
 
 
 class EndpointMetrics:
@@ -266,6 +278,15 @@ class RouteMetrics:
         self._retries: dict[str, Any] = {}
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
+
+    def adaptive_timeout(self) -> Any:
+        """The adaptive timeout's gauge child (bound only for a route with ``timeout.adaptive``)."""
+        return self._metrics.adaptive_timeout.labels(route=self.route, upstream=self.upstream)
+
+    def hedge_results(self) -> dict[str, Any]:
+        """Hedge counters by result (bound only for a route with ``hedge``)."""
+        return {result: self._metrics.hedges.labels(route=self.route, upstream=self.upstream, result=result)
+                for result in HEDGE_RESULTS}
 
     def retry(self, reason: str) -> None:
         child = self._retries.get(reason)

@@ -65,3 +65,23 @@ async def test_a_cancellation_that_is_not_the_timers_is_not_taken_as_a_timeout()
         return True
 
     assert await loop.create_task(body()) is False
+
+
+async def test_an_answer_due_with_a_late_timer_wins_when_the_timer_yields_to_io() -> None:
+    """A stalled loop (CPU throttling) makes the answer and the timer due together: the answer wins.
+
+    (Without ``yield_to_io`` the outcome depends on the loop's order of timers and I/O: not asserted.)"""
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop)
+    answer: asyncio.Future[str] = loop.create_future()
+    timer = wheel.start(0.01, yield_to_io=True)
+    loop.call_later(0.002, time.sleep, 0.05)  # the loop stalls past both
+    loop.call_later(0.005, answer.set_result, "head")
+    try:
+        result = await answer
+    except asyncio.CancelledError:
+        result = "timed out"
+        assert timer.take()
+    timer.stop()
+    assert result == "head"
+    assert not timer.expired

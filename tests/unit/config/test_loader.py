@@ -665,7 +665,7 @@ def test_a_quoted_boolean_says_only_true_and_false_are_booleans() -> None:
 def test_a_scalar_where_a_block_is_expected_says_so_and_lists_the_block_keys() -> None:
     issues = _issues(lambda d: _route(d).update(timeout="5s"))
     assert issues == ["listeners[0].routes[0].timeout: expected a block (a mapping with the keys connect, attempt, "
-                      "total, idle), got the str '5s'"]
+                      "total, idle, adaptive), got the str '5s'"]
 
 
 def test_a_missing_version_says_to_add_version_1() -> None:

@@ -19,6 +19,8 @@ from typing import Any
 from proxy.chain import Policy, build_chain
 from proxy.clock import Clock
 from proxy.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, config_hash
+from proxy.deadletter.policy import DeadLetter
+from proxy.deadletter.spool import Spool
 from proxy.policies.backoff import backoff_from_config
 from proxy.policies.breaker import BreakerState, CircuitBreaker
 from proxy.policies.budget import RetryBudget
@@ -56,6 +58,7 @@ class Runtime:
     new_pools: list[UpstreamPool] = field(default_factory=list)  # to start()
     new_breakers: list[tuple[CircuitBreaker, BreakerMetrics]] = field(default_factory=list)  # shown once in service
     retired_pools: list[UpstreamPool] = field(default_factory=list)  # to close() after in-flight finish
+    spool: Spool | None = None  # the dead-letter spool (top-level dead_letter), shared by its routes
 
     def status(self, clock: Clock) -> dict[str, Any]:
         upstreams = {}
@@ -79,7 +82,10 @@ class Runtime:
             if "circuit_breaker" in route.status and route.config.circuit_breaker.scope == "route":
                 entry["circuit_breaker"] = _breaker_status(route.status["circuit_breaker"], clock)
             routes[f"{route.listener}/{route.name}"] = entry
-        return {"version": self.version, "upstreams": upstreams, "routes": routes}
+        status = {"version": self.version, "upstreams": upstreams, "routes": routes}
+        if self.spool is not None:
+            status["dead_letter"] = self.spool.snapshot()
+        return status
 
 
 def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
@@ -120,6 +126,10 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
                   rng: random.Random, previous: Runtime | None = None) -> Runtime:
     carry = _Carry(previous)
     runtime = Runtime(config=config, version=config_hash(config), upstreams={}, routers={})
+    if config.dead_letter is not None:  # one spool per process: kept across reloads that leave it unchanged
+        old_spool = previous.spool if previous is not None else None
+        runtime.spool = old_spool if old_spool is not None and old_spool.config == config.dead_letter \
+            else Spool(config.dead_letter, metrics)
     for name, upstream in config.upstreams.items():
         old = carry.upstreams.get(name)
         if old is not None and old.pool.config == upstream:
@@ -160,7 +170,14 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     status: dict[str, Any] = {}
     policies: list[Policy] = []
 
-    # Fallback: outermost, so it can stand in for an error raised anywhere below it.
+    # Dead letter: outermost, outside even fallback, so it sees only final outcomes (after every
+    # retry, refusal and fallback) and its header reaches the app on a fallback response too.
+    if config.dead_letter is not None and runtime.spool is not None:
+        policies.append(DeadLetter(config.dead_letter, runtime.spool, route=config.name, listener=listener.name,
+                                   prefix=config.match.path_prefix, rewrite_prefix=config.rewrite_prefix,
+                                   metrics=metrics))
+
+    # Fallback: outermost but for dead letter, so it can stand in for an error raised anywhere below it.
     if config.fallback is not None:
         policies.append(Fallback(config.fallback))
 
@@ -216,5 +233,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
     # Bodies are buffered for replay only when the route can retry at all.
     buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 else 0
+    if config.dead_letter is not None:  # ... or when a failure may be spooled, up to dead_letter.max_body
+        buffer_limit = max(buffer_limit, int(config.dead_letter.max_body))
     return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,
                  metrics=route_metrics, buffer_limit=buffer_limit, status=status)

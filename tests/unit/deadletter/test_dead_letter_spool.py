@@ -25,6 +25,14 @@ def _record(entry_id: str, body: bytes = b"{}") -> bytes:
                               error="overflow", message="", omitted=[]))
 
 
+def _disk_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir())
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
 def _metric(metrics: Metrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
@@ -40,7 +48,7 @@ async def test_a_burst_is_made_durable_in_fewer_fsyncs_than_records(tmp_path: Pa
     assert spool.records == 200 and spool.commits < 200  # group commit
     assert _metric(metrics, "outrigger_dead_letters_total", route="r", result="spooled") == 200
     assert _metric(metrics, "outrigger_dead_letter_entries") == 200
-    assert _metric(metrics, "outrigger_dead_letter_spool_bytes") == sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert _metric(metrics, "outrigger_dead_letter_spool_bytes") == _disk_bytes(tmp_path)
     assert _metric(metrics, "outrigger_dead_letter_oldest_entry_timestamp_seconds") > 0
     spool.close()
 
@@ -56,9 +64,11 @@ async def test_a_full_spool_refuses_new_entries_and_keeps_the_old(tmp_path: Path
         if future is not None:
             accepted.append(await future)
     assert accepted == [True, True, True]  # the fourth would pass 64KiB
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert spool.submit(_record("later"), counter) is not None  # a small one still fits
-    assert {p.name: p.read_bytes()[:len(v)] for p, v in ((tmp_path / n, v) for n, v in before.items())} == before
+    before = _contents(tmp_path)
+    later = spool.submit(_record("later"), counter)  # a small one still fits
+    assert later is not None and await later
+    after = _contents(tmp_path)
+    assert {name: after[name][:len(data)] for name, data in before.items()} == before  # old bytes untouched
     spool.close()
 
 

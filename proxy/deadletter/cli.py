@@ -56,7 +56,10 @@ class _Spool:
             self.config = load_config_file(self.config_path)
         except ConfigError as exc:
             if args.dir is None:
-                raise
+                print(f"outrigger: {exc.source}: {len(exc.issues)} error(s)", file=sys.stderr)
+                for issue in exc.issues:
+                    print(f"  {issue}", file=sys.stderr)
+                raise SystemExit(1) from None
             print(f"outrigger: warning: {self.config_path} did not load ({len(exc.issues)} error(s)); "
                   f"using --dir {args.dir}", file=sys.stderr)
         spool = self.config.dead_letter if self.config is not None else None
@@ -67,7 +70,12 @@ class _Spool:
         max_age = spool.max_age if spool is not None else 7 * 86400.0
         self.expired_before = time.time() - max_age
         self.index = SpoolIndex(self.directory)
-        self.index.refresh()
+        try:
+            self.index.refresh()
+        except OSError as exc:
+            where = "--dir" if args.dir else "dead_letter.dir"
+            raise SystemExit(f"outrigger: {where} {self.directory}: cannot read the spool: "
+                             f"{exc.strerror or exc}") from None
 
     def select(self, route: str | None = None, since: float | None = None, before: float | None = None,
                entry_id: str | None = None) -> list[EntryRef]:

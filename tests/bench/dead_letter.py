@@ -157,7 +157,7 @@ async def main(quick: bool) -> None:
     spool = workdir / "spool"
     spool.mkdir()
     upstream_port = free_port()
-    upstream = subprocess.Popen([sys.executable, "-c", _UPSTREAM, str(upstream_port)])
+    upstream = subprocess.Popen([sys.executable, "-c", _UPSTREAM, str(upstream_port)])  # noqa: ASYNC220 (set-up, before any load)
     _wait(f"http://127.0.0.1:{upstream_port}/ok")
     rows: dict[str, Any] = {}
     try:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -137,6 +138,25 @@ async def test_a_finally_failed_request_carries_its_id_and_dlq_list_and_show_hav
         assert status["dead_letter"]["records"] == 1
     finally:
         await sidecar.stop()
+
+
+def test_dlq_bad_input_names_what_was_wrong(tmp_path: Path) -> None:
+    """No spool configured, a missing --dir, a bad --rate: each a clear error, never a traceback."""
+    config = tmp_path / "outrigger.yaml"
+    config.write_text(json.dumps({"version": 1, "upstreams": {"u": {"url": "http://127.0.0.1:1"}},
+                                  "listeners": [{"name": "main", "address": "127.0.0.1:0",
+                                                 "routes": [{"name": "r", "upstream": "u"}]}]}))
+    cases = [
+        (["list", "--config", str(config)], "dead_letter is not configured in"),
+        (["list", "--config", str(config), "--dir", str(tmp_path / "absent")], "--dir"),
+        (["replay", "--config", str(config), "--rate", "0"], "argument --rate: expected a positive number"),
+        (["show", "nope", "--config", str(config), "--dir", str(tmp_path)], "no entry nope"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "proxy", "dlq", *args], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
 
 
 async def _spool_failures(sidecar: SidecarProcess, keys: list[str]) -> list[str]:

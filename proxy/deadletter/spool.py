@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -63,11 +64,13 @@ class Spool:
         self.write_errors = 0
         self.last_error: str | None = None
         self._last_logged: dict[str, float] = {}
-        self._cond = threading.Condition()
-        self._queue: list[_Item] = []
-        self._queued_bytes = 0
+        # A C-implemented queue: one cheap put per entry, and the writer blocks in get() (no Python
+        # Condition, whose wait/notify cost more than the fsync's own CPU at low concurrency).
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()  # None: stop
+        self._queued_bytes = 0  # changed on the event loop only (submit, and _resolve through the loop)
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self._publish()
 
     def has_room(self, size: int) -> bool:
@@ -85,13 +88,13 @@ class Spool:
             return None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        with self._cond:
-            self._queue.append((record, future, loop, spooled))
-            self._queued_bytes += len(record)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="outrigger-dead-letter", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+        self._queued_bytes += len(record)
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="outrigger-dead-letter", daemon=True)
+                    self._thread.start()
+        self._queue.put((record, future, loop, spooled))
         return future
 
     def warn(self, kind: str, message: str) -> None:
@@ -106,26 +109,28 @@ class Spool:
     def _run(self) -> None:
         next_maintenance = time.monotonic() + _MAINTENANCE_S
         next_compaction = time.monotonic() + _COMPACT_S
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    wait = next_maintenance - time.monotonic()
-                    if wait <= 0:
-                        break
-                    self._cond.wait(wait)
-                batch, self._queue = self._queue, []
-                queued, self._queued_bytes = self._queued_bytes, 0
-                if self._closed and not batch:
-                    self._writer.close()
-                    return
+        stop = False
+        while not stop:
+            batch: list[_Item] = []
+            try:
+                item = self._queue.get(timeout=max(0.0, next_maintenance - time.monotonic()))
+                while True:  # everything queued meanwhile joins this commit
+                    if item is None:
+                        stop = True
+                    else:
+                        batch.append(item)
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                pass
             if batch:
-                self._commit(batch, queued)
+                self._commit(batch, sum(len(item[0]) for item in batch))
             now = time.monotonic()
             if now >= next_maintenance:
                 self._maintain(compact=now >= next_compaction)
                 next_maintenance = now + _MAINTENANCE_S
                 if now >= next_compaction:
                     next_compaction = now + _COMPACT_S
+        self._writer.close()
 
     def _commit(self, batch: list[_Item], size: int) -> None:
         ok = True
@@ -153,7 +158,7 @@ class Spool:
             by_loop.setdefault(loop, []).append(future)
         for loop, futures in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(_resolve, futures, ok)
+                loop.call_soon_threadsafe(self._resolve, futures, ok, size)
 
     def _maintain(self, *, compact: bool) -> None:
         try:
@@ -179,19 +184,20 @@ class Spool:
                 "commits": self.commits, "records": self.records, "write_errors": self.write_errors,
                 "last_error": self.last_error}
 
+    def _resolve(self, futures: list[asyncio.Future[bool]], ok: bool, size: int) -> None:
+        """On the loop: wake the requests of one commit."""
+        self._queued_bytes -= size
+        for future in futures:
+            if not future.done():
+                future.set_result(ok)
+
     def close(self, timeout_s: float = 2.0) -> None:
         """Commit what is queued, then stop the thread and release the segment."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        self._closed = True
+        with self._start_lock:
             thread = self._thread
+        self._queue.put(None)
         if thread is not None:
             thread.join(timeout_s)
         else:
             self._writer.close()
-
-
-def _resolve(futures: list[asyncio.Future[bool]], ok: bool) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(ok)

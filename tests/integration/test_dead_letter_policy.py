@@ -11,7 +11,7 @@ from opentelemetry.trace import SpanKind
 
 from proxy.deadletter.index import SpoolIndex
 from tests.support.ports import free_port
-from tests.support.sidecar import base_config
+from tests.support.sidecar import base_config, to_config
 from tests.support.upstream import Reply, ScriptedUpstream
 
 HEADER = "x-outrigger-dead-letter"
@@ -112,3 +112,26 @@ async def test_a_replay_is_linked_to_the_original_trace_counted_and_never_spoole
     assert f"{link.context.trace_id:032x}" == ORIGINAL[3:35] and f"{link.context.span_id:016x}" == ORIGINAL[36:52]
     assert server.context.trace_id != link.context.trace_id  # a new trace, linked to the old one
     assert server.attributes is not None and server.attributes["outrigger.dead_letter.replay_of"] == "0123abc"
+
+
+async def test_a_reload_keeps_the_spool_unless_its_block_changes_and_entries_stay_listed(
+        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    upstream.default = Reply(status=503)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    config = _config(upstream.url, first, {"on": ["http_5xx"]})
+    sidecar = await sidecar_factory(config)
+    spool = sidecar.runtime.spool
+    config["listeners"][0]["routes"][0]["dead_letter"]["max_body"] = "2KiB"  # a route change only
+    assert await sidecar.apply(to_config(config))
+    assert sidecar.runtime.spool is spool
+    async with client.put(f"http://127.0.0.1:{sidecar.port('main')}/x", data=b"{}") as resp:
+        assert HEADER in resp.headers
+    config["dead_letter"]["dir"] = str(second)
+    assert await sidecar.apply(to_config(config))
+    assert sidecar.runtime.spool is not spool
+    assert sidecar.runtime.status(sidecar.clock)["dead_letter"]["dir"] == str(second)
+    async with client.put(f"http://127.0.0.1:{sidecar.port('main')}/y", data=b"{}") as resp:
+        assert HEADER in resp.headers
+    assert [e.target for e in _entries(first)] == ["/x"] and [e.target for e in _entries(second)] == ["/y"]

@@ -99,7 +99,11 @@ def replay(directory: str, refs: Iterable[EntryRef], *, index: SpoolIndex, expir
                 index.refresh()  # another replayer may have finished it just before we locked
                 if index.resolved(ref, expired_before):
                     continue
-                entry = index.read(ref)
+                try:
+                    entry = index.read(ref)
+                except (OSError, ValueError) as exc:  # compacted away meanwhile (it expired)
+                    progress(f"{ref.id}: skipped, no longer readable ({exc})")
+                    continue
                 time.sleep(max(0.0, next_send - time.monotonic()))
                 next_send = max(next_send + interval, time.monotonic())
                 url = target_for(entry)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -51,14 +52,12 @@ class Spool:
         rotate = max(1024 * 1024, min(64 * 1024 * 1024, int(config.max_bytes) // 8))
         self._writer = SegmentWriter(config.dir, rotate, wall)
         self._index = SpoolIndex(config.dir)
-        try:
-            self._index.refresh()  # at start: what a previous run left
+        try:  # sizes only: reading what a previous run left is the writer thread's first job, not the loop's
+            self.bytes = sum(os.stat(os.path.join(config.dir, name)).st_size for name in self._index.segment_names())
         except OSError as exc:
             raise OSError(f"dead_letter.dir {config.dir}: cannot read the spool: {exc.strerror or exc}") from exc
-        self.bytes = self._index.total_bytes()
-        live = self._index.live(wall() - config.max_age)
-        self.entries = len(live)
-        self.oldest = live[0].ts if live else 0.0
+        self.entries = 0
+        self.oldest = 0.0
         self.commits = 0  # fdatasync calls
         self.records = 0  # records they made durable
         self.write_errors = 0
@@ -69,9 +68,9 @@ class Spool:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()  # None: stop
         self._queued_bytes = 0  # changed on the event loop only (submit, and _resolve through the loop)
         self._closed = False
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
         self._publish()
+        self._thread = threading.Thread(target=self._run, name="outrigger-dead-letter", daemon=True)
+        self._thread.start()
 
     def has_room(self, size: int) -> bool:
         return self.bytes + self._queued_bytes + size <= self.config.max_bytes
@@ -89,11 +88,6 @@ class Spool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._queued_bytes += len(record)
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="outrigger-dead-letter", daemon=True)
-                    self._thread.start()
         self._queue.put((record, future, loop, spooled))
         return future
 
@@ -107,7 +101,7 @@ class Spool:
     # --- the writer thread ---
 
     def _run(self) -> None:
-        next_maintenance = time.monotonic() + _MAINTENANCE_S
+        next_maintenance = time.monotonic()  # at once: count what a previous run left
         next_compaction = time.monotonic() + _COMPACT_S
         stop = False
         while not stop:
@@ -194,10 +188,5 @@ class Spool:
     def close(self, timeout_s: float = 2.0) -> None:
         """Commit what is queued, then stop the thread and release the segment."""
         self._closed = True
-        with self._start_lock:
-            thread = self._thread
         self._queue.put(None)
-        if thread is not None:
-            thread.join(timeout_s)
-        else:
-            self._writer.close()
+        self._thread.join(timeout_s)

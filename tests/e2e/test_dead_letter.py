@@ -247,6 +247,10 @@ async def _kill_during_burst(keyed: KeyedUpstream, tmp_path: Path, *, rps: int, 
     try:
         listed = {row["id"] for row in await _listed(restarted)}
         assert set(seen) <= listed  # every header the app saw is a durable entry
+        deadline = time.monotonic() + 10  # the restarted sidecar counts what its predecessor left
+        while f"outrigger_dead_letter_entries {float(len(listed))}" not in await restarted.metrics_text():
+            assert time.monotonic() < deadline, "the entries gauge never showed the spooled entries"
+            await asyncio.sleep(0.1)
         keyed.healthy = True
         code, _, err = await _dlq(restarted, "replay", "--rate", "1000")
         assert code == 0, err

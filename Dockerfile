@@ -18,7 +18,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 # .dockerignore keeps tests, .git, venvs and caches out of this context.
 COPY . /src
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
+# The (empty) dead-letter spool directory, copied below owned by the runtime user.
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir . && mkdir -m 0700 /src/.dead-letter
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.0.0-dev
@@ -39,6 +40,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     OUTRIGGER_ADMIN_ADDRESS=0.0.0.0:9901
 
 COPY --from=build /opt/venv /opt/venv
+# dead_letter.dir of the shipped deploy configs: writable by the non-root user even
+# when nothing is mounted there (Kubernetes and compose mount a volume over it).
+COPY --from=build --chown=65532:65532 /src/.dead-letter /var/lib/outrigger/dead-letter
 COPY config/outrigger.yaml /etc/outrigger/outrigger.yaml
 
 # 65532 is the conventional "nonroot" uid/gid of distroless images.

@@ -1,4 +1,4 @@
-"""Command line: ``outrigger run|validate|demo|demo-upstream|wait-ready|sleep``."""
+"""Command line: ``outrigger run|validate|demo|demo-upstream|wait-ready|sleep|dlq``."""
 
 from __future__ import annotations
 
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     sleep = sub.add_parser("sleep", help="sleep N seconds (preStop hook helper)")
     sleep.add_argument("seconds", type=parse_duration)
     sleep.set_defaults(func=cmd_sleep)
+
+    from proxy.deadletter.cli import add_dlq_parser
+    add_dlq_parser(sub, f"config file (default: $OUTRIGGER_CONFIG, then {DEFAULT_CONFIG})", _config_path)
     return parser
 
 

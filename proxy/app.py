@@ -20,6 +20,8 @@ import msgspec
 from proxy.chain import Policy, build_chain
 from proxy.clock import Clock
 from proxy.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, config_hash
+from proxy.deadletter.policy import DeadLetter
+from proxy.deadletter.spool import Spool
 from proxy.endpoints.policy import Balance
 from proxy.policies.adaptive_timeout import AdaptiveTimeout
 from proxy.policies.backoff import backoff_from_config
@@ -69,6 +71,7 @@ class Runtime:
     # Kept pools whose static endpoint list changed: the new list is diffed in once in service.
     endpoint_updates: list[tuple[UpstreamPool, UpstreamConfig]] = field(default_factory=list)
     breaker_events: BreakerEvents = field(default_factory=BreakerEvents)  # carried over by reloads
+    spool: Spool | None = None  # the dead-letter spool (top-level dead_letter), shared by its routes
 
     def status(self, clock: Clock) -> dict[str, Any]:
         """Runtime state for /status: integer counts, seconds rounded, ISO times, routes keyed as in metrics."""
@@ -104,8 +107,11 @@ class Runtime:
                 if part in route.status:
                     entry[part] = route.status[part].snapshot()
             routes[route.name] = entry  # the `route` label of the metrics (route names are unique)
-        return {"version": self.version, "upstreams": upstreams, "routes": routes,
-                "breaker_transitions": list(self.breaker_events.recent)}
+        status = {"version": self.version, "upstreams": upstreams, "routes": routes,
+                  "breaker_transitions": list(self.breaker_events.recent)}
+        if self.spool is not None:
+            status["dead_letter"] = self.spool.snapshot()
+        return status
 
 
 def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
@@ -156,6 +162,10 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
     runtime = Runtime(config=config, version=config_hash(config), upstreams={}, routers={})
     if previous is not None:
         runtime.breaker_events = previous.breaker_events
+    if config.dead_letter is not None:  # one spool per process: kept across reloads that leave it unchanged
+        old_spool = previous.spool if previous is not None else None
+        runtime.spool = old_spool if old_spool is not None and old_spool.config == config.dead_letter \
+            else Spool(config.dead_letter, metrics)
     for name, upstream in config.upstreams.items():
         old = carry.upstreams.get(name)
         if old is not None and old.pool.config == upstream:
@@ -216,7 +226,14 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     status: dict[str, Any] = {}
     policies: list[Policy] = []
 
-    # Fallback: outermost, so it can stand in for an error raised anywhere below it.
+    # Dead letter: outermost, outside even fallback, so it sees only final outcomes (after every
+    # retry, refusal and fallback) and its header reaches the app on a fallback response too.
+    if config.dead_letter is not None and runtime.spool is not None:
+        policies.append(DeadLetter(config.dead_letter, runtime.spool, route=config.name, listener=listener.name,
+                                   prefix=config.match.path_prefix, rewrite_prefix=config.rewrite_prefix,
+                                   metrics=metrics))
+
+    # Fallback: outermost but for dead letter, so it can stand in for an error raised anywhere below it.
     if config.fallback is not None:
         policies.append(Fallback(config.fallback))
 
@@ -307,5 +324,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
     # Bodies are buffered for replay only when the route can retry or hedge at all.
     buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 or config.hedge else 0
+    if config.dead_letter is not None:  # ... or when a failure may be spooled, up to dead_letter.max_body
+        buffer_limit = max(buffer_limit, int(config.dead_letter.max_body))
     return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,
                  metrics=route_metrics, buffer_limit=buffer_limit, status=status)

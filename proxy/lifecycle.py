@@ -404,6 +404,8 @@ class Sidecar:
             task.cancel()
         for up in self.runtime.upstreams.values():
             await up.pool.close()
+        if self.runtime.spool is not None:
+            await asyncio.to_thread(self.runtime.spool.close)  # commits what is queued
         if self.access_log is not None:
             await self.access_log.close()
         await asyncio.to_thread(self.tracing.shutdown)

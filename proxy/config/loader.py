@@ -30,6 +30,7 @@ from proxy.config.source import parse_document
 from proxy.config.types import (
     AdminConfig,
     Config,
+    DeadLetterConfig,
     DrainConfig,
     LimitsConfig,
     ListenerConfig,
@@ -41,8 +42,8 @@ from proxy.config.types import (
 from proxy.config.units import Duration, Size, decode_hook
 from proxy.tls import client_context
 
-__all__ = ["UNROUTED", "ConfigError", "ConfigIssue", "config_hash", "load_config", "load_config_file", "parse_address",
-           "same_socket"]
+__all__ = ["UNROUTED", "ConfigError", "ConfigIssue", "config_hash", "dead_letter_dir_problem", "load_config",
+           "load_config_file", "parse_address", "same_socket"]
 
 T = TypeVar("T")
 _ROUTE_BLOCKS = ("timeout", "retry", "circuit_breaker", "rate_limit", "fallback")
@@ -51,7 +52,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "admin": AdminConfig, "drain": DrainConfig, "defaults": PolicyDefaults,
     "limits": LimitsConfig, "telemetry": TelemetryConfig,
 }
-_KNOWN_TOP = {"version", "listeners", "upstreams", *_SECTIONS}
+_KNOWN_TOP = {"version", "listeners", "upstreams", "dead_letter", *_SECTIONS}
 _ADMIN_ADDRESS_ENV = "OUTRIGGER_ADMIN_ADDRESS"
 UNROUTED = "none"  # the route (and upstream) label of requests no route matched
 _WILDCARDS = frozenset({"0.0.0.0", "::", "*"})
@@ -363,11 +364,47 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
     if any(i.path.startswith(("line ", "defaults", "upstreams")) for i in issues):
         raise ConfigError(issues, source)
     listeners, shells = _listeners(raw.get("listeners"), defaults_raw, upstreams_raw, issues)
+    dead_letter = _dead_letter(raw, listeners, issues)
+    if dead_letter is not None:
+        sections["dead_letter"] = dead_letter
     _check_addresses(shells, sections.get("admin"), issues)
     _check_route_names(raw.get("listeners"), issues)
     if issues:
         raise ConfigError(issues, source)
     return Config(version=1, listeners=tuple(listeners), upstreams=upstreams, **sections)
+
+
+def _dead_letter(raw: dict[str, Any], listeners: list[ListenerConfig],
+                 issues: list[ConfigIssue]) -> DeadLetterConfig | None:
+    """The spool block, its directory checked by really writing there; routes that spool need it."""
+    spool = _convert(raw["dead_letter"], DeadLetterConfig, "dead_letter", issues) \
+        if raw.get("dead_letter") is not None else None
+    if spool is not None:
+        problem = dead_letter_dir_problem(spool.dir)
+        if problem:
+            issues.append(ConfigIssue("dead_letter.dir", problem))
+    elif "dead_letter" not in raw:
+        for li, listener in enumerate(listeners):
+            for ri, route in enumerate(listener.routes):
+                if route.dead_letter is not None:
+                    issues.append(ConfigIssue(f"listeners[{li}].routes[{ri}].dead_letter",
+                                              "needs the top-level dead_letter.dir (the spool) to be configured"))
+    return spool
+
+
+def dead_letter_dir_problem(directory: str) -> str | None:
+    """Why the spool cannot live in ``directory`` (missing, not a directory, not writable), or None."""
+    if not os.path.isdir(directory):
+        return f"directory not found: {directory}" if not os.path.exists(directory) else \
+            f"not a directory: {directory}"
+    probe = os.path.join(directory, f".outrigger-probe-{os.getpid()}")
+    try:  # os.access would say yes to root on a read-only mount: write for real
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"not writable: {directory} ({exc.strerror or exc})"
+    return None
 
 
 def _check_addresses(listeners: list[tuple[int, ListenerConfig]], admin: AdminConfig | None,

@@ -17,11 +17,11 @@ from proxy.config.units import Duration, Size, parse_duration
 
 __all__ = [
     "AccessLogConfig", "AdaptiveConcurrencyConfig", "AdaptiveTimeoutConfig", "AdminConfig", "BackoffConfig",
-    "BudgetConfig", "CircuitBreakerConfig", "ConcurrencyConfig", "Config", "DiscoveryConfig", "DrainConfig",
-    "FailureRateConfig", "FallbackConfig", "HedgeConfig", "LimitsConfig", "ListenerConfig", "MatchConfig",
-    "OpenDurationConfig", "OutlierDetectionConfig", "OutlierFailureRateConfig", "PolicyDefaults", "RateLimitConfig",
-    "RateLimitKey", "RetryConfig", "RouteConfig", "SlowCallConfig", "TelemetryConfig", "TimeoutConfig", "TlsConfig",
-    "TracingConfig", "UpstreamConfig",
+    "BudgetConfig", "CircuitBreakerConfig", "ConcurrencyConfig", "Config", "DeadLetterConfig", "DiscoveryConfig",
+    "DrainConfig", "FailureRateConfig", "FallbackConfig", "HedgeConfig", "LimitsConfig", "ListenerConfig",
+    "MatchConfig", "OpenDurationConfig", "OutlierDetectionConfig", "OutlierFailureRateConfig", "PolicyDefaults",
+    "RateLimitConfig", "RateLimitKey", "RetryConfig", "RouteConfig", "RouteDeadLetterConfig", "SlowCallConfig",
+    "TelemetryConfig", "TimeoutConfig", "TlsConfig", "TracingConfig", "UpstreamConfig",
 ]
 
 RetryOn = Literal["connect-failure", "reset", "timeout", "gateway-error", "5xx", "retriable-status-codes"]
@@ -221,6 +221,44 @@ class FallbackConfig(Block, frozen=True):
     on: tuple[FallbackOn, ...] = ("circuit_open",)
 
 
+DEAD_LETTER_ON = (
+    "upstream_connect_failure", "upstream_timeout", "upstream_reset", "upstream_protocol_error",
+    "upstream_tls_error", "deadline_exceeded", "circuit_open", "overflow", "http_5xx",
+)
+
+
+class RouteDeadLetterConfig(Block, frozen=True):
+    """A route's ``dead_letter:``: which final outcomes are spooled (see docs/dead-letter.md)."""
+
+    on: tuple[str, ...] = (
+        "upstream_connect_failure", "upstream_timeout", "upstream_reset", "deadline_exceeded",
+        "circuit_open", "overflow",
+    )
+    unsafe_methods: bool = False
+    max_body: Size = Size(1024 * 1024)
+    omit_headers: tuple[str, ...] = ("authorization", "cookie", "proxy-authorization")
+
+    def __post_init__(self) -> None:
+        unknown = [value for value in self.on if value not in DEAD_LETTER_ON]
+        if unknown:  # checked here, not as a Literal, so the message can list the valid values
+            raise ValueError(f"on lists an unknown outcome {unknown[0]!r}; valid: {', '.join(DEAD_LETTER_ON)}")
+        if not self.on:
+            raise ValueError("on: list at least one outcome (or remove dead_letter to switch it off)")
+
+
+class DeadLetterConfig(Block, frozen=True):
+    """Top-level ``dead_letter:``: the spool shared by every route that enables it."""
+
+    dir: Annotated[str, msgspec.Meta(min_length=1)]
+    max_bytes: Size = Size(1024**3)
+    max_age: Duration = Duration(7 * 86400.0)
+
+    def __post_init__(self) -> None:
+        _positive("max_age", self.max_age)
+        if self.max_bytes < 64 * 1024:
+            raise ValueError(f"max_bytes ({int(self.max_bytes)}) must be at least 64KiB")
+
+
 class PolicyDefaults(Block, frozen=True):
     """``defaults:``: blocks every route inherits unless it overrides them."""
 
@@ -324,6 +362,7 @@ class RouteConfig(Block, frozen=True):
     rate_limit: RateLimitConfig | None = None
     fallback: FallbackConfig | None = None
     hedge: HedgeConfig | None = None
+    dead_letter: RouteDeadLetterConfig | None = None
 
 
 class ListenerConfig(Block, frozen=True):
@@ -395,3 +434,4 @@ class Config(Block, frozen=True):
     defaults: PolicyDefaults = msgspec.field(default_factory=PolicyDefaults)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    dead_letter: DeadLetterConfig | None = None

@@ -140,6 +140,18 @@ class Metrics:
                               ["route", "upstream", "result"], registry=r)
         self.concurrency_limit = Gauge("outrigger_concurrency_limit", "The adaptive concurrency limit in force.",
                                        ["upstream"], registry=r)
+        # Dead-letter spool (docs/dead-letter.md); the gauges describe the one spool of the process.
+        self.dead_letters = Counter("outrigger_dead_letters", "Finally failed requests by spool result.",
+                                    ["route", "result"], registry=r)
+        self.dead_letter_replays = Counter("outrigger_dead_letter_replays", "Replays seen, by result.",
+                                           ["route", "result"], registry=r)
+        self.dead_letter_spool_bytes = Gauge("outrigger_dead_letter_spool_bytes", "Bytes in the spool.", registry=r)
+        self.dead_letter_entries = Gauge("outrigger_dead_letter_entries", "Entries waiting for a replay.",
+                                         registry=r)
+        self.dead_letter_oldest = Gauge("outrigger_dead_letter_oldest_entry_timestamp_seconds",
+                                        "Unix time of the oldest waiting entry (0: none).", registry=r)
+        self.dead_letter_write_errors = Counter("outrigger_dead_letter_write_errors",
+                                                "Entries lost to a failed spool write.", registry=r)
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         self._live: dict[tuple[str, str], LiveStats] = {}

@@ -50,6 +50,12 @@ PUBLIC_METRICS: dict[str, frozenset[str]] = {
     "outrigger_bulkhead_rejected_total": frozenset({"upstream"}),
     "outrigger_config_reloads_total": frozenset({"result"}),
     "outrigger_build_info": frozenset({"version"}),
+    "outrigger_dead_letters_total": frozenset({"route", "result"}),
+    "outrigger_dead_letter_replays_total": frozenset({"route", "result"}),
+    "outrigger_dead_letter_spool_bytes": frozenset(),
+    "outrigger_dead_letter_entries": frozenset(),
+    "outrigger_dead_letter_oldest_entry_timestamp_seconds": frozenset(),
+    "outrigger_dead_letter_write_errors_total": frozenset(),
 }
 HISTOGRAMS = {"outrigger_request_duration_seconds", "outrigger_upstream_attempt_duration_seconds"}
 # Labels Prometheus itself attaches to every scraped series.

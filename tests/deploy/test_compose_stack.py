@@ -18,6 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "deploy" / "compose" / "docker-compose.yaml"
+DEAD_LETTER_DIR = "/var/lib/outrigger/dead-letter"
 REQUIRED_SERVICES = {"app", "outrigger", "payments", "otel-collector", "jaeger", "prometheus", "grafana"}
 
 
@@ -87,6 +88,8 @@ def test_every_bind_mount_source_exists_inside_the_repo_and_parses(
 ) -> None:
     for name, svc in model["services"].items():
         for volume in svc.get("volumes", []):
+            if (name, volume["type"], volume["target"]) == ("outrigger", "volume", DEAD_LETTER_DIR):
+                continue  # the dead-letter spool: see test_outrigger_spools_dead_letters_on_a_named_volume
             assert volume["type"] == "bind", f"{name}: only repo files are mounted in the demo"
             source = Path(volume["source"])
             assert source.exists(), f"{name} mounts {source}, which does not exist"
@@ -132,6 +135,17 @@ def test_outrigger_runs_the_mounted_config_with_admin_reachable_and_hardened(
     assert "/readyz" in " ".join(outrigger["healthcheck"]["test"])
 
 
+def test_outrigger_spools_dead_letters_on_a_named_volume(model: dict[str, Any], load: Callable[[Path], Any]) -> None:
+    """The root filesystem is read-only: the config's dead_letter.dir must be a writable volume."""
+    config = load(mounted_file(model, "outrigger", "/etc/outrigger/outrigger.yaml"))
+    assert config["dead_letter"]["dir"] == f"${{OUTRIGGER_DEAD_LETTER_DIR:-{DEAD_LETTER_DIR}}}"
+    (spool,) = [v for v in service(model, "outrigger")["volumes"] if v["target"] == DEAD_LETTER_DIR]
+    assert spool["type"] == "volume" and spool["source"] in model["volumes"]
+    assert not spool.get("read_only")
+    routes = [route for listener in config["listeners"] for route in listener["routes"]]
+    assert any(route.get("dead_letter") for route in routes)
+
+
 def test_app_shares_the_sidecar_network_and_calls_its_listener(
     model: dict[str, Any], load: Callable[[Path], Any]
 ) -> None:
@@ -168,7 +182,9 @@ def test_prometheus_config_and_its_mounted_rules_pass_promtool(
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 4 rules found" in proc.stdout, "the alert rules were not loaded through rule_files"
+    alerts = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yaml").read_text())
+    count = sum(len(group["rules"]) for group in alerts["groups"])
+    assert f"SUCCESS: {count} rules found" in proc.stdout, "the alert rules were not loaded through rule_files"
     assert "--enable-feature=exemplar-storage" in prometheus["command"], "exemplars need this flag"
 
 

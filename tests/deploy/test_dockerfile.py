@@ -26,6 +26,7 @@ from tests.support.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "deploy" / "kubernetes"
+DEAD_LETTER_DIR = "/var/lib/outrigger/dead-letter"
 BUILD_TIMEOUT = pytest.mark.timeout(1200)  # first use of `image` pip-installs the package
 ENV_ADDRESS = re.compile(r"\$\{(\w+):-([\w.-]+):(\d+)\}")
 
@@ -79,8 +80,25 @@ def test_final_stage_is_slim_unprivileged_and_labelled(docker_build: Any) -> Non
     env = {k: v for c in final.all("ENV") for k, v in docker_build.pairs(c, final).items()}
     assert env["OUTRIGGER_ADMIN_ADDRESS"] == "0.0.0.0:9901"
     copies_from = [c for c in final.all("COPY") if c.flags]
-    assert [(c.flags, c.value) for c in copies_from] == [((f"--from={build.name}",), ("/opt/venv", "/opt/venv"))]
+    assert [(c.flags, c.value) for c in copies_from] == [
+        ((f"--from={build.name}",), ("/opt/venv", "/opt/venv")),
+        ((f"--from={build.name}", f"--chown={user.value[0]}"), ("/src/.dead-letter", DEAD_LETTER_DIR)),
+    ]
     assert not final.all("RUN"), "the final stage only copies: no package manager, no shell steps"
+
+
+def test_the_dead_letter_directory_of_the_deploy_configs_is_created_for_the_non_root_user(
+    docker_build: Any,
+) -> None:
+    """The spool directory exists in the image, owned by USER, and is the one the shipped configs use."""
+    final = docker_build.final
+    (user,) = final.all("USER")
+    (copy,) = [c for c in final.all("COPY") if c.value[-1] == DEAD_LETTER_DIR]
+    assert f"--chown={user.value[0]}" in copy.flags
+    build = next(s for s in docker_build.stages if s is not final)
+    assert f"mkdir -m 0700 {copy.value[0]}" in " && ".join(c.value[0] for c in build.all("RUN"))
+    for config in (KUBE / "base" / "outrigger.yaml", REPO / "deploy" / "compose" / "outrigger.yaml"):
+        assert f"${{OUTRIGGER_DEAD_LETTER_DIR:-{DEAD_LETTER_DIR}}}" in config.read_text(), config
 
 
 def test_entrypoint_runs_outrigger_on_the_copied_default_config(docker_build: Any) -> None:
@@ -165,14 +183,16 @@ def test_image_command_becomes_ready_serves_metrics_and_drains_to_exit_0_on_sigt
 
 
 @BUILD_TIMEOUT
-def test_outrigger_configs_shipped_under_deploy_pass_outrigger_validate(image: Any) -> None:
+def test_outrigger_configs_shipped_under_deploy_pass_outrigger_validate(image: Any, tmp_path: Path) -> None:
     configs = [
         image.copied_files["/etc/outrigger/outrigger.yaml"],
         KUBE / "base" / "outrigger.yaml",
         REPO / "deploy" / "compose" / "outrigger.yaml",
     ]
     for config in configs:
-        proc = image.run("validate", str(config), env={"OUTRIGGER_ADMIN_ADDRESS": "0.0.0.0:9901"})
+        # The spool directory must exist and be writable to validate; here it is a temporary one.
+        proc = image.run("validate", str(config), env={"OUTRIGGER_ADMIN_ADDRESS": "0.0.0.0:9901",
+                                                       "OUTRIGGER_DEAD_LETTER_DIR": str(tmp_path)})
         assert proc.returncode == 0, f"{config}:\n{proc.stdout}{proc.stderr}"
 
 

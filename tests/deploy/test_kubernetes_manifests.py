@@ -21,6 +21,8 @@ import yaml
 KUBE = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 BASE = KUBE / "base"
 LEGACY = KUBE / "overlays" / "legacy-sidecar"
+DEAD_LETTER_PVC = KUBE / "overlays" / "dead-letter-pvc"
+DEAD_LETTER_DIR = "/var/lib/outrigger/dead-letter"
 MONITORING = KUBE / "monitoring"
 NATIVE_SIDECAR_VERSION = "1.30"
 PRE_NATIVE_SIDECAR_VERSION = "1.27"
@@ -78,8 +80,9 @@ def validate(obj: dict[str, Any], version: str) -> None:
         (LEGACY, NATIVE_SIDECAR_VERSION),
         (LEGACY, PRE_NATIVE_SIDECAR_VERSION),
         (MONITORING, NATIVE_SIDECAR_VERSION),
+        (DEAD_LETTER_PVC, NATIVE_SIDECAR_VERSION),
     ],
-    ids=["base@1.30", "legacy@1.30", "legacy@1.27", "monitoring@1.30"],
+    ids=["base@1.30", "legacy@1.30", "legacy@1.27", "monitoring@1.30", "dead-letter-pvc@1.30"],
 )
 def test_rendered_objects_validate_strictly_against_kubernetes_schema(
     render: Render, directory: Path, version: str
@@ -319,3 +322,52 @@ def test_only_one_prometheus_operator_scrape_object_is_enabled(render: Render) -
     """Two monitors over the same pods would scrape every sample twice."""
     kinds = [o["kind"] for o in render(MONITORING) if o["apiVersion"] == CRD_GROUP]
     assert len(kinds) == 1
+
+
+# ---------------------------------------------------------------- the dead-letter spool
+
+
+def _spool_volume(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The volume mounted at the config's dead_letter.dir in the sidecar, which must be writable."""
+    spec = pod_spec(objects)
+    sidecar = container(spec, "outrigger", "initContainers")
+    config_dir = outrigger_config(objects)["dead_letter"]["dir"]
+    assert config_dir == f"${{OUTRIGGER_DEAD_LETTER_DIR:-{DEAD_LETTER_DIR}}}"
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == DEAD_LETTER_DIR]
+    assert not mount.get("readOnly"), "the spool is written to"
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+def _parse_quantity(text: str) -> int:
+    """A Kubernetes quantity (512Mi) or an Outrigger size (384MiB) in bytes."""
+    match = re.fullmatch(r"(\d+)([KMG])i(?:B)?", text)
+    assert match, text
+    return int(match[1]) * 1024 ** " KMG".index(match[2])
+
+
+def test_base_mounts_the_spool_on_a_disk_backed_emptydir_larger_than_max_bytes(render: Render) -> None:
+    objects = render(BASE)
+    volume = _spool_volume(objects)
+    assert "medium" not in volume["emptyDir"], "on disk: the spool fsyncs and must not count as memory"
+    max_bytes = outrigger_config(objects)["dead_letter"]["max_bytes"]
+    assert _parse_quantity(max_bytes) < _parse_quantity(volume["emptyDir"]["sizeLimit"]), (
+        "an emptyDir past its sizeLimit evicts the pod: the spool must fill up first")
+    routes = [r for lst in outrigger_config(objects)["listeners"] for r in lst["routes"]]
+    assert any(r.get("dead_letter") for r in routes)
+
+
+def test_pvc_overlay_puts_the_spool_on_a_claim_writable_by_the_sidecar_user(render: Render) -> None:
+    objects = render(DEAD_LETTER_PVC)
+    volume = _spool_volume(objects)
+    assert set(volume) == {"name", "persistentVolumeClaim"}
+    claim = one(objects, "PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    max_bytes = outrigger_config(objects)["dead_letter"]["max_bytes"]
+    assert _parse_quantity(max_bytes) < _parse_quantity(claim["spec"]["resources"]["requests"]["storage"])
+    deployment = one(objects, "Deployment")
+    spec = pod_spec(objects)
+    user = container(spec, "outrigger", "initContainers")["securityContext"]["runAsUser"]
+    assert spec["securityContext"]["fsGroup"] == user
+    if claim["spec"]["accessModes"] == ["ReadWriteOnce"]:  # one node at a time: no overlap in a rollout
+        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"

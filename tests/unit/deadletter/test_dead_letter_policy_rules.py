@@ -1,0 +1,70 @@
+"""The dead-letter policy's pure rules: which requests are eligible, and the listener target of a rewritten path."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.chain import ProxyRequest, RequestBody
+from proxy.config import MatchConfig, RouteConfig, RouteDeadLetterConfig
+from proxy.config.units import Size
+from proxy.deadletter.policy import DeadLetter
+from proxy.routing import Route
+from proxy.telemetry.metrics import Metrics
+
+
+def _policy(prefix: str = "/", rewrite: str | None = None, **config: Any) -> DeadLetter:
+    return DeadLetter(RouteDeadLetterConfig(**config), spool=None, route="r", listener="main",  # type: ignore[arg-type]
+                      prefix=prefix, rewrite_prefix=rewrite, metrics=Metrics(process_collectors=False))
+
+
+def _request(method: str, body: RequestBody, **headers: str) -> ProxyRequest:
+    return ProxyRequest(method, "/x", CIMultiDict(headers), body, request_id="rid")
+
+
+async def _stream() -> Any:
+    yield b"rest"
+
+
+@pytest.mark.parametrize(("method", "headers", "unsafe", "eligible"), [
+    ("POST", {}, False, False),
+    ("PATCH", {}, False, False),
+    ("POST", {"Idempotency-Key": "k"}, False, True),
+    ("POST", {}, True, True),
+    ("PUT", {}, False, True),
+    ("DELETE", {}, False, True),
+])
+def test_post_and_patch_need_an_idempotency_key_unless_unsafe_methods(
+        method: str, headers: dict[str, str], unsafe: bool, eligible: bool) -> None:
+    policy = _policy(unsafe_methods=unsafe)
+    assert (policy._body(_request(method, RequestBody(b"{}"), **headers)) is not None) is eligible
+
+
+def test_only_whole_bodies_within_max_body_are_eligible() -> None:
+    policy = _policy(max_body=Size(4))
+    assert policy._body(_request("PUT", RequestBody(b"1234"))) == b"1234"
+    assert policy._body(_request("PUT", RequestBody(b"12345"))) is None
+    assert policy._body(_request("PUT", RequestBody(None))) == b""
+    streamed = RequestBody(prefix=b"12", stream=_stream())  # beyond the buffer: never held whole
+    assert policy._body(_request("PUT", streamed)) is None
+
+
+_ROUTES = [("/", None), ("/api", "/v1"), ("/api/", "/v1/"), ("/api", "/v1/"), ("/api/", "/v1"), ("/hooks", "/"),
+           ("/", "/base/")]
+_PATHS = ["/api/orders?id=1", "/api", "/api/", "/apix", "/hooks/x/y", "/a%2Fb"]
+
+
+@pytest.mark.parametrize(("prefix", "rewrite", "path"), [
+    (prefix, rewrite, path) for prefix, rewrite in _ROUTES for path in _PATHS if path.startswith(prefix)])
+def test_the_stored_target_reaches_the_same_upstream_path_through_the_route(
+        prefix: str, rewrite: str | None, path: str) -> None:
+    route = Route(name="r", listener="main", config=RouteConfig(name="r", upstream="u", rewrite_prefix=rewrite,
+                                                                match=MatchConfig(path_prefix=prefix)),
+                  pool=SimpleNamespace(name="u"), handler=None, metrics=None, buffer_limit=0)  # type: ignore[arg-type]
+    upstream_path = route.upstream_path(path)
+    target = _policy(prefix=prefix, rewrite=rewrite)._listener_target(upstream_path)
+    assert target.startswith(prefix)  # the same route matches it again
+    assert route.upstream_path(target) == upstream_path

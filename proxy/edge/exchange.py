@@ -25,7 +25,8 @@ from proxy.routing import Route
 from proxy.telemetry.access_log import AccessEntry
 
 if TYPE_CHECKING:
-    from proxy.edge.protocol import EdgeProtocol, EdgeRequest
+    from proxy.edge.protocol import EdgeProtocol
+    from proxy.edge.request import EdgeRequest
 
 __all__ = ["serve"]
 

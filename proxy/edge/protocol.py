@@ -33,7 +33,7 @@ from proxy.headers import new_request_id
 if TYPE_CHECKING:
     from proxy.edge.listener import ListenerEdge
 
-__all__ = ["EdgeProtocol", "EdgeRequest"]  # EdgeRequest re-exported for the modules that type against it
+__all__ = ["EdgeProtocol"]
 
 log = logging.getLogger("outrigger.server")
 _BODY, _QUEUE, _UPGRADE = 1, 2, 4  # reasons reading from the app is paused

@@ -95,8 +95,8 @@ class EdgeProtocol(asyncio.Protocol):
             self._head_timer.cancel()
             self._head_timer = None
         if self.tunnel is not None:
-            self.tunnel.app_closed()
-        if self._task is not None:
+            self.tunnel.app_closed()  # a tunnel ends when either side closes: its request completes (101)
+        elif self._task is not None:
             self._task.cancel()  # the app went away: its request is cancelled (499 client_closed)
         gone = ConnectionResetError("the app closed the connection")
         for req in (self._parsing, *self._queue):

@@ -37,6 +37,7 @@ __all__ = ["EdgeProtocol"]
 
 log = logging.getLogger("outrigger.server")
 _BODY, _QUEUE, _UPGRADE = 1, 2, 4  # reasons reading from the app is paused
+_LINGER_S = 2.0
 
 
 class EdgeProtocol(asyncio.Protocol):
@@ -269,7 +270,26 @@ class EdgeProtocol(asyncio.Protocol):
         self.listener.record_refusal(error.status, error.code, rid)
         self.write(error_bytes(errors.to_response(error, route=None, upstream=None, request_id=rid),
                                attempts=0, keep_alive=False, http10=False))
-        self.transport.close()
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Close after a response while the app may still be sending (nginx's lingering close).
+
+        Closing a socket with unread bytes in it sends a reset, which can destroy the
+        response before the app reads it; so send FIN, read and drop what still comes
+        for up to ``_LINGER_S``, then close.
+        """
+        self._closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._paused = 0
+        transport.resume_reading()  # data_received drops everything while closing
+        self.loop.call_later(_LINGER_S, transport.close)
 
     # --- timers ---
 
@@ -314,8 +334,11 @@ class EdgeProtocol(asyncio.Protocol):
     def _next(self, req: EdgeRequest, keep_alive: bool) -> None:
         if self.transport is None or self.tunnel is not None:
             return
-        if not keep_alive or (req.body is not None and not req.body.complete):
-            self._closing = True  # (an unread rest of a body would be parsed as the next request)
+        if req.body is not None and not req.body.complete:
+            self._close_lingering()  # (an unread rest of a body would be parsed as the next request)
+            return
+        if not keep_alive:
+            self._closing = True
             self.transport.close()
             return
         if req.upgrade:  # answered without switching: what followed it is HTTP again

@@ -37,6 +37,10 @@ __all__ = ["EdgeProtocol"]
 
 log = logging.getLogger("outrigger.server")
 _BODY, _QUEUE, _UPGRADE = 1, 2, 4  # reasons reading from the app is paused
+# After an answer that leaves request bytes unread (an error mid-upload, a refused head), the
+# connection is half-closed and what the app still sends is read and dropped for up to this
+# long before the socket closes.  Closing with unread bytes queued sends a RST, which can
+# destroy the answer before the app reads it (nginx's lingering_close exists for this).
 _LINGER_S = 2.0
 
 
@@ -66,6 +70,7 @@ class EdgeProtocol(asyncio.Protocol):
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
         self.last_active = self.loop.time()
         self.tunnel: Any = None  # the splice an upgrade switched this connection to
         self.informational = self._informational  # bound once: the upstream client calls it for 1xx
@@ -95,6 +100,9 @@ class EdgeProtocol(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if self.tunnel is not None:
             self.tunnel.app_closed()  # a tunnel ends when either side closes: its request completes (101)
         elif self._task is not None:
@@ -273,23 +281,18 @@ class EdgeProtocol(asyncio.Protocol):
         self._close_lingering()
 
     def _close_lingering(self) -> None:
-        """Close after a response while the app may still be sending (nginx's lingering close).
-
-        Closing a socket with unread bytes in it sends a reset, which can destroy the
-        response before the app reads it; so send FIN, read and drop what still comes
-        for up to ``_LINGER_S``, then close.
-        """
-        self._closing = True
+        """Close once the answer is out, reading and dropping what the app still sends meanwhile."""
         transport = self.transport
         if transport is None:
             return
+        self._closing = True
         if not transport.can_write_eof():
             transport.close()
             return
-        transport.write_eof()
+        transport.write_eof()  # after what is buffered: the answer leaves first, then our FIN
         self._paused = 0
-        transport.resume_reading()  # data_received drops everything while closing
-        self.loop.call_later(_LINGER_S, transport.close)
+        transport.resume_reading()  # data_received drops it while closing
+        self._linger_timer = self.loop.call_later(_LINGER_S, transport.close)
 
     # --- timers ---
 

@@ -34,6 +34,7 @@ class ProxyError(Exception):
     breaker_failure: ClassVar[bool] = False  # counts against the upstream's circuit breaker
     sent: ClassVar[bool] = True  # the request may have reached the upstream
     attempted: ClassVar[bool] = True  # an attempt was made (False: refused before one went out)
+    client_fault: ClassVar[bool] = False  # the app's doing (its body, its pace): says nothing about the upstream
 
     def __init__(self, message: str, *, retry_after: float | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
@@ -49,7 +50,7 @@ class Internal(ProxyError):
 
 
 class BadRequest(ProxyError):
-    status, code = 400, "bad_request"
+    status, code, client_fault = 400, "bad_request", True
 
 
 class NoRoute(ProxyError):
@@ -61,7 +62,7 @@ class MethodNotAllowed(ProxyError):
 
 
 class RequestTooLarge(ProxyError):
-    status, code = 413, "request_too_large"
+    status, code, client_fault = 413, "request_too_large", True
 
 
 class HeadersTooLarge(ProxyError):
@@ -75,7 +76,7 @@ class ClientTimeout(ProxyError):
     failure and never retried.
     """
 
-    status, code = 408, "client_timeout"
+    status, code, client_fault = 408, "client_timeout", True
 
 
 class TransferCodingNotImplemented(ProxyError):

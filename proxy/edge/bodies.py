@@ -30,7 +30,8 @@ from proxy.h1client import UpstreamBodyError, UpstreamBodyTimeout
 from proxy.headers import ATTEMPTS_HEADER, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
 
 if TYPE_CHECKING:
-    from proxy.edge.protocol import EdgeProtocol, EdgeRequest
+    from proxy.edge.protocol import EdgeProtocol
+    from proxy.edge.request import EdgeRequest
 
 __all__ = ["NO_BODY", "IncomingBody", "Sent", "read_request_body", "send_response"]
 

@@ -27,7 +27,8 @@ from proxy.telemetry import server_span
 from proxy.telemetry.access_log import AccessEntry
 
 if TYPE_CHECKING:
-    from proxy.edge.protocol import EdgeProtocol, EdgeRequest
+    from proxy.edge.protocol import EdgeProtocol
+    from proxy.edge.request import EdgeRequest
 
 __all__ = ["serve"]
 

@@ -10,7 +10,7 @@ import re
 
 from proxy import errors
 
-__all__ = ["TOKEN", "describe_parse_error", "origin_path"]
+__all__ = ["describe_parse_error", "extension_method", "origin_path"]
 
 # A '.' or '..' segment, with the dots or the separators percent-encoded or as backslashes
 # (some upstreams decode %2F or treat '\' as '/', and would then walk up the tree), and with
@@ -49,3 +49,24 @@ def describe_parse_error(reason: str, data_start: bytes) -> str:
     if data_start.startswith(_TLS_RECORD):
         return "TLS handshake received on a plain-HTTP listener"
     return reason.rstrip(".") or "unparsable request"
+
+
+def extension_method(data: bytes, completed: list[int]) -> tuple[str, bytes] | None:
+    """(method, the rest from its request line's first space) of a request llhttp refused for its method.
+
+    ``completed`` holds the body lengths of the requests that completed earlier
+    in ``data`` (-1: chunked, whose end is not known here, so nothing is found).
+    """
+    start = 0
+    for length in completed:
+        end = data.find(b"\r\n\r\n", start)
+        if length < 0 or end < 0:
+            return None
+        start = end + 4 + length
+    while data.startswith(b"\r\n", start):
+        start += 2
+    space = data.find(b" ", start)
+    token = data[start:space]
+    if space < 0 or not TOKEN.fullmatch(token):
+        return None
+    return token.decode("ascii"), data[space:]

@@ -25,45 +25,18 @@ from multidict import CIMultiDict
 from proxy import errors
 from proxy.edge.bodies import IncomingBody
 from proxy.edge.exchange import serve
-from proxy.edge.guard import TOKEN, describe_parse_error
+from proxy.edge.guard import describe_parse_error, extension_method
+from proxy.edge.request import EdgeRequest, Refused, check_head
 from proxy.edge.responses import error_bytes, head_bytes, header_lines, status_line
 from proxy.headers import new_request_id
 
 if TYPE_CHECKING:
     from proxy.edge.listener import ListenerEdge
 
-__all__ = ["EdgeProtocol", "EdgeRequest"]
+__all__ = ["EdgeProtocol"]
 
 log = logging.getLogger("outrigger.server")
 _BODY, _QUEUE, _UPGRADE = 1, 2, 4  # reasons reading from the app is paused
-
-
-class EdgeRequest:
-    """One parsed request head and its body."""
-
-    __slots__ = ("body", "content_length", "headers", "http10", "keep_alive", "leftover", "method", "target",
-                 "upgrade")
-
-    def __init__(self, method: str, target: str, http10: bool, headers: CIMultiDict[str], keep_alive: bool,
-                 upgrade: bool, content_length: int | None, body: IncomingBody | None) -> None:
-        self.method = method
-        self.target = target
-        self.http10 = http10
-        self.headers = headers
-        self.keep_alive = keep_alive
-        self.upgrade = upgrade
-        self.content_length = content_length
-        self.body = body
-        self.leftover = b""  # bytes after an upgrade request: the new protocol's, or the next request's
-
-
-class _Refused(Exception):
-    """Raised from a parser callback to refuse the request with ``error``."""
-
-    def __init__(self, error: errors.ProxyError) -> None:
-        self.error = error
-
-
 # After an answer that leaves request bytes unread (an error mid-upload, a refused head), the
 # connection is half-closed and what the app still sends is read and dropped for up to this
 # long before the socket closes.  Closing with unread bytes queued sends a RST, which can
@@ -131,8 +104,8 @@ class EdgeProtocol(asyncio.Protocol):
             self._linger_timer.cancel()
             self._linger_timer = None
         if self.tunnel is not None:
-            self.tunnel.app_closed()
-        if self._task is not None:
+            self.tunnel.app_closed()  # a tunnel ends when either side closes: its request completes (101)
+        elif self._task is not None:
             self._task.cancel()  # the app went away: its request is cancelled (499 client_closed)
         gone = ConnectionResetError("the app closed the connection")
         for req in (self._parsing, *self._queue):
@@ -178,7 +151,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._upgrade_pause(data[exc.args[0]:] if exc.args else b"")
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            self._refuse(cause.error if isinstance(cause, _Refused) else errors.BadRequest(
+            self._refuse(cause.error if isinstance(cause, Refused) else errors.BadRequest(
                 "malformed HTTP request: unparsable request"))
         except httptools.HttpParserInvalidMethodError:
             if not self._extension_method(data, fresh):
@@ -208,7 +181,7 @@ class EdgeProtocol(asyncio.Protocol):
         headers = self._headers
         limits = self._limits
         if len(headers) >= limits.max_headers:
-            raise _Refused(errors.HeadersTooLarge(
+            raise Refused(errors.HeadersTooLarge(
                 f"request has more than limits.max_headers ({limits.max_headers}) header fields"))
         self._head_size += len(name) + len(value) + 4
         # Undecodable bytes are kept as surrogates, so they reach the upstream byte for byte.
@@ -223,33 +196,10 @@ class EdgeProtocol(asyncio.Protocol):
         method = self._method or parser.get_method().decode("ascii")
         self._method = None
         limits = self._limits
-        if len(method) + len(self._url) + self._head_size + 14 > limits.max_head:
-            raise _Refused(errors.HeadersTooLarge(
-                f"request head exceeds limits.max_header_bytes ({limits.max_head} bytes)"))
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0" and not version.startswith("1."):
-            raise _Refused(errors.BadRequest("malformed HTTP request: HTTP version not supported; "
-                                             "send HTTP/1.0 or HTTP/1.1"))
-        http10 = version == "1.0"
         headers = CIMultiDict(self._headers)
-        hosts = headers.getall("Host", ())
-        if len(hosts) > 1:
-            raise _Refused(errors.BadRequest("malformed HTTP request: Duplicate 'Host' header found"))
-        if not hosts and not http10:
-            raise _Refused(errors.BadRequest("malformed HTTP request: Missing 'Host' header in request"))
-        length: int | None = None
-        coding = headers.get("Transfer-Encoding")
-        if coding is not None:
-            codings = [c.strip().lower() for c in coding.split(",")]
-            if codings[-1] != "chunked":
-                raise _Refused(errors.BadRequest("malformed HTTP request: request Transfer-Encoding must end "
-                                                 "with chunked"))
-            if len(codings) > 1:  # gzip, chunked...: the upstream could not tell the body is coded
-                raise _Refused(errors.TransferCodingNotImplemented(
-                    "request Transfer-Encoding other than chunked is not supported"))
-        elif (raw_length := headers.get("Content-Length")) is not None:
-            length = int(raw_length)  # llhttp has checked its syntax
-        has_body = coding is not None or bool(length)
+        http10, length = check_head(parser.get_http_version(), headers,
+                                    len(method) + len(self._url) + self._head_size + 14, limits.max_head)
+        has_body = (length is None and "Transfer-Encoding" in headers) or bool(length)
         body = None
         if has_body:
             expect = not http10 and headers.get("Expect", "").lower() == "100-continue"
@@ -294,24 +244,13 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _extension_method(self, data: bytes, fresh: bool) -> bool:
         """A method llhttp does not know (``FROBNICATE``) is any token: parse it as GET, forward it as sent."""
-        start = 0
-        if not fresh:
-            return False  # the failing request began in an earlier read: too rare to re-frame
-        for length in self._lengths:  # requests that completed earlier in this read
-            end = data.find(b"\r\n\r\n", start)
-            if length < 0 or end < 0:
-                return False  # chunked: its end is not known here
-            start = end + 4 + length
-        while data.startswith(b"\r\n", start):
-            start += 2
-        space = data.find(b" ", start)
-        token = data[start:space]
-        if space < 0 or not TOKEN.fullmatch(token):
-            return False
+        found = extension_method(data, self._lengths) if fresh else None
+        if found is None:
+            return False  # (a request that began in an earlier read is too rare to re-frame)
         self._parser = self._new_parser()
         self._in_message = False
-        self._method = token.decode("ascii")
-        self.data_received(b"GET" + data[space:])
+        self._method, rest = found
+        self.data_received(b"GET" + rest)
         return True
 
     def _refuse(self, error: errors.ProxyError) -> None:

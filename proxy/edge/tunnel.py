@@ -28,7 +28,8 @@ from proxy.h1client import H1Connection
 from proxy.headers import connection_listed, strip_sidecar_headers, upstream_headers
 
 if TYPE_CHECKING:
-    from proxy.edge.protocol import EdgeProtocol, EdgeRequest
+    from proxy.edge.protocol import EdgeProtocol
+    from proxy.edge.request import EdgeRequest
     from proxy.routing import Route
     from proxy.telemetry.propagation import TraceHeaders
 

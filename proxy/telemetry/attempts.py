@@ -79,8 +79,8 @@ class AttemptTelemetry:
             elapsed = self._clock.now() - start
             request.upstream_s += elapsed
             metrics.attempt_duration.observe(elapsed, _exemplar(span))
-            result = attempt_result(error)
-            metrics.attempt_results[result].inc()
+            if not error.client_fault:  # an attempt the app's body ended has no upstream result
+                metrics.attempt_results[attempt_result(error)].inc()
             if isinstance(error, ConnectTimeout):
                 metrics.timeouts["connect"].inc()
             # Without a retry policy nothing else records that this one attempt was made.

@@ -190,3 +190,42 @@ async def test_non_utf8_header_bytes_pass_byte_for_byte_in_both_directions(
     assert raw.startswith(b"HTTP/1.1 200 OK \xe9t\xe9\r\n")
     assert b"\r\nContent-Disposition: attachment; filename=\"caf\xe9.txt\"\r\n" in raw
     assert b"\r\nX-Bytes: \xff\xfe\x80\r\n" in raw
+
+
+async def test_head_and_204_responses_carry_no_body_and_the_connection_stays_usable(
+        raw_upstream: RawUpstream, sidecar_factory: Factory) -> None:
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await raw_upstream.read_head(reader)
+            if head.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            elif head.startswith(b"DELETE "):
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    raw_upstream.behaviour = behaviour
+    port = await _sidecar(sidecar_factory, raw_upstream)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"HEAD /h HTTP/1.1\r\nHost: app\r\n\r\nDELETE /d HTTP/1.1\r\nHost: app\r\n\r\n"
+                 b"GET /g HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    head_answer, rest = raw.split(b"\r\n\r\n", 1)
+    assert head_answer.startswith(b"HTTP/1.1 200") and header(head_answer, b"content-length") == b"10"
+    no_content, rest = rest.split(b"\r\n\r\n", 1)
+    assert no_content.startswith(b"HTTP/1.1 204") and header(no_content, b"content-length") is None
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"\r\n\r\nok")
+
+
+async def test_error_reply_to_head_has_its_length_but_no_body(raw_upstream: RawUpstream,
+                                                               sidecar_factory: Factory) -> None:
+    sidecar = await sidecar_factory(base_config(raw_upstream.url, match={"path_prefix": "/v1"}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port("main"))
+    writer.write(b"HEAD /nope HTTP/1.1\r\nHost: app\r\n\r\n"
+                 b"GET /v1/x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    refused, ok = raw.split(b"\r\n\r\n", 1)
+    assert refused.startswith(b"HTTP/1.1 404") and int(header(refused, b"content-length") or 0) > 0
+    assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"\r\n\r\nok")

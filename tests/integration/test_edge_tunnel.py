@@ -126,3 +126,6 @@ async def test_drain_waits_for_an_open_tunnel(echo_upstream: RawUpstream, sideca
     assert not drain.done()
     writer.close()  # the app ends its tunnel: the drain completes well before drain.timeout
     await asyncio.wait_for(drain, 1.5)
+    # A tunnel the app closed is a completed request (101), not a cancelled one (499).
+    assert sidecar.metrics.registry.get_sample_value("outrigger_requests_total", {
+        "route": "default", "upstream": "svc", "method": "GET", "code": "1xx", "outcome": "upstream"}) == 1

@@ -55,7 +55,7 @@ def _parser_limits(config: Config) -> tuple[float, ...]:
     return (limits.max_header_bytes, limits.max_headers, limits.header_read_timeout)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: kept in a set while a reload retires it
 class _Listener:
     slot: ListenerSlot
     edge: ListenerEdge  # the protocol factory and what its connections share
@@ -99,6 +99,11 @@ class Sidecar:
         self._attempt_succeeded = True
         self._attempt_failed_outside = False  # it failed for a cause outside the file: SIGHUP retries
         self._background: set[asyncio.Task[Any]] = set()
+        # Listeners a reload moved or removed, and upstream pools it replaced, while their
+        # in-flight requests finish under the config they started with; drain waits for them too.
+        self._leaving: set[_Listener] = set()
+        self._retiring: set[Any] = set()
+        self._hurry = asyncio.Event()  # a second SIGTERM/SIGINT: end the drain now
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._trigger = "api"  # what started the reload under way: sighup, watcher or api
@@ -301,7 +306,8 @@ class Sidecar:
         for name, current in leaving.items():
             del self.listeners[name]
             current.stop_accepting()  # in-flight requests finish in the background
-            self._spawn(self._close_listener(current, config.drain.timeout))
+            self._leaving.add(current)
+            self._spawn(self._close_listener(current))
         self.runtime = runtime
         self._in_service(runtime)
         for name in wanted:
@@ -320,7 +326,8 @@ class Sidecar:
             except OSError as exc:  # taken by someone else in between: not ready until a reload fixes it
                 failed.append(f"listeners[{index}].address: cannot bind {lst.address}: {exc.strerror or exc}")
         if runtime.retired_pools:
-            self._spawn(self._retire(runtime.retired_pools, config.drain.timeout))
+            self._retiring.update(runtime.retired_pools)
+            self._spawn(self._retire(list(runtime.retired_pools)))
         if failed:
             return self._reload_failed("config applied, but listeners are down (/readyz is 503): "
                                        + "; ".join(failed))
@@ -346,17 +353,25 @@ class Sidecar:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    @staticmethod
-    async def _finish_inflight(listeners: list[_Listener], timeout_s: float) -> None:
-        """Wait until no request is in flight on ``listeners``, for at most ``timeout_s``."""
+    async def _finish_inflight(self, listeners: list[_Listener], timeout_s: float) -> None:
+        """Wait until no request is in flight on ``listeners`` (and no retired pool is in use),
+        for at most ``timeout_s`` or until a second stop signal."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         # Polled (only while draining or closing a listener) so the request path pays for no event.
-        while any(lst.edge.inflight for lst in listeners) and loop.time() < deadline:  # noqa: ASYNC110
+        while (any(lst.edge.inflight for lst in listeners) or any(pool.users for pool in self._retiring)) \
+                and loop.time() < deadline and not self._hurry.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
-    async def _close_listener(self, listener: _Listener, timeout_s: float) -> None:
-        await self._finish_inflight([listener], timeout_s)
+    async def _close_listener(self, listener: _Listener) -> None:
+        """A listener a reload moved or removed: closed once its last request (or tunnel) has ended.
+
+        Unbounded on purpose: in-flight requests finish under the config they started with;
+        only shutdown (drain) bounds them by ``drain.timeout``.
+        """
+        while listener.edge.inflight:  # noqa: ASYNC110 - polled only while a listener is leaving
+            await asyncio.sleep(0.05)
+        self._leaving.discard(listener)
         await listener.cleanup()
 
     @staticmethod
@@ -365,11 +380,17 @@ class Sidecar:
             with contextlib.suppress(Exception):
                 await pool.close()
 
-    @staticmethod
-    async def _retire(pools: list[Any], after_s: float) -> None:
-        await asyncio.sleep(after_s)
-        for pool in pools:
-            await pool.close()
+    async def _retire(self, pools: list[Any]) -> None:
+        """Pools a reload replaced: each closes when the last request that uses it has ended."""
+        waiting = list(pools)
+        while waiting:
+            for pool in [pool for pool in waiting if not pool.users]:
+                waiting.remove(pool)
+                self._retiring.discard(pool)
+                with contextlib.suppress(Exception):
+                    await pool.close()
+            if waiting:
+                await asyncio.sleep(0.05)
 
     # --- drain and stop ---
 
@@ -388,22 +409,27 @@ class Sidecar:
                 self._watch_task.cancel()
         drain = self.runtime.config.drain  # read after any reload under way
         log.info("draining: readiness off, still serving for %.1fs", drain.grace)
-        await asyncio.sleep(drain.grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), drain.grace)  # a second signal cuts the grace short
         log.info("closing listeners; waiting up to %.1fs for in-flight requests", drain.timeout)
         for lst in self.listeners.values():
             lst.stop_accepting()
-        await asyncio.sleep(0.05)
-        await self._finish_inflight(list(self.listeners.values()), drain.timeout)
-        await asyncio.gather(*(lst.cleanup() for lst in self.listeners.values()))
+        # Listeners a reload moved away are still finishing requests, and their pools too.
+        listeners = [*self.listeners.values(), *self._leaving]
+        if not self._hurry.is_set():
+            await asyncio.sleep(0.05)
+        await self._finish_inflight(listeners, drain.timeout)
+        await asyncio.gather(*(lst.cleanup() for lst in listeners))
         await self.stop()
 
     async def stop(self) -> None:
-        for lst in self.listeners.values():
+        for lst in [*self.listeners.values(), *self._leaving]:
             await lst.cleanup()
         for task in list(self._background):
             task.cancel()
         for up in self.runtime.upstreams.values():
             await up.pool.close()
+        await self._close_pools(list(self._retiring))
         if self.runtime.spool is not None:
             await asyncio.to_thread(self.runtime.spool.close)  # commits what is queued
         if self.access_log is not None:
@@ -421,6 +447,9 @@ class Sidecar:
 
         def on_stop_signal() -> None:
             self.ready = False  # /readyz answers 503 from this very moment
+            if stop.is_set():  # the second one: stop waiting, cut what is still in flight
+                log.warning("second stop signal: ending the drain now; requests still in flight are cut")
+                self._hurry.set()
             stop.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -55,6 +55,7 @@ class UpstreamPool:
         # SNI and certificate name to expect when it differs from the URL's host (tls.server_name).
         self.server_name = config.tls.server_name if parts.scheme == "https" else None
         self._h1: H1Pool | None = None
+        self.users = 0  # requests in flight on routes to this upstream (kept by the edge): a retired pool waits
         self._tls: ssl.SSLContext | None = None
         self._rng = rng or random.Random()
         self._connect_timeout_s = connect_timeout_s

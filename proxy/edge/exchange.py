@@ -73,6 +73,7 @@ async def serve(proto: EdgeProtocol, req: EdgeRequest) -> bool:
     try:
         route, target = _resolve(proto, req)
         route.metrics.inflight.inc()
+        route.pool.users += 1  # a pool a reload retires closes only once this is back to 0
         if req.upgrade:
             tunnelled = await open_tunnel(proto, req, route, target, rid, keep_alive=keep_alive,
                                           trace_headers=trace_headers)
@@ -135,6 +136,7 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
     metrics = route.metrics if route is not None else ctx.unmatched
     if route is not None:
         metrics.inflight.dec()
+        route.pool.users -= 1
     exemplar = None
     path = req.target.partition("?")[0]  # as sent: a decoded %3F must not pass for a query
     if span is not None:

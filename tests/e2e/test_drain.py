@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -161,3 +162,30 @@ async def test_a_request_stuck_past_drain_timeout_is_cut_off_and_the_process_exi
         with pytest.raises(aiohttp.ClientError):  # the app sees its connection end, not a hang
             async with await stuck as resp:
                 await resp.read()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_second_stop_signal_ends_the_drain_at_once(upstream: ScriptedUpstream, make_process: Any,
+                                                           sig: signal.Signals) -> None:
+    """The habit of dev servers and docker compose: the first signal drains, the second one quits now."""
+    data = base_config(upstream.url)
+    data["drain"] = {"grace": "10s", "timeout": "10s"}
+    sidecar: SidecarProcess = await make_process(data)
+    upstream.script(Reply(body=b"too slow", delay=8.0))
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.ensure_future(session.get(f"{sidecar.url}/slow"))
+        for _ in range(200):
+            if upstream.requests:
+                break
+            await asyncio.sleep(0.01)
+        assert sidecar.proc is not None
+        sidecar.proc.send_signal(sig)
+        await sidecar.wait_log("draining")
+        started = time.monotonic()
+        sidecar.proc.send_signal(sig)
+        assert await sidecar.wait(within_s=5.0) == 0
+        assert time.monotonic() - started < 3.0  # not the 10 s grace, nor the 8 s request
+        with contextlib.suppress(aiohttp.ClientError):
+            async with await slow as resp:
+                await resp.read()
+    assert "second stop signal" in sidecar.stderr()

@@ -26,12 +26,15 @@ from proxy.policies.bulkhead import Bulkhead
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
 from proxy.policies.deadline import Deadline
 from proxy.policies.fallback import Fallback
+from proxy.policies.global_rate_limit import GlobalRateLimit
 from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
 from proxy.policies.timeout import AttemptTimeout
 from proxy.routing import Route, Router
+from proxy.store.redis import RedisStore
 from proxy.telemetry.attempts import AttemptTelemetry
 from proxy.telemetry.metrics import BreakerMetrics, Metrics, UpstreamMetrics
+from proxy.telemetry.shared_state import LimitMetrics
 from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamCall, UpstreamPool
 
@@ -56,6 +59,8 @@ class Runtime:
     new_pools: list[UpstreamPool] = field(default_factory=list)  # to start()
     new_breakers: list[tuple[CircuitBreaker, BreakerMetrics]] = field(default_factory=list)  # shown once in service
     retired_pools: list[UpstreamPool] = field(default_factory=list)  # to close() after in-flight finish
+    redis: RedisStore | None = None  # the shared store (top-level `redis:`), kept across reloads while unchanged
+    retired_redis: RedisStore | None = None  # the previous one, when a reload changed `redis:`; to close()
 
     def status(self, clock: Clock) -> dict[str, Any]:
         upstreams = {}
@@ -79,7 +84,10 @@ class Runtime:
             if "circuit_breaker" in route.status and route.config.circuit_breaker.scope == "route":
                 entry["circuit_breaker"] = _breaker_status(route.status["circuit_breaker"], clock)
             routes[f"{route.listener}/{route.name}"] = entry
-        return {"version": self.version, "upstreams": upstreams, "routes": routes}
+        data = {"version": self.version, "upstreams": upstreams, "routes": routes}
+        if self.redis is not None:
+            data["redis"] = self.redis.snapshot()
+        return data
 
 
 def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
@@ -120,6 +128,12 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
                   rng: random.Random, previous: Runtime | None = None) -> Runtime:
     carry = _Carry(previous)
     runtime = Runtime(config=config, version=config_hash(config), upstreams={}, routers={})
+    old_redis = previous.redis if previous is not None else None
+    if config.redis is not None:
+        same = old_redis is not None and old_redis.config == config.redis
+        runtime.redis = old_redis if same else RedisStore(config.redis, clock, rng)
+    if old_redis is not None and old_redis is not runtime.redis:
+        runtime.retired_redis = old_redis
     for name, upstream in config.upstreams.items():
         old = carry.upstreams.get(name)
         if old is not None and old.pool.config == upstream:
@@ -167,8 +181,15 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     # Rate limit: before anything else spends work, so rejected requests cost
     # no deadline, budget, breaker probe or connection.
     if config.rate_limit is not None:
-        limiter = carry.route_part(key, "rate_limit", config, "rate_limit") \
-            or RateLimit(config.rate_limit, clock, route_metrics)
+        limiter = carry.route_part(key, "rate_limit", config, "rate_limit")
+        if limiter is not None and getattr(limiter, "store", runtime.redis) is not runtime.redis:
+            limiter = None  # a global limit on a store this reload replaced
+        if limiter is None and config.rate_limit.scope == "global":
+            # Shared by every sidecar with the same limit name: tokens leased from Redis.
+            assert runtime.redis is not None  # the loader requires redis.url for scope: global
+            limiter = GlobalRateLimit(config.rate_limit, config.name, runtime.redis, clock, route_metrics,
+                                      LimitMetrics(metrics, config.name))
+        limiter = limiter or RateLimit(config.rate_limit, clock, route_metrics)
         policies.append(limiter)
         status["rate_limit"] = limiter
 

@@ -299,6 +299,8 @@ class Sidecar:
                 failed.append(f"listeners[{index}].address: cannot bind {lst.address}: {exc.strerror or exc}")
         if runtime.retired_pools:
             self._spawn(self._retire(runtime.retired_pools, config.drain.timeout))
+        if runtime.retired_redis is not None:  # `redis:` changed: the old client goes once in-flight finish
+            self._spawn(self._retire([runtime.retired_redis], config.drain.timeout))
         if failed:
             return self._reload_failed("config applied, but listeners are down (/readyz is 503): "
                                        + "; ".join(failed))
@@ -376,6 +378,8 @@ class Sidecar:
             task.cancel()
         for up in self.runtime.upstreams.values():
             await up.pool.close()
+        if self.runtime.redis is not None:
+            await self.runtime.redis.close()
         if self.access_log is not None:
             await self.access_log.close()
         await asyncio.to_thread(self.tracing.shutdown)

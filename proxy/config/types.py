@@ -16,11 +16,33 @@ import msgspec
 from proxy.config.units import Duration, Size
 
 __all__ = [
-    "AccessLogConfig", "AdminConfig", "BackoffConfig", "BudgetConfig", "CircuitBreakerConfig",
-    "ConcurrencyConfig", "Config", "DrainConfig", "FailureRateConfig", "FallbackConfig", "LimitsConfig",
-    "ListenerConfig", "MatchConfig", "OpenDurationConfig", "PolicyDefaults", "RateLimitConfig",
-    "RateLimitKey", "RetryConfig", "RouteConfig", "SlowCallConfig", "TelemetryConfig", "TimeoutConfig",
-    "TlsConfig", "TracingConfig", "UpstreamConfig",
+    "AccessLogConfig",
+    "AdminConfig",
+    "BackoffConfig",
+    "BudgetConfig",
+    "CircuitBreakerConfig",
+    "ConcurrencyConfig",
+    "Config",
+    "DrainConfig",
+    "FailureRateConfig",
+    "FallbackConfig",
+    "IdempotencyConfig",
+    "LimitsConfig",
+    "ListenerConfig",
+    "MatchConfig",
+    "OpenDurationConfig",
+    "PolicyDefaults",
+    "RateLimitConfig",
+    "RateLimitKey",
+    "RedisConfig",
+    "RetryConfig",
+    "RouteConfig",
+    "SlowCallConfig",
+    "TelemetryConfig",
+    "TimeoutConfig",
+    "TlsConfig",
+    "TracingConfig",
+    "UpstreamConfig",
 ]
 
 RetryOn = Literal["connect-failure", "reset", "timeout", "gateway-error", "5xx", "retriable-status-codes"]
@@ -139,6 +161,22 @@ class RateLimitConfig(Block, frozen=True):
     max_keys: PositiveInt = 10_000
     mode: Literal["reject", "queue"] = "reject"
     max_wait: Duration = Duration(0.1)
+    # Shared state (docs/shared-state.md): `global` leases tokens from one Redis-side limit per `name`.
+    scope: Literal["local", "global"] = "local"
+    name: Name | None = None  # key of the shared limit; default: the route name
+    on_store_error: Literal["local", "open", "closed"] = "local"
+    shadow: bool = False  # count and log would-be 429s, never refuse
+
+
+class IdempotencyConfig(Block, frozen=True):
+    """Route-level Idempotency-Key deduplication (docs/shared-state.md)."""
+
+    store: Literal["redis", "local"] = "local"
+    ttl: Duration = Duration(24 * 3600.0)
+    max_response_bytes: Size = Size(1024 * 1024)
+
+    def __post_init__(self) -> None:
+        _positive("ttl", self.ttl)
 
 
 class ConcurrencyConfig(Block, frozen=True):
@@ -211,6 +249,7 @@ class RouteConfig(Block, frozen=True):
     circuit_breaker: CircuitBreakerConfig = msgspec.field(default_factory=CircuitBreakerConfig)
     rate_limit: RateLimitConfig | None = None
     fallback: FallbackConfig | None = None
+    idempotency: IdempotencyConfig | None = None
 
 
 class ListenerConfig(Block, frozen=True):
@@ -260,6 +299,16 @@ class TelemetryConfig(Block, frozen=True):
     propagators: tuple[Literal["tracecontext", "baggage", "b3", "b3multi"], ...] | None = None
 
 
+class RedisConfig(Block, frozen=True):
+    """``redis:``: the shared store of global rate limits and idempotency records."""
+
+    url: str
+    timeout: Duration = Duration(0.02)  # per Redis call, never past the request's deadline
+
+    def __post_init__(self) -> None:
+        _positive("timeout", self.timeout)
+
+
 class Config(Block, frozen=True):
     version: Literal[1]
     listeners: tuple[ListenerConfig, ...]
@@ -269,3 +318,4 @@ class Config(Block, frozen=True):
     defaults: PolicyDefaults = msgspec.field(default_factory=PolicyDefaults)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    redis: RedisConfig | None = None

@@ -27,14 +27,17 @@ from proxy.policies.circuit_breaker import CircuitBreakerPolicy
 from proxy.policies.deadline import Deadline
 from proxy.policies.fallback import Fallback
 from proxy.policies.global_rate_limit import GlobalRateLimit
+from proxy.policies.idempotency import Idempotency
 from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
 from proxy.policies.timeout import AttemptTimeout
 from proxy.routing import Route, Router
+from proxy.store.records import LocalRecords
 from proxy.store.redis import RedisStore
+from proxy.store.redis_records import RedisRecords
 from proxy.telemetry.attempts import AttemptTelemetry
 from proxy.telemetry.metrics import BreakerMetrics, Metrics, UpstreamMetrics
-from proxy.telemetry.shared_state import LimitMetrics
+from proxy.telemetry.shared_state import IdempotencyMetrics, LimitMetrics
 from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamCall, UpstreamPool
 
@@ -88,6 +91,12 @@ class Runtime:
         if self.redis is not None:
             data["redis"] = self.redis.snapshot()
         return data
+
+
+def _need(store: RedisStore | None) -> RedisStore:
+    if store is None:  # the loader refuses scope: global and store: redis without redis.url
+        raise ValueError("this route needs the top-level redis block")
+    return store
 
 
 def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
@@ -178,6 +187,20 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     if config.fallback is not None:
         policies.append(Fallback(config.fallback))
 
+    # Idempotency: inside the fallback (whose answers are not stored) and outside the rate limit,
+    # so a replayed response costs no token and never reaches the upstream.
+    if config.idempotency is not None:
+        old_idem = carry.route_part(key, "idempotency", config, "idempotency")
+        if old_idem is not None and config.idempotency.store == "redis" \
+                and getattr(old_idem.store, "store", None) is not runtime.redis:
+            old_idem = None  # its Redis store was replaced by this reload
+        if old_idem is None:
+            records = LocalRecords(clock) if config.idempotency.store == "local" else RedisRecords(_need(runtime.redis))
+            old_idem = Idempotency(config.idempotency, config.name, records, clock,
+                                   IdempotencyMetrics(metrics, config.name), lock_ttl_s=config.timeout.total + 1.0)
+        policies.append(old_idem)
+        status["idempotency"] = old_idem
+
     # Rate limit: before anything else spends work, so rejected requests cost
     # no deadline, budget, breaker probe or connection.
     if config.rate_limit is not None:
@@ -186,8 +209,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
             limiter = None  # a global limit on a store this reload replaced
         if limiter is None and config.rate_limit.scope == "global":
             # Shared by every sidecar with the same limit name: tokens leased from Redis.
-            assert runtime.redis is not None  # the loader requires redis.url for scope: global
-            limiter = GlobalRateLimit(config.rate_limit, config.name, runtime.redis, clock, route_metrics,
+            limiter = GlobalRateLimit(config.rate_limit, config.name, _need(runtime.redis), clock, route_metrics,
                                       LimitMetrics(metrics, config.name))
         limiter = limiter or RateLimit(config.rate_limit, clock, route_metrics)
         policies.append(limiter)
@@ -235,7 +257,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics))
 
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
-    # Bodies are buffered for replay only when the route can retry at all.
-    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 else 0
+    # Bodies are buffered for replay only when the route can retry at all (or to fingerprint an idempotent one).
+    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 or config.idempotency else 0
     return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,
                  metrics=route_metrics, buffer_limit=buffer_limit, status=status)

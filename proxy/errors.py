@@ -17,7 +17,8 @@ from typing import ClassVar
 from aiohttp import web
 
 __all__ = [
-    "BadRequest", "CircuitOpen", "DeadlineExceeded", "HeadersTooLarge", "Internal", "MethodNotAllowed",
+    "BadRequest", "CircuitOpen", "DeadlineExceeded", "HeadersTooLarge", "IdempotencyInProgress",
+    "IdempotencyKeyReused", "Internal", "MethodNotAllowed",
     "NoRoute", "Overflow", "ProxyError", "RateLimited", "RequestTooLarge", "UpstreamConnectFailure",
     "UpstreamProtocolError", "UpstreamReset", "UpstreamTimeout", "UpstreamTlsError", "to_response",
 ]
@@ -104,6 +105,18 @@ class CircuitOpen(ProxyError):
 
 class Overflow(ProxyError):
     status, code, sent, attempted = 503, "overflow", False, False
+
+
+class IdempotencyKeyReused(ProxyError):
+    """The Idempotency-Key was first used with another method, path or body (IETF httpapi draft: 422)."""
+
+    status, code, sent, attempted = 422, "idempotency_key_reused", False, False
+
+
+class IdempotencyInProgress(ProxyError):
+    """A request with the same Idempotency-Key is still in flight, on this replica or another (409)."""
+
+    status, code, sent, attempted = 409, "idempotency_in_progress", False, False
 
 
 def retry_after_header(seconds: float) -> str:

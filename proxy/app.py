@@ -211,7 +211,8 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
             # Shared by every sidecar with the same limit name: tokens leased from Redis.
             limiter = GlobalRateLimit(config.rate_limit, config.name, _need(runtime.redis), clock, route_metrics,
                                       LimitMetrics(metrics, config.name))
-        limiter = limiter or RateLimit(config.rate_limit, clock, route_metrics)
+        limiter = limiter or RateLimit(config.rate_limit, clock, route_metrics, metrics.rate_limit_shadowed.labels(
+            route=config.name) if config.rate_limit.shadow else None)
         policies.append(limiter)
         status["rate_limit"] = limiter
 

@@ -105,6 +105,10 @@ class GlobalRateLimit:
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         self.decisions += 1
+        if self._announce is not None and request.span is not None:
+            old, new = self._announce
+            self._announce = None
+            request.event("rate_limit_mode_changed", {"outrigger.mode": new, "outrigger.previous_mode": old})
         limit = self._limit_for(request)
         if self.mode == "global":
             lease = limit.lease
@@ -119,10 +123,6 @@ class GlobalRateLimit:
                 if self._fallback_admits(limit, self._fallback_mode):
                     return await call_next(request)
                 return await self._refuse(limit, request, call_next, self._fallback_mode)
-        if self._announce is not None and request.span is not None:
-            old, new = self._announce
-            self._announce = None
-            request.event("rate_limit_mode_changed", {"outrigger.mode": new, "outrigger.previous_mode": old})
         if self.mode != "global":
             self._probe(limit)
             if self._fallback_admits(limit, self.mode):

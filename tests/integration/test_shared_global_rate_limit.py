@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 
 from proxy.lifecycle import Sidecar
+from tests.support.otlp_receiver import GrpcOtlpReceiver
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
 from tests.support.sidecar import base_config
 from tests.support.upstream import ScriptedUpstream
@@ -197,3 +198,41 @@ async def test_keyed_global_limit_is_one_shared_limit_per_header_value(
     assert (await get(client, url(two), headers={"x-tenant": "a"}))[0] == 429  # shared across sidecars
     assert (await get(client, url(two), headers={"x-tenant": "b"}))[0] == 200  # another tenant, its own limit
     assert redis_server.command("EXISTS", "outrigger:rl:partner:k:a") == ":1"
+
+
+async def test_local_shadow_limit_lets_would_be_refusals_through(upstream: ScriptedUpstream, sidecar_factory: Any,
+                                                                 client: aiohttp.ClientSession) -> None:
+    sidecar = await sidecar_factory(base_config(upstream.url, rate_limit={"requests_per_second": 0.5, "burst": 1,
+                                                                          "shadow": True}))
+    assert [(await get(client, url(sidecar)))[0] for _ in range(3)] == [200] * 3
+    assert sample(sidecar, "outrigger_rate_limit_shadowed_total") == 2
+
+
+async def test_config_view_hides_the_redis_password(upstream: ScriptedUpstream, sidecar_factory: Any,
+                                                    client: aiohttp.ClientSession) -> None:
+    data = base_config(upstream.url)
+    data["redis"] = {"url": "redis://app:s3cret@127.0.0.1:1/0"}
+    sidecar = await sidecar_factory(data)
+    async with client.get(f"http://127.0.0.1:{sidecar.admin_port}/config") as resp:
+        text = await resp.text()
+    assert "s3cret" not in text and "127.0.0.1:1/0" in text
+
+
+async def test_mode_change_is_a_span_event(upstream: ScriptedUpstream, redis_server: RedisServer,  # noqa: F811
+                                           sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    receiver = GrpcOtlpReceiver().start()
+    try:
+        data = global_config(upstream, redis_server, requests_per_second=100, burst=100)
+        data["telemetry"]["tracing"] = {"enabled": True, "endpoint": receiver.endpoint, "sample_ratio": 1.0}
+        sidecar = await sidecar_factory(data, env={})
+        await get(client, url(sidecar))
+        redis_server.kill()
+        await asyncio.sleep(0.6)
+        for _ in range(4):
+            await get(client, url(sidecar))
+        await sidecar.stop()  # flushes
+        spans = receiver.wait_for(lambda s: sum(x.kind == "SERVER" for x in s) >= 5, timeout=5)
+        changed = [s for s in spans if "rate_limit_mode_changed" in s.event_names()]
+        assert len(changed) == 1
+    finally:
+        receiver.stop()

@@ -98,7 +98,7 @@ class GlobalRateLimit:
                 self._limits.move_to_end(value)
             return limit
         key = self._prefix if self._header is None else store_key(self._prefix + ":k", value)
-        limit = self._limits[value] = _Limit(key, LeaseState(self._rate, self._clock))
+        limit = self._limits[value] = _Limit(key, LeaseState(self._rate, self._clock, burst=self._config.burst))
         if len(self._limits) > self._config.max_keys:
             self._limits.popitem(last=False)
         return limit
@@ -137,6 +137,12 @@ class GlobalRateLimit:
         lease = limit.lease
         if lease.retry_after() > 0.0:
             return "refuse"  # the GCRA said when the next token is free: no round trip can change that
+        if lease.saturated:
+            # The shared bucket was empty at the last call: fetch what has refilled since in the
+            # background, for the requests to come. Holding this one for the round trip would
+            # only decide which request gets the token, not how many do.
+            self._refill(limit, empty_only=True)
+            return "refuse"
         clock = self._clock
         started = clock.now()
         left = math.inf if request.timeout_override is None else request.timeout_override

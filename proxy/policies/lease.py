@@ -15,10 +15,13 @@ the balance is empty (a cold start, or demand outgrew the lease size).
 Lease size follows demand: ``ceil(rate_estimate * horizon_s)`` tokens, at
 least 1 and at most ``ceil(rate_per_s * horizon_s)`` (100 ms of the global
 rate by default), where the estimate is an EWMA of the requests that asked
-for a token.  After a short grant (the global bucket is empty) the next
-refill waits ``max(retry_after, horizon_s)``: requests arriving meanwhile are
-refused at once instead of each costing a Redis round trip, and the number of
-Redis calls per sidecar stays at most ``1 / horizon_s`` per second.
+for a token.  After a short grant the limit is *saturated* (the shared bucket
+is empty): the next refill waits ``max(retry_after, pace)`` and requests that
+find no token are refused at once, never held for a round trip that could
+only move a token from one request to another.  ``pace`` is ``horizon_s``,
+shortened to half the time the shared bucket takes to fill (``burst /
+rate``) so that the fleet keeps draining it and no token overflows unused,
+but never under 10 ms: Redis calls per sidecar stay at most 100 per second.
 
 This module does no I/O: ``GlobalRateLimit`` runs the calls it asks for.
 """
@@ -35,6 +38,7 @@ __all__ = ["Grant", "LeaseState"]
 
 _TAU_S = 0.5  # time constant of the demand estimate: follows a load change within about a second
 _MIN_SAMPLE_S = 0.01  # the estimate is updated at most this often (a rate over less is too noisy)
+_MIN_PACE_S = 0.01
 
 
 class Grant(NamedTuple):
@@ -47,11 +51,12 @@ class Grant(NamedTuple):
 
 class LeaseState:
     __slots__ = (
-        "_batches", "_clock", "_demand", "_estimated_at", "_full_at", "_horizon_s", "_max_lease", "_ttl_s",
-        "balance", "next_refill_at", "pending", "rate_estimate", "retry_at", "waiting",
+        "_batches", "_clock", "_demand", "_estimated_at", "_full_at", "_horizon_s", "_max_lease", "_pace_s", "_ttl_s",
+        "balance", "next_refill_at", "pending", "rate_estimate", "retry_at", "saturated", "waiting",
     )
 
-    def __init__(self, rate_per_s: float, clock: Clock, *, horizon_s: float = 0.1, lease_ttl_s: float = 0.5) -> None:
+    def __init__(self, rate_per_s: float, clock: Clock, *, burst: int = 1_000_000, horizon_s: float = 0.1,
+                 lease_ttl_s: float = 0.5) -> None:
         if not (math.isfinite(rate_per_s) and rate_per_s > 0):
             raise ValueError(f"rate_per_s must be a finite number greater than 0, got {rate_per_s!r}")
         if not 0 < horizon_s <= lease_ttl_s:
@@ -60,6 +65,8 @@ class LeaseState:
         self._horizon_s = horizon_s
         self._ttl_s = lease_ttl_s
         self._max_lease = max(1, math.ceil(rate_per_s * horizon_s))
+        self._pace_s = max(_MIN_PACE_S, min(horizon_s, 0.5 * burst / rate_per_s))
+        self.saturated = False  # the last grant was short: the shared bucket is empty
         self._batches: deque[list[float]] = deque()  # [expires_at, tokens left], oldest first
         self.balance = 0  # unexpired granted tokens not yet spent
         self.pending = False  # a lease request is in flight
@@ -132,11 +139,12 @@ class LeaseState:
         if grant.granted > 0:
             self._batches.append([now + self._ttl_s, float(grant.granted)])
             self.balance += grant.granted
-        if grant.granted < asked:
+        self.saturated = grant.granted < asked
+        if self.saturated:
             # The shared bucket is empty: pace the next request, so that a saturated limit
-            # costs each sidecar at most one Redis call per horizon, not one per request.
+            # costs each sidecar at most one Redis call per pace, not one per request.
             self.retry_at = now + grant.retry_after_s
-            self.next_refill_at = now + max(grant.retry_after_s, self._horizon_s)
+            self.next_refill_at = now + max(grant.retry_after_s, self._pace_s)
         else:
             self.retry_at = self.next_refill_at = -math.inf
 

@@ -56,7 +56,9 @@ class Load:
     """What one sidecar's offered load got back: status counts and latencies (s) of the admitted requests."""
 
     codes: Counter[int] = field(default_factory=Counter)
-    latencies: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # from the request's due time (no coordinated omission)
+    admitted_at: list[float] = field(default_factory=list)  # due times of the 200s
+    refused_latencies: list[float] = field(default_factory=list)
     late: int = 0  # requests sent more than 50 ms behind schedule (the load generator itself fell behind)
 
 
@@ -68,15 +70,17 @@ async def offer(session: aiohttp.ClientSession, url: str, rate: float, duration_
     inflight = asyncio.Semaphore(max_inflight)
     tasks: list[asyncio.Task[None]] = []
 
-    async def one() -> None:
+    async def one(due: float) -> None:
         async with inflight:
-            sent = time.monotonic()
             try:
                 async with session.get(url) as resp:
                     await resp.read()
                     load.codes[resp.status] += 1
                     if resp.status == 200:
-                        load.latencies.append(time.monotonic() - sent)
+                        load.latencies.append(time.monotonic() - due)
+                        load.admitted_at.append(due)
+                    else:
+                        load.refused_latencies.append(time.monotonic() - due)
             except aiohttp.ClientError:
                 load.codes[0] += 1
 
@@ -88,6 +92,6 @@ async def offer(session: aiohttp.ClientSession, url: str, rate: float, duration_
             await asyncio.sleep(delay)
         elif delay < -0.05:
             load.late += 1
-        tasks.append(asyncio.create_task(one()))
+        tasks.append(asyncio.create_task(one(due)))
     await asyncio.gather(*tasks)
     return load

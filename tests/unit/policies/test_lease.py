@@ -128,3 +128,26 @@ def test_invalid_parameters_fail_in_the_constructor() -> None:
         LeaseState(0.0, FakeClock())
     with pytest.raises(ValueError, match="horizon_s"):
         LeaseState(10.0, FakeClock(), horizon_s=1.0, lease_ttl_s=0.5)
+
+
+def test_pace_is_shortened_so_the_shared_bucket_never_overflows_between_calls() -> None:
+    clock = FakeClock()
+    lease = LeaseState(200.0, clock, burst=10, horizon_s=0.1)  # the bucket fills in 50 ms
+    lease.start()
+    lease.on_grant(5, Grant(2, 0.0, 0.05))
+    assert lease.saturated
+    assert lease.retry_after() == pytest.approx(0.025)  # half the fill time
+    tiny = LeaseState(1000.0, clock, burst=1)
+    tiny.start()
+    tiny.on_grant(2, Grant(1, 0.0, 0.001))
+    assert tiny.retry_after() == pytest.approx(0.01)  # but never under 10 ms
+
+
+def test_a_full_grant_ends_saturation() -> None:
+    lease = LeaseState(100.0, FakeClock())
+    lease.start()
+    lease.on_grant(3, Grant(1, 0.0, 0.1))
+    assert lease.saturated
+    lease.start()
+    lease.on_grant(3, Grant(3, 0.0, 0.1))
+    assert not lease.saturated

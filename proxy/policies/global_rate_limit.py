@@ -99,6 +99,7 @@ class GlobalRateLimit:
             return limit
         key = self._prefix if self._header is None else store_key(self._prefix + ":k", value)
         limit = self._limits[value] = _Limit(key, LeaseState(self._rate, self._clock, burst=self._config.burst))
+        self._fallback_bucket(limit)  # made now: it tracks this replica's spending in every mode
         if len(self._limits) > self._config.max_keys:
             self._limits.popitem(last=False)
         return limit
@@ -115,9 +116,11 @@ class GlobalRateLimit:
             if lease.try_take():
                 if lease.balance < lease.low_water():
                     self._refill(limit)
+                self._shadow_spend(limit)
                 return await call_next(request)
             outcome = await self._wait_for_lease(limit, request)
             if outcome == "token":
+                self._shadow_spend(limit)
                 return await call_next(request)
             if outcome == "fallback":  # Redis failed or was too slow for this request: on_store_error decides
                 if self._fallback_admits(limit, self._fallback_mode):
@@ -174,17 +177,26 @@ class GlobalRateLimit:
             if request.timeout_override is not None:  # the deadline inside gets what the wait left
                 request.timeout_override = max(0.0, request.timeout_override - (clock.now() - started))
 
+    def _shadow_spend(self, limit: _Limit) -> None:
+        """Spend from the fallback bucket too (if it can), so that it reflects this replica's recent use:
+        a switch to ``local_fallback`` (or a Redis flapping between modes) then never hands out a fresh burst
+        on top of the tokens just spent from leases."""
+        self._fallback_bucket(limit).try_take()
+
     def _fallback_admits(self, limit: _Limit, mode: str) -> bool:
         if mode == "open":
             return True
         if mode == "closed":
             return False
+        return self._fallback_bucket(limit).try_take()
+
+    def _fallback_bucket(self, limit: _Limit) -> TokenBucket:
+        """This replica's share of the limit, ``rate / live replicas``, sized again when the count changes."""
         live = max(1, self._replicas.live)
         if limit.fallback is None or limit.share != live:
-            # This replica's share of the limit, sized again when the live count changes.
             burst = max(1, math.ceil(self._config.burst / live))
             limit.fallback, limit.share = TokenBucket(self._rate / live, burst, self._clock), live
-        return limit.fallback.try_take()
+        return limit.fallback
 
     async def _refuse(self, limit: _Limit, request: ProxyRequest, call_next: Handler, mode: str) -> ProxyResponse:
         retry_after, remaining, reset = self._refusal(limit, mode)

@@ -77,6 +77,17 @@ async def statuses(session: aiohttp.ClientSession, fleet: list[SidecarProcess]) 
     return out
 
 
+async def metric_sum(fleet: list[SidecarProcess], name: str) -> dict[str, float]:
+    """``name``'s samples summed over the fleet, by their full label text."""
+    totals: Counter[str] = Counter()
+    for proc in fleet:
+        for line in (await proc.metrics_text()).splitlines():
+            if line.startswith(name):
+                series, _, value = line.rpartition(" ")
+                totals[series[len(name):]] += float(value)
+    return dict(totals)
+
+
 async def phase(session: aiohttp.ClientSession, fleet: list[SidecarProcess], rps: float, load: float,
                 seconds: float) -> tuple[list[Load], float]:
     weights = range(1, len(fleet) + 1)
@@ -96,8 +107,11 @@ async def fleet_figures(args: argparse.Namespace, redis: RedisServer, upstream: 
         await phase(session, fleet, rps, 1.1, 2.0)  # warm-up: leases sized, heartbeats counted
         for load in (1.1, 2.0):
             before = await statuses(session, fleet)
+            errors_before = sum((await metric_sum(fleet, "outrigger_rate_limit_store_errors_total")).values())
             loads, start = await phase(session, fleet, rps, load, seconds)
             after = await statuses(session, fleet)
+            errors = sum((await metric_sum(fleet, "outrigger_rate_limit_store_errors_total")).values())
+            figures[f"store_errors_{load}x"] = errors - errors_before
             decided = sum(a["decisions"] - b["decisions"] for a, b in zip(after, before, strict=True))
             waited = sum(a["waited_on_store"] - b["waited_on_store"] for a, b in zip(after, before, strict=True))
             figures[f"admitted_ratio_{load}x"] = admitted_ratio(loads, start + 1.0, start + seconds, rps)
@@ -121,9 +135,15 @@ async def fleet_figures(args: argparse.Namespace, redis: RedisServer, upstream: 
             [lat for ld in loads for lat, due in zip(ld.latencies, ld.admitted_at, strict=True) if due < start + 1],
             default=0.0)
         figures["fallback_modes"] = dict(Counter(modes))
-        await asyncio.sleep(2.0)
-        await phase(session, fleet, rps, 0.5, 2.0)  # traffic lets each sidecar probe Redis again
-        figures["modes_after_resume"] = dict(Counter(s["mode"] for s in await statuses(session, fleet)))
+        # Traffic lets each sidecar probe Redis again once its breaker's back-off (up to 10 s) is over.
+        resumed = time.monotonic()
+        while time.monotonic() - resumed < 20:
+            await phase(session, fleet, rps, 0.5, 1.0)
+            modes_after = Counter(s["mode"] for s in await statuses(session, fleet))
+            if modes_after == Counter({"global": len(fleet)}):
+                break
+        figures["modes_after_resume"] = dict(modes_after)
+        figures["recovered_after_s"] = time.monotonic() - resumed
     finally:
         await stop_fleet(fleet)
     return figures
@@ -151,12 +171,13 @@ async def idempotency_figures(redis: RedisServer, upstream: ScriptedUpstream,
 
     try:
         await asyncio.gather(*(send(proc, f"key-{i}") for i in range(keys) for proc in fleet))
+        results = await metric_sum(fleet, "outrigger_idempotency_total")
     finally:
         await stop_fleet(fleet)
     per_key = Counter(r.headers.get("idempotency-key") for r in upstream.requests)
     return {"keys": keys, "sent": 2 * keys, "upstream_requests": len(upstream.requests),
             "duplicates_reaching_upstream": sum(n - 1 for n in per_key.values() if n > 1),
-            "answers": dict(codes)}
+            "answers": dict(codes), "results": results}
 
 
 async def cpu_figures(redis: RedisServer, iterations: int) -> dict[str, Any]:

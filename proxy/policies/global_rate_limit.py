@@ -116,11 +116,11 @@ class GlobalRateLimit:
             if lease.try_take():
                 if lease.balance < lease.low_water():
                     self._refill(limit)
-                self._shadow_spend(limit)
+                self._track_spend(limit)
                 return await call_next(request)
             outcome = await self._wait_for_lease(limit, request)
             if outcome == "token":
-                self._shadow_spend(limit)
+                self._track_spend(limit)
                 return await call_next(request)
             if outcome == "fallback":  # Redis failed or was too slow for this request: on_store_error decides
                 if self._fallback_admits(limit, self._fallback_mode):
@@ -177,7 +177,7 @@ class GlobalRateLimit:
             if request.timeout_override is not None:  # the deadline inside gets what the wait left
                 request.timeout_override = max(0.0, request.timeout_override - (clock.now() - started))
 
-    def _shadow_spend(self, limit: _Limit) -> None:
+    def _track_spend(self, limit: _Limit) -> None:
         """Spend from the fallback bucket too (if it can), so that it reflects this replica's recent use:
         a switch to ``local_fallback`` (or a Redis flapping between modes) then never hands out a fresh burst
         on top of the tokens just spent from leases."""

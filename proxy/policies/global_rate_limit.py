@@ -6,8 +6,9 @@ idempotency).  Each sidecar spends tokens leased from one Redis-side GCRA
 low-water mark (``proxy.policies.lease``), so a request waits on Redis only
 when the local balance is empty.
 
-When Redis fails (a lease call errs or times out, or its breaker is open)
-the limit changes mode by ``on_store_error``: ``local`` enforces this
+When Redis fails (3 lease calls in a row err or time out and its breaker
+opens) the limit changes mode by ``on_store_error`` (a request that waited
+for a failed call is decided by that rule alone): ``local`` enforces this
 replica's share, ``requests_per_second / live replicas`` (the last count the
 heartbeat saw), on a local token bucket; ``open`` admits everything;
 ``closed`` refuses everything with 429.  While in fallback the next
@@ -33,6 +34,7 @@ from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import RateLimitConfig
 from proxy.errors import RateLimited
+from proxy.policies.breaker import BreakerState
 from proxy.policies.lease import Grant, LeaseState
 from proxy.policies.token_bucket import TokenBucket
 from proxy.store.redis import KEY_PREFIX, RedisStore, StoreUnavailable
@@ -254,9 +256,14 @@ class GlobalRateLimit:
             limit.lease.on_error()
             self._metrics.leases["error"].inc()
             self._metrics.store_errors.inc()
-            self._set_mode(self._fallback_mode, str(exc))
-            for other in self._limits.values():
-                other.lease.drop()  # leases are not spent in fallback: the share rule decides alone
+            # One slow call is not an outage: requests that waited for it were decided by on_store_error,
+            # the mode changes once the Redis breaker opens (3 failures in a row). Switching on every
+            # error would let a replica that is merely starved of CPU admit its share on top of the
+            # tokens the others keep leasing.
+            if self.store.breaker.state is not BreakerState.CLOSED:
+                self._set_mode(self._fallback_mode, str(exc))
+                for other in self._limits.values():
+                    other.lease.drop()  # leases are not spent in fallback: the share rule decides alone
         else:
             limit.lease.on_grant(asked, Grant(granted, retry_us / 1e6, full_us / 1e6))
             result = "granted" if granted >= asked else "partial" if granted > 0 else "denied"

@@ -16,7 +16,8 @@ Lease size follows demand: ``ceil(rate_estimate * horizon_s)`` tokens, at
 least 1 and at most ``ceil(rate_per_s * horizon_s)`` (100 ms of the global
 rate by default), where the estimate is an EWMA of the requests that asked
 for a token.  After a short grant the limit is *saturated* (the shared bucket
-is empty): the next refill waits ``max(retry_after, pace)`` and requests that
+is empty, or the grant left less than another lease in it): after a short
+grant the next refill waits ``max(retry_after, pace)``, and requests that
 find no token are refused at once, never held for a round trip that could
 only move a token from one request to another.  ``pace`` is ``horizon_s``,
 shortened to half the time the shared bucket takes to fill (``burst /
@@ -51,8 +52,9 @@ class Grant(NamedTuple):
 
 class LeaseState:
     __slots__ = (
-        "_batches", "_clock", "_demand", "_estimated_at", "_full_at", "_horizon_s", "_max_lease", "_pace_s", "_ttl_s",
-        "balance", "next_refill_at", "pending", "rate_estimate", "retry_at", "saturated", "waiting",
+        "_batches", "_burst", "_clock", "_demand", "_estimated_at", "_full_at", "_horizon_s", "_max_lease",
+        "_pace_s", "_rate", "_ttl_s", "balance", "next_refill_at", "pending", "rate_estimate", "retry_at",
+        "saturated", "waiting",
     )
 
     def __init__(self, rate_per_s: float, clock: Clock, *, burst: int = 1_000_000, horizon_s: float = 0.1,
@@ -66,6 +68,7 @@ class LeaseState:
         self._ttl_s = lease_ttl_s
         self._max_lease = max(1, math.ceil(rate_per_s * horizon_s))
         self._pace_s = max(_MIN_PACE_S, min(horizon_s, 0.5 * burst / rate_per_s))
+        self._burst, self._rate = burst, rate_per_s
         self.saturated = False  # the last grant was short: the shared bucket is empty
         self._batches: deque[list[float]] = deque()  # [expires_at, tokens left], oldest first
         self.balance = 0  # unexpired granted tokens not yet spent
@@ -139,8 +142,12 @@ class LeaseState:
         if grant.granted > 0:
             self._batches.append([now + self._ttl_s, float(grant.granted)])
             self.balance += grant.granted
-        self.saturated = grant.granted < asked
-        if self.saturated:
+        short = grant.granted < asked
+        # Saturated also when the grant was whole but left the shared bucket with less than another
+        # lease: the next request that finds no token here would most likely wait for nothing.
+        left = self._burst - grant.full_after_s * self._rate
+        self.saturated = short or left < asked
+        if short:
             # The shared bucket is empty: pace the next request, so that a saturated limit
             # costs each sidecar at most one Redis call per pace, not one per request.
             self.retry_at = now + grant.retry_after_s

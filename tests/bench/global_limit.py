@@ -101,8 +101,10 @@ async def phase(session: aiohttp.ClientSession, fleet: list[SidecarProcess], rps
 async def fleet_figures(args: argparse.Namespace, redis: RedisServer, upstream: ScriptedUpstream,
                         session: aiohttp.ClientSession) -> dict[str, Any]:
     rps, seconds = args.rps, args.seconds
-    fleet = await start_fleet(fleet_config(upstream.url, redis.url, rps=rps, burst=20), args.processes)
-    figures: dict[str, Any] = {"processes": args.processes, "rps": rps, "seconds": seconds}
+    fleet = await start_fleet(fleet_config(upstream.url, redis.url, rps=rps, burst=20,
+                                           redis_timeout=args.redis_timeout), args.processes)
+    figures: dict[str, Any] = {"processes": args.processes, "rps": rps, "seconds": seconds,
+                               "redis_timeout": args.redis_timeout}
     try:
         await phase(session, fleet, rps, 1.1, 2.0)  # warm-up: leases sized, heartbeats counted
         for load in (1.1, 2.0):
@@ -241,6 +243,7 @@ async def main() -> None:
     parser.add_argument("--processes", type=int, default=10)
     parser.add_argument("--rps", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--redis-timeout", default="20ms")
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--iterations", type=int, default=200_000)
     args = parser.parse_args()
@@ -263,7 +266,8 @@ async def main() -> None:
     (RESULTS / "global_limit.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / "global_limit.md").write_text(
         f"# Shared state benchmark (`python -m tests.bench.global_limit --processes {args.processes} "
-        f"--seconds {args.seconds:g}`)\n\n{table}\n\nLoad average before/after: {load_before} / "
+        f"--rps {args.rps:g} --seconds {args.seconds:g} --redis-timeout {args.redis_timeout}`)\n\n{table}\n\n"
+        f"Load average before/after: {load_before} / "
         f"{results['machine']['loadavg_after']} on {os.cpu_count()} CPUs (shared machine: figures are noisy).\n")
 
 

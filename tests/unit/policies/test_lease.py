@@ -151,3 +151,13 @@ def test_a_full_grant_ends_saturation() -> None:
     lease.start()
     lease.on_grant(3, Grant(3, 0.0, 0.1))
     assert not lease.saturated
+
+
+def test_a_whole_grant_that_empties_the_shared_bucket_counts_as_saturated() -> None:
+    lease = LeaseState(100.0, FakeClock(), burst=20)
+    lease.start()
+    lease.on_grant(5, Grant(5, 0.0, 0.18))  # 18 of 20 tokens' worth now taken: 2 left, less than a lease
+    assert lease.saturated and lease.retry_after() == 0.0  # no pacing: the grant was not short
+    lease.start()
+    lease.on_grant(5, Grant(5, 0.0, 0.05))  # 15 left
+    assert not lease.saturated

@@ -10,8 +10,9 @@ import aiohttp
 
 from proxy.lifecycle import Sidecar
 from tests.support.otlp_receiver import GrpcOtlpReceiver
+from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
-from tests.support.sidecar import base_config
+from tests.support.sidecar import base_config, to_config
 from tests.support.upstream import ScriptedUpstream
 
 
@@ -237,3 +238,32 @@ async def test_mode_change_is_a_span_event(upstream: ScriptedUpstream, redis_ser
         assert len(changed) == 1
     finally:
         receiver.stop()
+
+
+async def test_a_sidecar_whose_redis_never_answers_starts_ready_and_serves_its_share(
+        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession) -> None:
+    data = base_config(upstream.url, rate_limit={"requests_per_second": 100, "burst": 10, "scope": "global"})
+    data["redis"] = {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": "20ms"}  # nothing listens there
+    sidecar = await sidecar_factory(data)
+    async with client.get(f"http://127.0.0.1:{sidecar.admin_port}/readyz") as resp:
+        assert resp.status == 200
+    codes = [(await get(client, url(sidecar)))[0] for _ in range(8)]
+    assert codes.count(200) >= 6  # decided by the local share (100 rps, burst 10) while Redis is down
+    assert (await limit_status(client, sidecar))["mode"] == "local_fallback"
+
+
+async def test_reload_keeps_the_global_limit_and_its_store_while_their_config_is_unchanged(
+        upstream: ScriptedUpstream, redis_server: RedisServer, sidecar_factory: Any,  # noqa: F811
+        client: aiohttp.ClientSession) -> None:
+    data = global_config(upstream, redis_server, requests_per_second=50, burst=50)
+    sidecar = await sidecar_factory(data)
+    await get(client, url(sidecar))
+    store, limiter = sidecar.runtime.redis, sidecar.runtime.routes[0].status["rate_limit"]
+    data["defaults"]["timeout"]["total"] = "4s"  # another block changes
+    assert await sidecar.apply(to_config(data))
+    assert sidecar.runtime.redis is store and sidecar.runtime.routes[0].status["rate_limit"] is limiter
+    data["redis"]["timeout"] = "30ms"  # the store changes: a new client, and limits that use it
+    assert await sidecar.apply(to_config(data))
+    assert sidecar.runtime.redis is not store and sidecar.runtime.redis is not None
+    assert sidecar.runtime.routes[0].status["rate_limit"].store is sidecar.runtime.redis
+    assert (await get(client, url(sidecar)))[0] == 200

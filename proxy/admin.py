@@ -31,7 +31,7 @@ REDACTED = "[redacted]"
 
 
 def redact(config: dict[str, Any]) -> dict[str, Any]:
-    """Hide TLS file paths and matched header values from /config."""
+    """Hide TLS file paths, matched header values and Redis credentials from /config."""
     for upstream in config.get("upstreams", {}).values():
         tls = upstream.get("tls") or {}
         for key in ("ca_file", "cert_file", "key_file"):
@@ -42,6 +42,10 @@ def redact(config: dict[str, Any]) -> dict[str, Any]:
             headers = (route.get("match") or {}).get("headers")
             if headers:
                 route["match"]["headers"] = {name: REDACTED for name in headers}
+    redis = config.get("redis") or {}
+    if "@" in (redis.get("url") or ""):  # redis://user:password@host: keep the host, drop the password
+        scheme, _, rest = redis["url"].partition("://")
+        redis["url"] = f"{scheme}://{REDACTED}@{rest.rpartition('@')[2]}"
     tracing = config.get("telemetry", {}).get("tracing", {})
     if tracing.get("endpoint"):
         parts = urlsplit(tracing["endpoint"])

@@ -31,16 +31,22 @@ from proxy.policies.bulkhead import Bulkhead
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
 from proxy.policies.deadline import Deadline
 from proxy.policies.fallback import Fallback
+from proxy.policies.global_rate_limit import GlobalRateLimit
 from proxy.policies.hedge import Hedge
+from proxy.policies.idempotency import Idempotency
 from proxy.policies.latency import LatencySketch
 from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
 from proxy.policies.stale_resend import StaleResend
 from proxy.policies.timeout import AttemptTimeout
 from proxy.routing import Route, Router
+from proxy.store.records import LocalRecords
+from proxy.store.redis import RedisStore
+from proxy.store.redis_records import RedisRecords
 from proxy.telemetry.attempts import AttemptTelemetry
 from proxy.telemetry.breaker_events import BreakerEvents, iso_time
 from proxy.telemetry.metrics import BreakerMetrics, Metrics, UpstreamMetrics
+from proxy.telemetry.shared_state import IdempotencyMetrics, LimitMetrics
 from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamCall, UpstreamPool
 
@@ -72,6 +78,8 @@ class Runtime:
     endpoint_updates: list[tuple[UpstreamPool, UpstreamConfig]] = field(default_factory=list)
     breaker_events: BreakerEvents = field(default_factory=BreakerEvents)  # carried over by reloads
     spool: Spool | None = None  # the dead-letter spool (top-level dead_letter), shared by its routes
+    redis: RedisStore | None = None  # the shared store (top-level `redis:`), kept across reloads while unchanged
+    retired_redis: RedisStore | None = None  # the previous one, when a reload changed `redis:`; to close()
 
     def status(self, clock: Clock) -> dict[str, Any]:
         """Runtime state for /status: integer counts, seconds rounded, ISO times, routes keyed as in metrics."""
@@ -111,7 +119,15 @@ class Runtime:
                   "breaker_transitions": list(self.breaker_events.recent)}
         if self.spool is not None:
             status["dead_letter"] = self.spool.snapshot()
+        if self.redis is not None:
+            status["redis"] = self.redis.snapshot()
         return status
+
+
+def _need(store: RedisStore | None) -> RedisStore:
+    if store is None:  # the loader refuses scope: global and store: redis without redis.url
+        raise ValueError("this route needs the top-level redis block")
+    return store
 
 
 def _breaker_status(breaker: CircuitBreaker, clock: Clock) -> dict[str, Any]:
@@ -166,6 +182,12 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
         old_spool = previous.spool if previous is not None else None
         runtime.spool = old_spool if old_spool is not None and old_spool.config == config.dead_letter \
             else Spool(config.dead_letter, metrics)
+    old_redis = previous.redis if previous is not None else None
+    if config.redis is not None:
+        same = old_redis is not None and old_redis.config == config.redis
+        runtime.redis = old_redis if same else RedisStore(config.redis, clock, rng)
+    if old_redis is not None and old_redis is not runtime.redis:
+        runtime.retired_redis = old_redis
     for name, upstream in config.upstreams.items():
         old = carry.upstreams.get(name)
         if old is not None and old.pool.config == upstream:
@@ -237,11 +259,32 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     if config.fallback is not None:
         policies.append(Fallback(config.fallback))
 
+    # Idempotency: inside the fallback (whose answers are not stored) and outside the rate limit,
+    # so a replayed response costs no token and never reaches the upstream.
+    if config.idempotency is not None:
+        old_idem = carry.route_part(key, "idempotency", config, "idempotency")
+        if old_idem is not None and config.idempotency.store == "redis" \
+                and getattr(old_idem.store, "store", None) is not runtime.redis:
+            old_idem = None  # its Redis store was replaced by this reload
+        if old_idem is None:
+            records = LocalRecords(clock) if config.idempotency.store == "local" else RedisRecords(_need(runtime.redis))
+            old_idem = Idempotency(config.idempotency, config.name, records, clock,
+                                   IdempotencyMetrics(metrics, config.name), lock_ttl_s=config.timeout.total + 1.0)
+        policies.append(old_idem)
+        status["idempotency"] = old_idem
+
     # Rate limit: before anything else spends work, so rejected requests cost
     # no deadline, budget, breaker probe or connection.
     if config.rate_limit is not None:
-        limiter = carry.route_part(key, "rate_limit", config, "rate_limit") \
-            or RateLimit(config.rate_limit, clock, route_metrics)
+        limiter = carry.route_part(key, "rate_limit", config, "rate_limit")
+        if limiter is not None and getattr(limiter, "store", runtime.redis) is not runtime.redis:
+            limiter = None  # a global limit on a store this reload replaced
+        if limiter is None and config.rate_limit.scope == "global":
+            # Shared by every sidecar with the same limit name: tokens leased from Redis.
+            limiter = GlobalRateLimit(config.rate_limit, config.name, _need(runtime.redis), clock, route_metrics,
+                                      LimitMetrics(metrics, config.name))
+        limiter = limiter or RateLimit(config.rate_limit, clock, route_metrics, metrics.rate_limit_shadowed.labels(
+            route=config.name) if config.rate_limit.shadow else None)
         policies.append(limiter)
         status["rate_limit"] = limiter
 
@@ -322,8 +365,10 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
                                    sketch=sketch, clock=clock))
 
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))
-    # Bodies are buffered for replay only when the route can retry or hedge at all.
-    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 or config.hedge else 0
+    # Bodies are buffered for replay only when the route can retry or hedge at all (or to fingerprint
+    # an idempotent one).
+    buffer_limit = config.retry.buffer_limit if config.retry.max_attempts > 1 or config.hedge \
+        or config.idempotency else 0
     if config.dead_letter is not None:  # ... or when a failure may be spooled, up to dead_letter.max_body
         buffer_limit = max(buffer_limit, int(config.dead_letter.max_body))
     return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,

@@ -18,10 +18,10 @@ from typing import ClassVar, NamedTuple
 from multidict import CIMultiDict
 
 __all__ = [
-    "BadRequest", "CircuitOpen", "ClientTimeout", "DeadlineExceeded", "ErrorReply", "HeadersTooLarge", "Internal",
-    "MethodNotAllowed", "NoRoute", "Overflow", "ProxyError", "RateLimited", "RequestTooLarge",
-    "TransferCodingNotImplemented", "UpstreamConnectFailure", "UpstreamProtocolError", "UpstreamReset",
-    "UpstreamTimeout", "UpstreamTlsError", "to_response",
+    "BadRequest", "CircuitOpen", "ClientTimeout", "DeadlineExceeded", "ErrorReply", "HeadersTooLarge",
+    "IdempotencyInProgress", "IdempotencyKeyReused", "Internal", "MethodNotAllowed", "NoRoute", "Overflow",
+    "ProxyError", "RateLimited", "RequestTooLarge", "TransferCodingNotImplemented", "UpstreamConnectFailure",
+    "UpstreamProtocolError", "UpstreamReset", "UpstreamTimeout", "UpstreamTlsError", "to_response",
 ]
 
 ERROR_HEADER = "x-outrigger-error"
@@ -123,6 +123,18 @@ class CircuitOpen(ProxyError):
 
 class Overflow(ProxyError):
     status, code, sent, attempted = 503, "overflow", False, False
+
+
+class IdempotencyKeyReused(ProxyError):
+    """The Idempotency-Key was first used with another method, path or body (IETF httpapi draft: 422)."""
+
+    status, code, sent, attempted = 422, "idempotency_key_reused", False, False
+
+
+class IdempotencyInProgress(ProxyError):
+    """A request with the same Idempotency-Key is still in flight, on this replica or another (409)."""
+
+    status, code, sent, attempted = 409, "idempotency_in_progress", False, False
 
 
 def retry_after_header(seconds: float) -> str:

@@ -328,6 +328,8 @@ class Sidecar:
         if runtime.retired_pools:
             self._retiring.update(runtime.retired_pools)
             self._spawn(self._retire(list(runtime.retired_pools)))
+        if runtime.retired_redis is not None:  # `redis:` changed: the old client goes once in-flight finish
+            self._spawn(self._close_later(runtime.retired_redis, config.drain.timeout))
         if failed:
             return self._reload_failed("config applied, but listeners are down (/readyz is 503): "
                                        + "; ".join(failed))
@@ -379,6 +381,13 @@ class Sidecar:
         for pool in pools:
             with contextlib.suppress(Exception):
                 await pool.close()
+
+    @staticmethod
+    async def _close_later(resource: Any, after_s: float) -> None:
+        """A shared-state client a reload replaced: closed after the requests that may use it had their time."""
+        await asyncio.sleep(after_s)
+        with contextlib.suppress(Exception):
+            await resource.close()
 
     async def _retire(self, pools: list[Any]) -> None:
         """Pools a reload replaced: each closes when the last request that uses it has ended."""
@@ -432,6 +441,8 @@ class Sidecar:
         await self._close_pools(list(self._retiring))
         if self.runtime.spool is not None:
             await asyncio.to_thread(self.runtime.spool.close)  # commits what is queued
+        if self.runtime.redis is not None:
+            await self.runtime.redis.close()
         if self.access_log is not None:
             await self.access_log.close()
         await asyncio.to_thread(self.tracing.shutdown)

@@ -35,6 +35,7 @@ from proxy.config.types import (
     LimitsConfig,
     ListenerConfig,
     PolicyDefaults,
+    RedisConfig,
     RouteConfig,
     TelemetryConfig,
     UpstreamConfig,
@@ -52,7 +53,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "admin": AdminConfig, "drain": DrainConfig, "defaults": PolicyDefaults,
     "limits": LimitsConfig, "telemetry": TelemetryConfig,
 }
-_KNOWN_TOP = {"version", "listeners", "upstreams", "dead_letter", *_SECTIONS}
+_KNOWN_TOP = {"version", "listeners", "upstreams", "dead_letter", "redis", *_SECTIONS}
 _ADMIN_ADDRESS_ENV = "OUTRIGGER_ADMIN_ADDRESS"
 UNROUTED = "none"  # the route (and upstream) label of requests no route matched
 _WILDCARDS = frozenset({"0.0.0.0", "::", "*"})
@@ -356,6 +357,12 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         value = _convert(raw.get(key) or {}, tp, key, issues)
         if value is not None:
             sections[key] = value
+    if raw.get("redis") is not None:  # optional, and its url has no default: not one of _SECTIONS
+        redis = _convert(raw["redis"], RedisConfig, "redis", issues)
+        if redis is not None and (problem := _check_redis_url(redis.url)) is None:
+            sections["redis"] = redis
+        elif redis is not None:
+            issues.append(ConfigIssue("redis.url", problem or ""))
     defaults_raw: dict[str, Any] = raw["defaults"] if isinstance(raw.get("defaults"), dict) else {}
     upstreams_raw: dict[str, Any] = raw["upstreams"] if isinstance(raw.get("upstreams"), dict) else {}
     upstreams = _upstreams(raw.get("upstreams"), defaults_raw, issues)
@@ -369,6 +376,7 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
         sections["dead_letter"] = dead_letter
     _check_addresses(shells, sections.get("admin"), issues)
     _check_route_names(raw.get("listeners"), issues)
+    _check_shared_state(listeners, raw.get("redis") is not None, issues)
     if issues:
         raise ConfigError(issues, source)
     return Config(version=1, listeners=tuple(listeners), upstreams=upstreams, **sections)
@@ -427,6 +435,38 @@ def _check_addresses(listeners: list[tuple[int, ListenerConfig]], admin: AdminCo
         if clash is not None:
             issues.append(ConfigIssue(path, f"address {address} is already used by {clash}"))
         seen.setdefault(address, path)
+
+
+def _check_redis_url(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return f"unsupported scheme in {url!r}; use redis:// or rediss:// (TLS)"
+    if not parts.hostname:
+        return f"missing host in {url!r}"
+    try:
+        _ = parts.port
+    except ValueError:
+        return f"invalid port in {url!r}"
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return f"the path of {url!r} must be a database number, like /0"
+    return None
+
+
+def _check_shared_state(listeners: list[ListenerConfig], has_redis: bool, issues: list[ConfigIssue]) -> None:
+    """What needs the shared store must have one; global limits use what they support."""
+    for li, listener in enumerate(listeners):
+        for ri, route in enumerate(listener.routes):
+            path = f"listeners[{li}].routes[{ri}]"
+            limit = route.rate_limit
+            if limit is not None and limit.scope == "global":
+                if not has_redis:
+                    issues.append(ConfigIssue(f"{path}.rate_limit.scope",
+                                              "scope: global needs a top-level redis.url"))
+                if limit.mode == "queue":
+                    issues.append(ConfigIssue(f"{path}.rate_limit.mode",
+                                              "mode: queue is not supported with scope: global; use reject"))
+            if route.idempotency is not None and route.idempotency.store == "redis" and not has_redis:
+                issues.append(ConfigIssue(f"{path}.idempotency.store", "store: redis needs a top-level redis.url"))
 
 
 def _check_route_names(raw_listeners: Any, issues: list[ConfigIssue]) -> None:

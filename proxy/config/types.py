@@ -18,10 +18,11 @@ from proxy.config.units import Duration, Size, parse_duration
 __all__ = [
     "AccessLogConfig", "AdaptiveConcurrencyConfig", "AdaptiveTimeoutConfig", "AdminConfig", "BackoffConfig",
     "BudgetConfig", "CircuitBreakerConfig", "ConcurrencyConfig", "Config", "DeadLetterConfig", "DiscoveryConfig",
-    "DrainConfig", "FailureRateConfig", "FallbackConfig", "HedgeConfig", "LimitsConfig", "ListenerConfig",
-    "MatchConfig", "OpenDurationConfig", "OutlierDetectionConfig", "OutlierFailureRateConfig", "PolicyDefaults",
-    "RateLimitConfig", "RateLimitKey", "RetryConfig", "RouteConfig", "RouteDeadLetterConfig", "SlowCallConfig",
-    "TelemetryConfig", "TimeoutConfig", "TlsConfig", "TracingConfig", "UpstreamConfig",
+    "DrainConfig", "FailureRateConfig", "FallbackConfig", "HedgeConfig", "IdempotencyConfig", "LimitsConfig",
+    "ListenerConfig", "MatchConfig", "OpenDurationConfig", "OutlierDetectionConfig", "OutlierFailureRateConfig",
+    "PolicyDefaults", "RateLimitConfig", "RateLimitKey", "RedisConfig", "RetryConfig", "RouteConfig",
+    "RouteDeadLetterConfig", "SlowCallConfig", "TelemetryConfig", "TimeoutConfig", "TlsConfig", "TracingConfig",
+    "UpstreamConfig",
 ]
 
 RetryOn = Literal["connect-failure", "reset", "timeout", "gateway-error", "5xx", "retriable-status-codes"]
@@ -181,6 +182,22 @@ class RateLimitConfig(Block, frozen=True):
     max_keys: PositiveInt = 10_000
     mode: Literal["reject", "queue"] = "reject"
     max_wait: Duration = Duration(0.1)
+    # Shared state (docs/shared-state.md): `global` leases tokens from one Redis-side limit per `name`.
+    scope: Literal["local", "global"] = "local"
+    name: Name | None = None  # key of the shared limit; default: the route name
+    on_store_error: Literal["local", "open", "closed"] = "local"
+    shadow: bool = False  # count and log would-be 429s, never refuse
+
+
+class IdempotencyConfig(Block, frozen=True):
+    """Route-level Idempotency-Key deduplication (docs/shared-state.md)."""
+
+    store: Literal["redis", "local"] = "local"
+    ttl: Duration = Duration(24 * 3600.0)
+    max_response_bytes: Size = Size(1024 * 1024)
+
+    def __post_init__(self) -> None:
+        _positive("ttl", self.ttl)
 
 
 class AdaptiveConcurrencyConfig(Block, frozen=True):
@@ -363,6 +380,7 @@ class RouteConfig(Block, frozen=True):
     fallback: FallbackConfig | None = None
     hedge: HedgeConfig | None = None
     dead_letter: RouteDeadLetterConfig | None = None
+    idempotency: IdempotencyConfig | None = None
 
 
 class ListenerConfig(Block, frozen=True):
@@ -425,6 +443,16 @@ class TelemetryConfig(Block, frozen=True):
     propagators: tuple[Literal["tracecontext", "baggage", "b3", "b3multi"], ...] | None = None
 
 
+class RedisConfig(Block, frozen=True):
+    """``redis:``: the shared store of global rate limits and idempotency records."""
+
+    url: str
+    timeout: Duration = Duration(0.02)  # per Redis call, never past the request's deadline
+
+    def __post_init__(self) -> None:
+        _positive("timeout", self.timeout)
+
+
 class Config(Block, frozen=True):
     version: Literal[1]
     listeners: tuple[ListenerConfig, ...]
@@ -435,3 +463,4 @@ class Config(Block, frozen=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     dead_letter: DeadLetterConfig | None = None
+    redis: RedisConfig | None = None

@@ -7,12 +7,15 @@ it answers 429 ``rate_limited`` with ``Retry-After`` and the IETF
 A queue wait is part of the request's total timeout: it never runs past it
 (a request whose token is due later is refused at once), and the deadline
 inside gets only what the wait left.
-The limit is per sidecar process: N replicas allow N times the rate.
+The limit is per sidecar process: N replicas allow N times the rate (``scope:
+global`` shares one: ``proxy.policies.global_rate_limit``).  ``shadow: true``
+counts and traces would-be refusals but lets them through.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
@@ -25,14 +28,17 @@ _MIN_LEFT_S = 0.001  # a queued request keeps at least this much of its deadline
 
 
 class RateLimit:
-    __slots__ = ("_burst", "_clock", "_header", "_keyed", "_max_wait", "_metrics", "_queue", "_single")
+    __slots__ = ("_burst", "_clock", "_header", "_keyed", "_max_wait", "_metrics", "_queue", "_shadowed",
+                 "_single")
 
-    def __init__(self, config: RateLimitConfig, clock: Clock, metrics: RouteMetrics) -> None:
+    def __init__(self, config: RateLimitConfig, clock: Clock, metrics: RouteMetrics,
+                 shadowed: Any | None = None) -> None:
         self._clock = clock
         self._metrics = metrics
         self._burst = str(config.burst)
         self._queue = config.mode == "queue"
         self._max_wait = config.max_wait
+        self._shadowed = shadowed  # the shadow counter when `shadow: true`, else None
         self._header = config.key.header if config.key else None
         self._single: TokenBucket | None = None
         self._keyed: KeyedTokenBuckets | None = None
@@ -69,8 +75,12 @@ class RateLimit:
                     if total != math.inf:
                         request.timeout_override = total - wait  # the deadline gets what the wait left
                 return await call_next(request)
-        self._metrics.rate_limited.inc()
         retry_after = bucket.wait_time()
+        if self._shadowed is not None:
+            self._shadowed.inc()
+            request.event("rate_limit_shadowed", {"outrigger.retry_after_s": retry_after})
+            return await call_next(request)
+        self._metrics.rate_limited.inc()
         if request.span is not None:
             request.event("rate_limited", {"outrigger.retry_after_s": retry_after})
         raise RateLimited(

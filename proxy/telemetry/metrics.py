@@ -152,6 +152,20 @@ class Metrics:
                                         "Unix time of the oldest waiting entry (0: none).", registry=r)
         self.dead_letter_write_errors = Counter("outrigger_dead_letter_write_errors",
                                                 "Entries lost to a failed spool write.", registry=r)
+        # Shared state across replicas (proxy/store, docs/shared-state.md); children bound in
+        # proxy.telemetry.shared_state.
+        self.rate_limit_store_errors = Counter("outrigger_rate_limit_store_errors",
+                                               "Failed Redis calls of global rate limits.", ["route"], registry=r)
+        self.rate_limit_mode = Gauge("outrigger_rate_limit_mode", "1 for the current mode of a global rate limit.",
+                                     ["route", "mode"], registry=r)
+        self.rate_limit_lease_requests = Counter("outrigger_rate_limit_lease_requests",
+                                                 "Token lease requests to the shared limit, by result.",
+                                                 ["route", "result"], registry=r)
+        self.rate_limit_shadowed = Counter("outrigger_rate_limit_shadowed",
+                                           "Requests a shadow rate limit would have refused (let through).",
+                                           ["route"], registry=r)
+        self.idempotency = Counter("outrigger_idempotency", "Requests with an Idempotency-Key, by result.",
+                                   ["route", "result"], registry=r)
         self.build_info = Gauge("outrigger_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
         self._live: dict[tuple[str, str], LiveStats] = {}

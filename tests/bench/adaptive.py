@@ -293,7 +293,7 @@ class Bench:
                                        "p999_ms": p999(loads[n]) * 1000, "upstream_per_request": load_x[n]}
                                    for n in names}
         details["hedges_total"] = hedge_counts
-        details["learned"] = {n: status["routes"][f"main/{n}"].get(part) for n, part in
+        details["learned"] = {n: status["routes"][n].get(part) for n, part in
                               (("adaptive", "adaptive_timeout"), ("hedge", "hedge"))}
         return rows, details
 
@@ -314,7 +314,7 @@ class Bench:
 
         async def poll() -> None:
             while True:
-                learned = (await sidecar.status(self.session))["routes"]["main/adaptive"]["adaptive_timeout"]
+                learned = (await sidecar.status(self.session))["routes"]["adaptive"]["adaptive_timeout"]
                 trace.append((time.monotonic(), learned["timeout_s"]))
                 await asyncio.sleep(0.25)
 

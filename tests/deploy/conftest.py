@@ -56,6 +56,12 @@ PUBLIC_METRICS: dict[str, frozenset[str]] = {
     "outrigger_dead_letter_entries": frozenset(),
     "outrigger_dead_letter_oldest_entry_timestamp_seconds": frozenset(),
     "outrigger_dead_letter_write_errors_total": frozenset(),
+    # Shared state (docs/shared-state.md)
+    "outrigger_rate_limit_store_errors_total": frozenset({"route"}),
+    "outrigger_rate_limit_mode": frozenset({"route", "mode"}),
+    "outrigger_rate_limit_lease_requests_total": frozenset({"route", "result"}),
+    "outrigger_rate_limit_shadowed_total": frozenset({"route"}),
+    "outrigger_idempotency_total": frozenset({"route", "result"}),
 }
 HISTOGRAMS = {"outrigger_request_duration_seconds", "outrigger_upstream_attempt_duration_seconds"}
 # Labels Prometheus itself attaches to every scraped series.

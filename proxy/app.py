@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -41,14 +41,15 @@ from proxy.policies.stale_resend import StaleResend
 from proxy.policies.timeout import AttemptTimeout
 from proxy.routing import Route, Router
 from proxy.store.records import LocalRecords
-from proxy.store.redis import RedisStore
-from proxy.store.redis_records import RedisRecords
 from proxy.telemetry.attempts import AttemptTelemetry
 from proxy.telemetry.breaker_events import BreakerEvents, iso_time
 from proxy.telemetry.metrics import BreakerMetrics, Metrics, UpstreamMetrics
 from proxy.telemetry.shared_state import IdempotencyMetrics, LimitMetrics
 from proxy.telemetry.tracing import Tracing
 from proxy.upstream import UpstreamCall, UpstreamPool
+
+if TYPE_CHECKING:  # redis-py is imported only when the config has a `redis:` block
+    from proxy.store.redis import RedisStore
 
 __all__ = ["Runtime", "build_runtime"]
 
@@ -124,6 +125,11 @@ class Runtime:
         return status
 
 
+def _redis_records(store: RedisStore | None) -> Any:
+    from proxy.store.redis_records import RedisRecords
+    return RedisRecords(_need(store))
+
+
 def _need(store: RedisStore | None) -> RedisStore:
     if store is None:  # the loader refuses scope: global and store: redis without redis.url
         raise ValueError("this route needs the top-level redis block")
@@ -184,6 +190,7 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
             else Spool(config.dead_letter, metrics)
     old_redis = previous.redis if previous is not None else None
     if config.redis is not None:
+        from proxy.store.redis import RedisStore  # only now: a config without Redis never loads redis-py
         same = old_redis is not None and old_redis.config == config.redis
         runtime.redis = old_redis if same else RedisStore(config.redis, clock, rng)
     if old_redis is not None and old_redis is not runtime.redis:
@@ -267,7 +274,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
                 and getattr(old_idem.store, "store", None) is not runtime.redis:
             old_idem = None  # its Redis store was replaced by this reload
         if old_idem is None:
-            records = LocalRecords(clock) if config.idempotency.store == "local" else RedisRecords(_need(runtime.redis))
+            records = LocalRecords(clock) if config.idempotency.store == "local" else _redis_records(runtime.redis)
             old_idem = Idempotency(config.idempotency, config.name, records, clock,
                                    IdempotencyMetrics(metrics, config.name), lock_ttl_s=config.timeout.total + 1.0)
         policies.append(old_idem)

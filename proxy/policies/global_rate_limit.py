@@ -24,11 +24,10 @@ and traces them but lets the request through.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
@@ -37,21 +36,17 @@ from proxy.errors import RateLimited
 from proxy.policies.breaker import BreakerState
 from proxy.policies.lease import Grant, LeaseState
 from proxy.policies.token_bucket import TokenBucket
-from proxy.store.redis import KEY_PREFIX, RedisStore, StoreUnavailable
+from proxy.store.base import KEY_PREFIX, StoreUnavailable, store_key
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.telemetry.shared_state import LimitMetrics
 
-__all__ = ["GlobalRateLimit", "store_key"]
+if TYPE_CHECKING:
+    from proxy.store.redis import RedisStore
+
+__all__ = ["GlobalRateLimit"]
 
 log = logging.getLogger("outrigger.rate_limit")
 _FALLBACK_MODES = {"local": "local_fallback", "open": "open", "closed": "closed"}
-
-
-def store_key(prefix: str, value: str) -> str:
-    """A Redis key for an app-chosen value: kept readable when short, hashed when long or odd."""
-    if len(value) <= 128 and value.isprintable():
-        return f"{prefix}:{value}"
-    return f"{prefix}:#{hashlib.sha256(value.encode('utf-8', 'surrogateescape')).hexdigest()}"
 
 
 class _Limit:

@@ -40,9 +40,8 @@ from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import IdempotencyConfig
 from proxy.errors import IdempotencyInProgress, IdempotencyKeyReused
-from proxy.policies.global_rate_limit import store_key
+from proxy.store.base import KEY_PREFIX, StoreUnavailable, store_key
 from proxy.store.records import IdempotencyStore, StoredResponse, new_token
-from proxy.store.redis import KEY_PREFIX, StoreUnavailable
 from proxy.telemetry.shared_state import IdempotencyMetrics
 
 if TYPE_CHECKING:

@@ -40,21 +40,17 @@ from proxy.clock import Clock
 from proxy.config.types import CircuitBreakerConfig, OpenDurationConfig, RedisConfig
 from proxy.config.units import Duration
 from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.store.base import KEY_PREFIX, StoreUnavailable
 from proxy.store.gcra import GCRA_LUA, HEARTBEAT_LUA
 
 __all__ = ["KEY_PREFIX", "RedisStore", "ReplicaCount", "StoreUnavailable"]
 
 log = logging.getLogger("outrigger.store")
-KEY_PREFIX = "outrigger:"
 _BREAKER = CircuitBreakerConfig(consecutive_failures=3,
                                 open_duration=OpenDurationConfig(min=Duration(0.5), max=Duration(10.0)))
 _HEARTBEAT_S = 1.0  # how often each replica says it is alive
 _MEMBER_TTL_S = 3.0  # a replica not heard from for this long is not counted
 _SOCKET_BACKSTOP_S = 5.0  # redis-py's own read timeout, behind the per-call timeout
-
-
-class StoreUnavailable(Exception):
-    """Redis could not answer in time (down, stopped, slow, or the breaker is open)."""
 
 
 class ReplicaCount:

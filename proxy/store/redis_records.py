@@ -13,8 +13,9 @@ import math
 
 import msgspec
 
+from proxy.store.base import StoreUnavailable
 from proxy.store.records import Begin, StoredResponse
-from proxy.store.redis import RedisStore, StoreUnavailable
+from proxy.store.redis import RedisStore
 
 __all__ = ["RedisRecords"]
 

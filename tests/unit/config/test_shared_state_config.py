@@ -79,7 +79,7 @@ def test_bad_redis_url_is_an_error_at_redis_url(url: str, needle: str) -> None:
 
 def test_redis_block_needs_a_url_and_rejects_unknown_keys() -> None:
     assert "`url`" in issues(doc(redis={"timeout": "20ms"}))["redis"]
-    assert issues(doc(redis={"url": "redis://r", "pool": 3})) == {"redis.pool": "unknown key"}
+    assert issues(doc(redis={"url": "redis://r", "pool": 3})) == {"redis.pool": "unknown key; valid keys: timeout, url"}
 
 
 def test_queue_mode_is_refused_for_global_limits() -> None:

@@ -578,8 +578,8 @@ listeners:
     with pytest.raises(ConfigError) as info:  # x-timeouts is an unknown top-level key, nothing else is wrong
         load_config(doc, env={})
     assert [str(i) for i in info.value.issues] == [
-        "x-timeouts: unknown key; valid keys: admin, dead_letter, defaults, drain, limits, listeners, redis, telemetry, "
-        "upstreams, version"]
+        "x-timeouts: unknown key; valid keys: admin, dead_letter, defaults, drain, limits, listeners, redis, "
+        "telemetry, upstreams, version"]
     route = load_config(doc.replace("x-timeouts: &timeouts", "defaults: {timeout: &timeouts")
                         .replace("total: 5s}", "total: 5s}}"), env={}).listeners[0].routes[0]
     assert (route.timeout.attempt, route.timeout.total) == (2.0, 9.0)

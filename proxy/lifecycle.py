@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,42 @@ class _Listener:
     runner: web.ServerRunner
     site: web.TCPSite
     port: int
+
+
+
+async def _stop_accepting(site: web.TCPSite, runner: web.BaseRunner) -> None:
+    """Close a listening socket without resetting the connections already queued on it.
+
+    The kernel completes handshakes on its own, so connections (their requests often
+    already sent) wait in the accept queue until the loop next polls the socket; on a
+    busy machine one loop turn can take hundreds of milliseconds, and closing the
+    socket resets everything queued.  So the queue is emptied synchronously, just
+    before the close, and those connections are served like any other.
+    """
+    queued: list[socket.socket] = []
+    server = site._server
+    for listening in getattr(server, "sockets", None) or []:
+        # A duplicate of the descriptor: uvloop hands out sockets that cannot accept.
+        with socket.socket(fileno=os.dup(listening.fileno())) as dup:
+            dup.setblocking(False)
+            while True:
+                try:
+                    queued.append(dup.accept()[0])
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+    await site.stop()
+    factory = runner.server
+    if factory is None:  # pragma: no cover - the runner is set up before its site starts
+        for conn in queued:
+            conn.close()
+        return
+    loop = asyncio.get_running_loop()
+    for conn in queued:
+        conn.setblocking(False)
+        try:
+            await loop.connect_accepted_socket(factory, conn)
+        except OSError:  # the client already went away
+            conn.close()
 
 
 class Sidecar:
@@ -278,7 +315,7 @@ class Sidecar:
                     f"cannot bind {lst.address}: {exc.strerror or exc}")
         for name, current in leaving.items():
             del self.listeners[name]
-            await current.site.stop()  # stop accepting now; in-flight requests finish in the background
+            await _stop_accepting(current.site, current.runner)  # in-flight requests finish in the background
             self._spawn(self._close_listener(current, config.drain.timeout))
         self.runtime = runtime
         self._in_service(runtime)
@@ -363,7 +400,7 @@ class Sidecar:
         await asyncio.sleep(drain.grace)
         log.info("closing listeners; waiting up to %.1fs for in-flight requests", drain.timeout)
         for lst in self.listeners.values():
-            await lst.site.stop()  # stop accepting; connections already open keep being served
+            await _stop_accepting(lst.site, lst.runner)  # connections already open keep being served
         await asyncio.sleep(0.05)
         await self._finish_inflight(list(self.listeners.values()), drain.timeout)
         await asyncio.gather(*(lst.runner.cleanup() for lst in self.listeners.values()))

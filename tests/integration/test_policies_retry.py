@@ -54,7 +54,7 @@ async def test_attempt_timeout_is_retried(upstream: ScriptedUpstream, sidecar_fa
     async with client.get(url(sidecar)) as resp:
         assert (resp.status, await resp.read()) == (200, b"fast")
         assert resp.headers["x-outrigger-attempts"] == "2"
-    assert 0.1 <= time.monotonic() - start < 0.5
+    assert 0.1 <= time.monotonic() - start < 0.8  # waiting for the late answer would take 1 s
     assert retries(sidecar, "timeout") == 1
 
 
@@ -193,5 +193,5 @@ async def test_retry_after_beyond_the_deadline_returns_the_response_at_once(
         assert (resp.status, await resp.read()) == (503, b"busy")
         assert resp.headers["Retry-After"] == "5"
         assert resp.headers["x-outrigger-attempts"] == "1"
-    assert time.monotonic() - start < 0.5  # never waits for a retry that could not fit
+    assert time.monotonic() - start < 0.8  # never waits for a retry that could not fit (the deadline is 1 s)
     assert len(upstream.requests) == 1

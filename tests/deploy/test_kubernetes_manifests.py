@@ -42,7 +42,7 @@ def pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def container(spec: dict[str, Any], name: str, where: str) -> dict[str, Any]:
-    found = [c for c in spec.get(where, []) if c["name"] == name]
+    found: list[dict[str, Any]] = [c for c in spec.get(where, []) if c["name"] == name]
     assert found, f"no {where} entry named {name!r}"
     return found[0]
 

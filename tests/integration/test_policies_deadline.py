@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.sidecar import base_config
+from tests.support.sidecar import SidecarFactory, base_config
 from tests.support.upstream import Reply, ScriptedUpstream
 
 
@@ -25,7 +25,7 @@ async def slow_body(chunks: int, size: int, interval: float) -> AsyncIterator[by
 
 
 async def test_deadline_ends_a_request_waiting_on_a_slow_upstream(
-        upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession) -> None:
+        upstream: ScriptedUpstream, sidecar_factory: SidecarFactory, client: aiohttp.ClientSession) -> None:
     upstream.default = Reply(200, delay=1.5)
     sidecar = await sidecar_factory(base_config(upstream.url, timeout={"attempt": "200ms", "total": "300ms"}))
     start = time.monotonic()
@@ -43,7 +43,7 @@ async def test_deadline_ends_a_request_waiting_on_a_slow_upstream(
 
 
 async def test_deadline_cuts_the_attempt_that_follows_a_backoff(
-        upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession) -> None:
+        upstream: ScriptedUpstream, sidecar_factory: SidecarFactory, client: aiohttp.ClientSession) -> None:
     upstream.script(Reply(503, headers={"Retry-After": "0.25"}), Reply(200, delay=1.5))
     sidecar = await sidecar_factory(base_config(upstream.url, timeout={"attempt": "400ms", "total": "400ms"}))
     start = time.monotonic()
@@ -56,7 +56,7 @@ async def test_deadline_cuts_the_attempt_that_follows_a_backoff(
 
 
 async def test_backoff_longer_than_the_deadline_is_never_slept(
-        upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession) -> None:
+        upstream: ScriptedUpstream, sidecar_factory: SidecarFactory, client: aiohttp.ClientSession) -> None:
     upstream.script(Reply(502), Reply(200))
     config = base_config(upstream.url, timeout={"attempt": "1s", "total": "1s"},
                          retry={"backoff": {"base": "1200ms", "max": "1200ms", "jitter": "none"}})
@@ -68,7 +68,7 @@ async def test_backoff_longer_than_the_deadline_is_never_slept(
     assert len(upstream.requests) == 1
 
 
-async def test_deadline_ends_a_slow_streamed_upload(upstream: ScriptedUpstream, sidecar_factory,
+async def test_deadline_ends_a_slow_streamed_upload(upstream: ScriptedUpstream, sidecar_factory: SidecarFactory,
                                                     client: aiohttp.ClientSession) -> None:
     """A body over buffer_limit streams through the chain, so the deadline covers its upload."""
     sidecar = await sidecar_factory(base_config(upstream.url, timeout={"attempt": "400ms", "total": "400ms"},
@@ -80,7 +80,7 @@ async def test_deadline_ends_a_slow_streamed_upload(upstream: ScriptedUpstream, 
     assert 0.4 <= time.monotonic() - start < 1.5  # the upload alone takes 2 s
 
 
-async def test_deadline_ends_a_slow_buffered_upload(upstream: ScriptedUpstream, sidecar_factory,
+async def test_deadline_ends_a_slow_buffered_upload(upstream: ScriptedUpstream, sidecar_factory: SidecarFactory,
                                                     client: aiohttp.ClientSession) -> None:
     """A small body is buffered for retries at the edge; reading it slowly must still hit the deadline."""
     sidecar = await sidecar_factory(base_config(upstream.url, timeout={"attempt": "400ms", "total": "400ms"}))
@@ -92,7 +92,7 @@ async def test_deadline_ends_a_slow_buffered_upload(upstream: ScriptedUpstream, 
     assert elapsed < 1.5  # the upload alone takes 2 s
 
 
-async def test_remaining_deadline_is_sent_upstream(upstream: ScriptedUpstream, sidecar_factory,
+async def test_remaining_deadline_is_sent_upstream(upstream: ScriptedUpstream, sidecar_factory: SidecarFactory,
                                                    client: aiohttp.ClientSession) -> None:
     upstream.script(Reply(503), Reply(200))
     config = base_config(upstream.url, timeout={"attempt": "1s", "total": "2s"},
@@ -105,7 +105,7 @@ async def test_remaining_deadline_is_sent_upstream(upstream: ScriptedUpstream, s
     assert second <= first - 50  # what is left after the first attempt and the backoff
 
 
-async def test_timeout_override_tightens_the_deadline(upstream: ScriptedUpstream, sidecar_factory,
+async def test_timeout_override_tightens_the_deadline(upstream: ScriptedUpstream, sidecar_factory: SidecarFactory,
                                                       client: aiohttp.ClientSession) -> None:
     upstream.default = Reply(200, delay=1.5)
     sidecar = await sidecar_factory(base_config(upstream.url, timeout={"attempt": "1s", "total": "1s"}))
@@ -118,7 +118,7 @@ async def test_timeout_override_tightens_the_deadline(upstream: ScriptedUpstream
     assert "x-outrigger-timeout-ms" not in upstream.requests[0].headers
 
 
-async def test_timeout_override_never_loosens_the_deadline(upstream: ScriptedUpstream, sidecar_factory,
+async def test_timeout_override_never_loosens_the_deadline(upstream: ScriptedUpstream, sidecar_factory: SidecarFactory,
                                                            client: aiohttp.ClientSession) -> None:
     upstream.default = Reply(200, delay=1.5)
     sidecar = await sidecar_factory(base_config(upstream.url, timeout={"attempt": "250ms", "total": "250ms"}))
@@ -130,7 +130,7 @@ async def test_timeout_override_never_loosens_the_deadline(upstream: ScriptedUps
     assert "x-outrigger-timeout-ms" not in upstream.requests[0].headers
 
 
-async def test_max_attempts_override_tightens(upstream: ScriptedUpstream, sidecar_factory,
+async def test_max_attempts_override_tightens(upstream: ScriptedUpstream, sidecar_factory: SidecarFactory,
                                               client: aiohttp.ClientSession) -> None:
     upstream.default = Reply(503)
     sidecar = await sidecar_factory(base_config(upstream.url, retry={"max_attempts": 3}))
@@ -141,7 +141,7 @@ async def test_max_attempts_override_tightens(upstream: ScriptedUpstream, sideca
     assert "x-outrigger-max-attempts" not in upstream.requests[0].headers
 
 
-async def test_max_attempts_override_never_loosens(upstream: ScriptedUpstream, sidecar_factory,
+async def test_max_attempts_override_never_loosens(upstream: ScriptedUpstream, sidecar_factory: SidecarFactory,
                                                    client: aiohttp.ClientSession) -> None:
     upstream.default = Reply(503)
     sidecar = await sidecar_factory(base_config(upstream.url, retry={"max_attempts": 2}))
@@ -152,7 +152,7 @@ async def test_max_attempts_override_never_loosens(upstream: ScriptedUpstream, s
 
 
 async def test_override_headers_cannot_enable_retries_on_a_route_without_them(
-        upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession) -> None:
+        upstream: ScriptedUpstream, sidecar_factory: SidecarFactory, client: aiohttp.ClientSession) -> None:
     upstream.default = Reply(503)
     sidecar = await sidecar_factory(base_config(upstream.url, retry={"max_attempts": 1}))
     async with client.get(url(sidecar), headers={"x-outrigger-max-attempts": "5"}) as resp:
@@ -162,8 +162,9 @@ async def test_override_headers_cannot_enable_retries_on_a_route_without_them(
 
 @pytest.mark.parametrize(("header", "value"), [("x-outrigger-timeout-ms", "soon"),
                                                ("x-outrigger-max-attempts", "0")])
-async def test_garbage_override_is_a_400(upstream: ScriptedUpstream, sidecar_factory, client: aiohttp.ClientSession,
-                                         header: str, value: str) -> None:
+async def test_garbage_override_is_a_400(
+        upstream: ScriptedUpstream, sidecar_factory: SidecarFactory, client: aiohttp.ClientSession,
+        header: str, value: str) -> None:
     sidecar = await sidecar_factory(base_config(upstream.url))
     async with client.get(url(sidecar), headers={header: value}) as resp:
         assert resp.status == 400
@@ -171,7 +172,7 @@ async def test_garbage_override_is_a_400(upstream: ScriptedUpstream, sidecar_fac
 
 
 async def test_a_promised_body_that_never_arrives_ends_with_504_at_the_total_timeout(
-        upstream: ScriptedUpstream, sidecar_factory) -> None:
+        upstream: ScriptedUpstream, sidecar_factory: SidecarFactory) -> None:
     """Found by the raw-request fuzzer: Content-Length: 5 and then silence must not hold the request open."""
     import asyncio
     import time

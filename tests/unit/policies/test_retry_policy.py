@@ -313,7 +313,7 @@ async def test_jittered_backoff_waits_match_the_seeded_formula(jitter: str) -> N
 async def test_full_jitter_waits_stay_within_the_exponential_bound() -> None:
     clock = FakeClock()
     metrics = Metrics(process_collectors=False).for_route("r", "u")
-    config = make_config(max_attempts=4, budget=BudgetConfig(ratio=10.0, min_per_second=1000.0))  # type: ignore[arg-type]
+    config = make_config(max_attempts=4, budget=BudgetConfig(ratio=10.0, min_per_second=1000.0))
     retry = Retry(config, budget=RetryBudget.from_config(config.budget, clock),
                   backoff=FullJitter(0.1, 1.0, random.Random(3)), clock=clock, metrics=metrics)
     for _ in range(200):

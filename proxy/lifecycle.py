@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,26 +66,31 @@ class _Listener:
 
 
 
-async def _stop_accepting(site: web.TCPSite, runner: web.BaseRunner) -> None:
-    """Close a listening socket without resetting the connections already queued on it.
+def _accept_queued(listening: Iterable[Any]) -> list[socket.socket]:
+    """Take, without blocking, every connection waiting in these listening sockets' accept queues.
 
     The kernel completes handshakes on its own, so connections (their requests often
     already sent) wait in the accept queue until the loop next polls the socket; on a
     busy machine one loop turn can take hundreds of milliseconds, and closing the
-    socket resets everything queued.  So the queue is emptied synchronously, just
-    before the close, and those connections are served like any other.
+    socket resets everything queued.  Called just before the close, so those
+    connections can be served like any other.
     """
     queued: list[socket.socket] = []
-    server = site._server
-    for listening in getattr(server, "sockets", None) or []:
+    for sock in listening:
         # A duplicate of the descriptor: uvloop hands out sockets that cannot accept.
-        with socket.socket(fileno=os.dup(listening.fileno())) as dup:
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
             dup.setblocking(False)
             while True:
                 try:
                     queued.append(dup.accept()[0])
                 except OSError:  # BlockingIOError: the queue is empty
                     break
+    return queued
+
+
+async def _stop_accepting(site: web.TCPSite, runner: web.BaseRunner) -> None:
+    """Close a listening socket without resetting the connections already queued on it."""
+    queued = _accept_queued(getattr(site._server, "sockets", None) or [])
     await site.stop()
     factory = runner.server
     if factory is None:  # pragma: no cover - the runner is set up before its site starts

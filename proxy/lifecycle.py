@@ -23,6 +23,8 @@ import logging
 import os
 import random
 import signal
+import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,13 +64,45 @@ class _Listener:
     server: asyncio.Server
     port: int
 
-    def stop_accepting(self) -> None:
+    async def stop_accepting(self) -> None:
+        """Close the listening socket without resetting the connections already queued on it."""
+        queued = _accept_queued(self.server.sockets)
         self.server.close()  # connections already open keep being served
+        loop = asyncio.get_running_loop()
+        for conn in queued:
+            conn.setblocking(False)
+            try:
+                await loop.connect_accepted_socket(self.edge, conn)
+            except OSError:  # the client already went away
+                conn.close()
 
     async def cleanup(self) -> None:
         """Cancel what is still in flight (``_CANCEL_WAIT_S`` to finish) and close every connection."""
         self.server.close()
         await self.edge.shutdown(_CANCEL_WAIT_S)
+
+
+
+def _accept_queued(listening: Iterable[Any]) -> list[socket.socket]:
+    """Take, without blocking, every connection waiting in these listening sockets' accept queues.
+
+    The kernel completes handshakes on its own, so connections (their requests often
+    already sent) wait in the accept queue until the loop next polls the socket; on a
+    busy machine one loop turn can take hundreds of milliseconds, and closing the
+    socket resets everything queued.  Called just before the close, so those
+    connections can be served like any other.
+    """
+    queued: list[socket.socket] = []
+    for sock in listening:
+        # A duplicate of the descriptor: uvloop hands out sockets that cannot accept.
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.setblocking(False)
+            while True:
+                try:
+                    queued.append(dup.accept()[0])
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+    return queued
 
 
 class Sidecar:
@@ -305,7 +339,7 @@ class Sidecar:
                     f"cannot bind {lst.address}: {exc.strerror or exc}")
         for name, current in leaving.items():
             del self.listeners[name]
-            current.stop_accepting()  # in-flight requests finish in the background
+            await current.stop_accepting()  # in-flight requests finish in the background
             self._leaving.add(current)
             self._spawn(self._close_listener(current))
         self.runtime = runtime
@@ -422,7 +456,7 @@ class Sidecar:
             await asyncio.wait_for(self._hurry.wait(), drain.grace)  # a second signal cuts the grace short
         log.info("closing listeners; waiting up to %.1fs for in-flight requests", drain.timeout)
         for lst in self.listeners.values():
-            lst.stop_accepting()
+            await lst.stop_accepting()  # connections already open (or queued) keep being served
         # Listeners a reload moved away are still finishing requests, and their pools too.
         listeners = [*self.listeners.values(), *self._leaving]
         if not self._hurry.is_set():

@@ -170,7 +170,8 @@ async def main(quick: bool) -> None:
                     spooled.append(await _drive(with_spool, "/spool/fail", count, concurrency))
                     plain.append(await _drive(with_spool, "/plain/fail", count, concurrency))
                 after = with_spool.status()["dead_letter"]
-                med = lambda runs, key: sorted(r[key] for r in runs)[len(runs) // 2]  # noqa: E731
+                def med(runs: list[dict[str, Any]], key: str) -> Any:
+                    return sorted(r[key] for r in runs)[len(runs) // 2]
                 rows[f"fail_c{concurrency}"] = {
                     "spool": {k: med(spooled, k) for k in spooled[0]}, "plain": {k: med(plain, k) for k in plain[0]},
                     "records": after["records"] - before["records"], "commits": after["commits"] - before["commits"]}

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import yaml
@@ -105,7 +105,7 @@ async def with_sidecar(session: aiohttp.ClientSession, fleet: Fleet, upstream: d
 
 
 def success(load: Any) -> float:
-    return sum(1 for s in load.samples if s.status == 200) / max(1, load.offered) * 100
+    return float(sum(1 for s in load.samples if s.status == 200) / max(1, load.offered) * 100)
 
 
 class Bench:
@@ -202,7 +202,8 @@ class Bench:
         try:
             async def change() -> None:
                 await asyncio.sleep(2.0)
-                sidecar.config["upstreams"]["svc"]["endpoints"] = [e.address for e in fleet.endpoints[2:]]
+                upstreams = cast(dict[str, dict[str, Any]], sidecar.config["upstreams"])
+                upstreams["svc"]["endpoints"] = [e.address for e in fleet.endpoints[2:]]
                 (Path(sidecar._dir.name) / "outrigger.yaml").write_text(yaml.safe_dump(sidecar.config))
                 assert sidecar._proc is not None
                 sidecar._proc.send_signal(signal.SIGHUP)

@@ -79,12 +79,13 @@ async def statuses(session: aiohttp.ClientSession, fleet: list[SidecarProcess]) 
 
 async def metric_sum(fleet: list[SidecarProcess], name: str) -> dict[str, float]:
     """``name``'s samples summed over the fleet, by their full label text."""
-    totals: Counter[str] = Counter()
+    totals: dict[str, float] = {}
     for proc in fleet:
         for line in (await proc.metrics_text()).splitlines():
             if line.startswith(name):
                 series, _, value = line.rpartition(" ")
-                totals[series[len(name):]] += float(value)
+                key = series[len(name):]
+                totals[key] = totals.get(key, 0.0) + float(value)
     return dict(totals)
 
 

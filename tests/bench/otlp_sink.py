@@ -20,11 +20,11 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
-class Sink(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class Sink(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.exports = 0
@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     sink = Sink()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)  # type: ignore[no-untyped-call]
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     http_server = None

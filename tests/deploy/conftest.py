@@ -33,7 +33,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
 
-# The public metric names and their labels (README "Metrics"). Histograms also
+# The public metric names and their labels (docs/observability.md "Metrics"). Histograms also
 # expose _bucket (with le), _sum and _count.
 PUBLIC_METRICS: dict[str, frozenset[str]] = {
     "outrigger_requests_total": frozenset({"route", "upstream", "method", "code", "outcome"}),

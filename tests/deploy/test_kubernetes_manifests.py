@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kubernetes_validate
 import pytest
@@ -44,7 +44,7 @@ def pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def container(spec: dict[str, Any], name: str, where: str) -> dict[str, Any]:
-    found = [c for c in spec.get(where, []) if c["name"] == name]
+    found: list[dict[str, Any]] = [c for c in spec.get(where, []) if c["name"] == name]
     assert found, f"no {where} entry named {name!r}"
     return found[0]
 
@@ -336,14 +336,14 @@ def _spool_volume(objects: list[dict[str, Any]]) -> dict[str, Any]:
     (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == DEAD_LETTER_DIR]
     assert not mount.get("readOnly"), "the spool is written to"
     (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
-    return volume
+    return cast(dict[str, Any], volume)
 
 
 def _parse_quantity(text: str) -> int:
     """A Kubernetes quantity (512Mi) or an Outrigger size (384MiB) in bytes."""
     match = re.fullmatch(r"(\d+)([KMG])i(?:B)?", text)
     assert match, text
-    return int(match[1]) * 1024 ** " KMG".index(match[2])
+    return int(match[1]) * int(1024 ** " KMG".index(match[2]))
 
 
 def test_base_mounts_the_spool_on_a_disk_backed_emptydir_larger_than_max_bytes(render: Render) -> None:

@@ -6,6 +6,9 @@ Each side gets 2 x 2,000 requests in alternating slices of 250, so that
 drifting machine load hits both alike; the verdict is the median of the
 paired throughput ratios, best of three measurements.  The sidecar's own CPU
 time is printed too, as the bottleneck-independent view of the same cost.
+
+A throughput measurement, so it runs in the ``load`` pass (``pytest -m load``,
+the second pass of ``.ci/run``), not in the default run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.ports import free_port
@@ -88,6 +92,7 @@ def config(upstream_url: str, tracing: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.load
 async def test_collector_down_costs_under_ten_percent_throughput_and_no_errors(
     upstream: ScriptedUpstream,
 ) -> None:

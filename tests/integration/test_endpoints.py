@@ -161,7 +161,7 @@ async def test_reload_diffs_the_static_list_and_lets_a_removed_endpoints_request
     assert all(after[i] > before[i] for i in (1, 2, 3))
     addresses = [e["address"] for e in sidecar.runtime.status(sidecar.clock)["upstreams"]["svc"]["endpoints"]]
     assert sorted(addresses) == sorted(s.address for s in fleet[1:4])
-    labels = {s.labels["endpoint"] for s in sidecar.metrics.endpoint_attempts.collect()[0].samples}
+    labels = {s.labels["endpoint"] for s in next(iter(sidecar.metrics.endpoint_attempts.collect())).samples}
     assert fleet[0].address not in labels  # the removed endpoint's series are gone
 
 

@@ -53,8 +53,12 @@ class RawServer:
             self.server.close()
 
 
+# The `raw` fixture: (behaviour, *, max_connections, idle_timeout_s) -> a started server and a pool to it.
+RawFactory = Callable[..., Awaitable[tuple[RawServer, H1Pool]]]
+
+
 @pytest.fixture
-async def raw() -> AsyncIterator[Callable[[Behaviour], Awaitable[tuple[RawServer, H1Pool]]]]:
+async def raw() -> AsyncIterator[RawFactory]:
     servers: list[RawServer] = []
     pools: list[H1Pool] = []
 
@@ -68,7 +72,7 @@ async def raw() -> AsyncIterator[Callable[[Behaviour], Awaitable[tuple[RawServer
         pools.append(pool)
         return server, pool
 
-    yield make  # type: ignore[misc]
+    yield make
     for pool in pools:
         await pool.close()
     for server in servers:
@@ -112,7 +116,7 @@ def keep_alive(reply: bytes) -> Behaviour:
     return behaviour
 
 
-async def test_keep_alive_connection_is_reused_for_sequential_requests(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_keep_alive_connection_is_reused_for_sequential_requests(raw: RawFactory) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await reader.readuntil(b"\r\n\r\n")
@@ -126,7 +130,7 @@ async def test_keep_alive_connection_is_reused_for_sequential_requests(raw) -> N
     assert server.connections == 1
 
 
-async def test_max_connections_makes_a_second_caller_wait_for_the_first_connection(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_max_connections_makes_a_second_caller_wait_for_the_first_connection(raw: RawFactory) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await reader.readuntil(b"\r\n\r\n")
@@ -138,11 +142,11 @@ async def test_max_connections_makes_a_second_caller_wait_for_the_first_connecti
         return await body_of(await get(pool))
 
     server, pool = await raw(behaviour, max_connections=1)
-    assert await asyncio.wait_for(asyncio.gather(one(), one(), one()), 5) == [b"!", b"!", b"!"]
+    assert list(await asyncio.wait_for(asyncio.gather(one(), one(), one()), 5)) == [b"!", b"!", b"!"]
     assert server.connections == 1
 
 
-async def test_idle_pooled_connection_is_closed_after_idle_timeout(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_idle_pooled_connection_is_closed_after_idle_timeout(raw: RawFactory) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
@@ -155,13 +159,13 @@ async def test_idle_pooled_connection_is_closed_after_idle_timeout(raw) -> None:
     assert server.closed == 1
 
 
-async def test_chunked_response_is_decoded(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_chunked_response_is_decoded(raw: RawFactory) -> None:
     _, pool = await raw(keep_alive(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                    b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"))
     assert await body_of(await get(pool)) == b"abcde"
 
 
-async def test_close_delimited_body_ends_at_eof_and_the_connection_is_not_reused(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_close_delimited_body_ends_at_eof_and_the_connection_is_not_reused(raw: RawFactory) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
@@ -173,7 +177,7 @@ async def test_close_delimited_body_ends_at_eof_and_the_connection_is_not_reused
     assert server.connections == 2
 
 
-async def test_head_response_has_no_body_and_the_connection_stays_usable(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_head_response_has_no_body_and_the_connection_stays_usable(raw: RawFactory) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -190,20 +194,20 @@ async def test_head_response_has_no_body_and_the_connection_stays_usable(raw) ->
     assert server.connections == 1
 
 
-async def test_interim_100_continue_is_skipped(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_interim_100_continue_is_skipped(raw: RawFactory) -> None:
     _, pool = await raw(keep_alive(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx"))
     response = await get(pool, "POST", b"data")
     assert (response.status, await body_of(response)) == (201, b"x")
 
 
-async def test_204_and_304_have_no_body_and_keep_the_connection(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_204_and_304_have_no_body_and_keep_the_connection(raw: RawFactory) -> None:
     _, pool = await raw(keep_alive(b"HTTP/1.1 204 No Content\r\n\r\n"))
     for _ in range(2):
         response = await get(pool)
         assert (response.status, await body_of(response)) == (204, b"")
 
 
-async def test_streamed_request_body_is_sent_chunked(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_streamed_request_body_is_sent_chunked(raw: RawFactory) -> None:
     received = asyncio.get_running_loop().create_future()
 
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -221,7 +225,7 @@ async def test_streamed_request_body_is_sent_chunked(raw) -> None:  # type: igno
     assert await received == b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
 
 
-async def test_stalled_body_fails_the_read_with_an_upstream_timeout(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_stalled_body_fails_the_read_with_an_upstream_timeout(raw: RawFactory) -> None:
     _, pool = await raw(stalls_after(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
     response = await get(pool, idle_s=0.05)
     assert await response.read() == b"abc"
@@ -231,7 +235,7 @@ async def test_stalled_body_fails_the_read_with_an_upstream_timeout(raw) -> None
     response.close()
 
 
-async def test_body_cut_short_is_an_upstream_reset_without_a_parse_cause(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_body_cut_short_is_an_upstream_reset_without_a_parse_cause(raw: RawFactory) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
@@ -247,7 +251,7 @@ async def test_body_cut_short_is_an_upstream_reset_without_a_parse_cause(raw) ->
     response.close()
 
 
-async def test_invalid_chunk_framing_is_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_invalid_chunk_framing_is_an_upstream_protocol_error(raw: RawFactory) -> None:
     _, pool = await raw(stalls_after(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"))
     response = await get(pool)
     with pytest.raises(UpstreamBodyProtocolError) as caught:
@@ -256,13 +260,13 @@ async def test_invalid_chunk_framing_is_an_upstream_protocol_error(raw) -> None:
     response.close()
 
 
-async def test_garbage_instead_of_a_head_is_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_garbage_instead_of_a_head_is_an_upstream_protocol_error(raw: RawFactory) -> None:
     _, pool = await raw(stalls_after(b"SSH-2.0-OpenSSH_9.6\r\n"))
     with pytest.raises(errors.UpstreamProtocolError):
         await get(pool)
 
 
-async def test_close_before_the_head_is_an_upstream_reset(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_close_before_the_head_is_an_upstream_reset(raw: RawFactory) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
 
@@ -290,8 +294,8 @@ async def test_reused_connection_idle_past_the_threshold_closed_before_any_respo
     assert server.connections == 1
 
 
-async def test_reused_connection_busy_moments_ago_closed_before_any_response_byte_is_a_plain_reset(  # type: ignore[no-untyped-def]
-        raw, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_reused_connection_busy_moments_ago_closed_before_any_response_byte_is_a_plain_reset(
+        raw: RawFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """No keep-alive timeout fires on a connection just used: the upstream had the request, so no resend."""
     monkeypatch.setattr(h1client, "STALE_IDLE_S", 5.0)
     _server, pool = await raw(_close_on_second)
@@ -301,7 +305,7 @@ async def test_reused_connection_busy_moments_ago_closed_before_any_response_byt
     assert not isinstance(info.value, StaleConnection)
 
 
-async def test_a_complete_response_released_unread_leaves_its_connection_reusable(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_a_complete_response_released_unread_leaves_its_connection_reusable(raw: RawFactory) -> None:
     """A retried 503's body is never read: its connection still goes back to the pool."""
     server, pool = await raw(keep_alive(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"))
     for _ in range(3):
@@ -313,7 +317,7 @@ async def test_a_complete_response_released_unread_leaves_its_connection_reusabl
     assert server.connections == 1
 
 
-async def test_a_released_response_whose_last_read_paused_the_transport_leaves_it_reading(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_a_released_response_whose_last_read_paused_the_transport_leaves_it_reading(raw: RawFactory) -> None:
     """A body over the 256 KiB buffer that arrives whole pauses reading; the pooled connection must resume."""
     big = b"x" * 300_000
     server, pool = await raw(keep_alive(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n%b"
@@ -328,7 +332,7 @@ async def test_a_released_response_whose_last_read_paused_the_transport_leaves_i
     assert server.connections == 1  # each next request on the same connection got its answer
 
 
-async def test_a_fresh_connection_at_the_limit_closes_the_oldest_idle_one_to_make_room(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_a_fresh_connection_at_the_limit_closes_the_oldest_idle_one_to_make_room(raw: RawFactory) -> None:
     server, pool = await raw(keep_alive(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), max_connections=1)
     assert await body_of(await get(pool)) == b"ok"  # one idle connection: the pool is at its limit
     conn = await asyncio.wait_for(pool.acquire(1.0, fresh=True), 2)
@@ -338,7 +342,7 @@ async def test_a_fresh_connection_at_the_limit_closes_the_oldest_idle_one_to_mak
 
 
 @pytest.mark.parametrize("coding", ["gzip, chunked", "deflate", "chunked, chunked"])
-async def test_transfer_coding_other_than_chunked_is_an_upstream_protocol_error(raw, coding: str) -> None:  # type: ignore[no-untyped-def]
+async def test_transfer_coding_other_than_chunked_is_an_upstream_protocol_error(raw: RawFactory, coding: str) -> None:
     reply = f"HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n2\r\nok\r\n0\r\n\r\n".encode()
     _, pool = await raw(keep_alive(reply))
     with pytest.raises(errors.UpstreamProtocolError):
@@ -358,13 +362,13 @@ async def test_refused_connection_is_an_upstream_connect_failure_that_was_not_se
     await pool.close()
 
 
-async def test_header_field_over_8190_bytes_is_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_header_field_over_8190_bytes_is_an_upstream_protocol_error(raw: RawFactory) -> None:
     _, pool = await raw(keep_alive(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 0\r\n\r\n"))
     with pytest.raises(errors.UpstreamProtocolError):
         await get(pool)
 
 
-async def test_head_that_never_ends_is_cut_off_as_an_upstream_protocol_error(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_head_that_never_ends_is_cut_off_as_an_upstream_protocol_error(raw: RawFactory) -> None:
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
@@ -378,7 +382,7 @@ async def test_head_that_never_ends_is_cut_off_as_an_upstream_protocol_error(raw
         await get(pool)
 
 
-async def test_utf8_header_values_and_reason_come_through_unchanged(raw) -> None:  # type: ignore[no-untyped-def]
+async def test_utf8_header_values_and_reason_come_through_unchanged(raw: RawFactory) -> None:
     _, pool = await raw(keep_alive("HTTP/1.1 200 Très bien\r\nX-Name: Zoë\r\nContent-Length: 0\r\n\r\n".encode()))
     response = await get(pool)
     assert (response.reason, response.headers["X-Name"]) == ("Très bien", "Zoë")

@@ -247,6 +247,7 @@ async def test_promtool_check_metrics_passes_on_the_exposition(
         promtool, "check", "metrics", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     out, err = await asyncio.wait_for(process.communicate(text.encode()), 30)
+    assert process.returncode is not None
     result = subprocess.CompletedProcess([promtool], process.returncode, out.decode(), err.decode())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr

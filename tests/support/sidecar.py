@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import yaml
@@ -12,6 +13,9 @@ from proxy.clock import SystemClock
 from proxy.config import Config, load_config
 from proxy.lifecycle import Sidecar
 from proxy.telemetry.metrics import Metrics
+
+# The `sidecar_factory` fixture (tests/conftest.py): a config dict (plus Sidecar keywords) -> a started Sidecar.
+SidecarFactory = Callable[..., Awaitable[Sidecar]]
 
 
 def base_config(upstream_url: str, **route_overrides: Any) -> dict[str, Any]:

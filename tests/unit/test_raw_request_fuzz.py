@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -54,7 +54,7 @@ RAW = st.one_of(st.binary(min_size=1, max_size=512), _near_valid,
 
 
 @pytest.fixture(scope="module")
-def loop_and_sidecar() -> AsyncIterator[tuple[asyncio.AbstractEventLoop, Sidecar]]:
+def loop_and_sidecar() -> Iterator[tuple[asyncio.AbstractEventLoop, Sidecar]]:
     loop = asyncio.new_event_loop()
     upstream = ScriptedUpstream()
     loop.run_until_complete(upstream.start())

@@ -77,8 +77,8 @@ def test_a_valid_adaptive_config_loads_with_the_issue_defaults() -> None:
     loaded = to_config(config)
     timeout = loaded.listeners[0].routes[0].timeout
     assert timeout.adaptive is not None
-    assert (timeout.adaptive.percentile, timeout.adaptive.multiplier, timeout.adaptive.min,
-            timeout.adaptive.window, timeout.adaptive.min_samples) == (99, 2, 0.02, 30, 50)
+    assert (float(timeout.adaptive.percentile), float(timeout.adaptive.multiplier), float(timeout.adaptive.min),
+            float(timeout.adaptive.window), timeout.adaptive.min_samples) == (99.0, 2.0, 0.02, 30.0, 50)
     hedge = loaded.listeners[0].routes[0].hedge
     assert hedge is not None and (hedge.delay, hedge.percentile, hedge.max_extra_load, hedge.max_hedges) == (
         "auto", 95, 0.05, 1)

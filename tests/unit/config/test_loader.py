@@ -500,10 +500,10 @@ def test_validate_of_a_missing_file_exits_1_without_traceback(tmp_path: Path) ->
     assert "cannot read" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_readme_policy_blocks_validate_as_written_under_defaults() -> None:
-    """The README's "Policy blocks" YAML, pasted as it stands (fallback's bare ``on:`` included)."""
-    readme = (REPO / "README.md").read_text()
-    block = readme.partition("### Policy blocks")[2].partition("```yaml\n")[2].partition("```")[0]
+def test_the_documented_policy_blocks_validate_as_written_under_defaults() -> None:
+    """docs/configuration.md's "Policy blocks" YAML, pasted as it stands (fallback's bare ``on:`` included)."""
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    block = reference.partition("## Policy blocks")[2].partition("```yaml\n")[2].partition("```")[0]
     assert "fallback:" in block and "\n  on: [" in block
     indented = "\n".join("  " + line for line in block.splitlines())
     doc = f"""\
@@ -516,6 +516,13 @@ listeners: [{{name: main, address: "127.0.0.1:15001", routes: [{{name: d, upstre
     route = load_config(doc, env={}).listeners[0].routes[0]
     assert route.fallback is not None and route.fallback.on == ("circuit_open",)
     assert route.retry.max_attempts == 3
+
+
+def test_the_readme_short_config_validates() -> None:
+    readme = (REPO / "README.md").read_text()
+    block = readme.partition("## A short config")[2].partition("```yaml\n")[2].partition("```")[0]
+    config = load_config(block, env={})
+    assert [route.name for route in config.listeners[0].routes] == ["charges", "default"]
 
 
 def test_every_bad_key_of_one_block_is_reported_not_only_the_first() -> None:

@@ -36,8 +36,8 @@ def test_global_limit_and_redis_idempotency_load_with_their_defaults() -> None:
     assert config.redis.timeout == pytest.approx(0.02)
     assert route.rate_limit is not None and route.rate_limit.scope == "global"
     assert route.rate_limit.on_store_error == "local" and route.rate_limit.shadow is False
-    assert route.idempotency is not None and route.idempotency.ttl == 3600 and route.idempotency.max_response_bytes \
-        == 64 * 1024
+    assert route.idempotency is not None and float(route.idempotency.ttl) == 3600
+    assert route.idempotency.max_response_bytes == 64 * 1024
 
 
 def test_defaults_keep_limits_local_and_idempotency_off() -> None:

@@ -137,6 +137,6 @@ def test_dead_letter_config_loads_with_the_documented_units(tmp_path: Path) -> N
     data = _config(tmp_path, dead_letter={"dir": str(tmp_path), "max_bytes": "1GiB", "max_age": "7d"})
     data["listeners"][0]["routes"][0]["dead_letter"].update(max_body="1MiB", omit_headers=["authorization"])
     config = load_config(yaml.safe_dump(data), env={})
-    assert config.dead_letter is not None and config.dead_letter.max_age == 7 * 86400
+    assert config.dead_letter is not None and float(config.dead_letter.max_age) == 7 * 86400
     route = config.listeners[0].routes[0].dead_letter
     assert route is not None and route.max_body == 1024 * 1024 and route.unsafe_methods is False

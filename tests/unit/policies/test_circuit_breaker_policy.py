@@ -25,16 +25,11 @@ from proxy.errors import (
 )
 from proxy.policies.breaker import BreakerState, CircuitBreaker
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
+from tests.support.spans import EventSpan, record_events
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
 
-class Span:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
-        self.events.append((name, attributes))
 
 
 def make(consecutive: int = 2, codes: tuple[int, ...] = (500, 502, 503, 504),
@@ -59,7 +54,7 @@ def make_slow_call() -> tuple[CircuitBreakerPolicy, CircuitBreaker, FakeClock]:
 
 def request() -> ProxyRequest:
     req = ProxyRequest("GET", "/", CIMultiDict(), RequestBody(None), request_id="rid")
-    req.span = Span()  # type: ignore[assignment]
+    record_events(req)
     return req
 
 
@@ -149,7 +144,7 @@ async def test_open_breaker_fails_fast_with_retry_after_and_event() -> None:
     assert caught.value.status == 503 and caught.value.code == "circuit_open"
     assert caught.value.retry_after == pytest.approx(breaker.open_until - clock.now())
     assert 1.0 <= caught.value.retry_after <= 1.5  # type: ignore[operator]
-    assert isinstance(req.span, Span)
+    assert isinstance(req.span, EventSpan)
     assert [name for name, _ in req.span.events] == ["circuit_open"]
 
 

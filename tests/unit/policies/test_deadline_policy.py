@@ -6,7 +6,6 @@ Both time out on the event loop's clock; the waits here are a few milliseconds a
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from multidict import CIMultiDict
@@ -17,20 +16,13 @@ from proxy.errors import DeadlineExceeded, UpstreamTimeout
 from proxy.policies.deadline import Deadline
 from proxy.policies.timeout import AttemptTimeout
 from proxy.telemetry.metrics import Metrics
-
-
-class Span:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
-        self.events.append((name, attributes))
+from tests.support.spans import EventSpan, record_events
 
 
 def request(timeout_override: float | None = None) -> ProxyRequest:
     req = ProxyRequest("GET", "/", CIMultiDict(), RequestBody(None), request_id="rid",
                        timeout_override=timeout_override)
-    req.span = Span()  # type: ignore[assignment]
+    record_events(req)
     return req
 
 
@@ -85,7 +77,7 @@ async def test_deadline_exceeded_is_504_with_event_metric_and_attempts() -> None
         await deadline(req, two_attempts)
     assert (caught.value.status, caught.value.code, caught.value.attempts) == (504, "deadline_exceeded", 2)
     assert timeouts(metrics, "total") == 1
-    assert isinstance(req.span, Span)
+    assert isinstance(req.span, EventSpan)
     assert [name for name, _ in req.span.events] == ["deadline_exceeded"]
 
 

@@ -15,14 +15,7 @@ from proxy.config.types import RateLimitConfig, RateLimitKey
 from proxy.errors import RateLimited
 from proxy.policies.rate_limit import RateLimit
 from proxy.telemetry.metrics import Metrics
-
-
-class Span:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
-        self.events.append((name, attributes))
+from tests.support.spans import EventSpan, record_events
 
 
 class Counting:
@@ -47,7 +40,7 @@ def request(tenant: str | None = None) -> ProxyRequest:
     if tenant is not None:
         headers["x-tenant"] = tenant
     req = ProxyRequest("GET", "/", headers, RequestBody(None), request_id="rid")
-    req.span = Span()  # type: ignore[assignment]
+    record_events(req)
     return req
 
 
@@ -69,7 +62,7 @@ async def test_burst_passes_then_429_with_ietf_headers() -> None:
     assert error.headers == {"RateLimit-Limit": "3", "RateLimit-Remaining": "0", "RateLimit-Reset": "2"}
     assert upstream.calls == 3
     assert limited(metrics) == 1
-    assert isinstance(req.span, Span)
+    assert isinstance(req.span, EventSpan)
     assert [name for name, _ in req.span.events] == ["rate_limited"]
 
 
@@ -151,7 +144,7 @@ async def test_queue_mode_waits_for_a_token_within_max_wait() -> None:
     assert clock.sleeps == [pytest.approx(0.1)]
     assert upstream.calls == 2
     assert limited(metrics) == 0
-    assert isinstance(req.span, Span)
+    assert isinstance(req.span, EventSpan)
     assert [name for name, _ in req.span.events] == ["rate_limit_queued"]
 
 

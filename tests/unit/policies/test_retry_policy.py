@@ -28,19 +28,11 @@ from proxy.policies.backoff import FullJitter, NoJitter, backoff_from_config
 from proxy.policies.budget import RetryBudget
 from proxy.policies.retry import Retry
 from proxy.telemetry.metrics import Metrics, RouteMetrics
+from tests.support.spans import EventSpan, record_events
 
 WALL = 1_700_000_000.0
 
 
-class Span:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
-        self.events.append((name, attributes))
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.events]
 
 
 class Upstream:
@@ -104,12 +96,12 @@ def make_request(method: str = "GET", headers: dict[str, str] | None = None, bod
     request = ProxyRequest(method, "/x", CIMultiDict(headers or {}), body or RequestBody(b"payload"),
                            request_id="rid", max_attempts=max_attempts)
     request.deadline = deadline
-    request.span = Span()  # type: ignore[assignment]
+    record_events(request)
     return request
 
 
 def events(request: ProxyRequest) -> list[str]:
-    assert isinstance(request.span, Span)
+    assert isinstance(request.span, EventSpan)
     return request.span.names()
 
 
@@ -321,7 +313,7 @@ async def test_jittered_backoff_waits_match_the_seeded_formula(jitter: str) -> N
 async def test_full_jitter_waits_stay_within_the_exponential_bound() -> None:
     clock = FakeClock()
     metrics = Metrics(process_collectors=False).for_route("r", "u")
-    config = make_config(max_attempts=4, budget=BudgetConfig(ratio=10.0, min_per_second=1000.0))  # type: ignore[arg-type]
+    config = make_config(max_attempts=4, budget=BudgetConfig(ratio=10.0, min_per_second=1000.0))
     retry = Retry(config, budget=RetryBudget.from_config(config.budget, clock),
                   backoff=FullJitter(0.1, 1.0, random.Random(3)), clock=clock, metrics=metrics)
     for _ in range(200):
@@ -335,7 +327,7 @@ async def test_backoff_span_events_name_reason_and_attempt() -> None:
     h = Harness(max_attempts=2)
     request = make_request()
     await h.send(Upstream(UpstreamReset, 200), request)
-    assert isinstance(request.span, Span)
+    assert isinstance(request.span, EventSpan)
     assert request.span.events == [
         ("backoff", {"outrigger.wait_s": 0.1, "outrigger.reason": "reset", "outrigger.attempt": 1}),
     ]

@@ -206,8 +206,8 @@ def test_failed_exports_are_counted_and_reported_once_per_interval(caplog: pytes
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
     tracing.shutdown(timeout_s=1)
     # The drops held back by the interval are reported at shutdown, as no later report will come.
-    reports = [r.getMessage() for r in caplog.records if r.name == "outrigger.tracing"]
-    assert len(reports) == 2 and reports[1].startswith("dropped 8 spans since the last report (at shutdown)")
+    messages = [r.getMessage() for r in caplog.records if r.name == "outrigger.tracing"]
+    assert len(messages) == 2 and messages[1].startswith("dropped 8 spans since the last report (at shutdown)")
 
 
 def test_while_exports_fail_only_probe_traces_are_recorded() -> None:

@@ -39,6 +39,13 @@ from proxy.telemetry.metrics import RouteMetrics
 from proxy.timers import TimerWheel
 
 
+def _blame_a_stalled_upload(request: ProxyRequest) -> None:
+    """The attempt timed out while waiting on the app's next body bytes: the app is the slow side."""
+    if request.body.waiting_on_app:
+        raise ClientTimeout("the app did not send its request body in time: the upload stalled "
+                            "within the attempt timeout") from None
+
+
 class LearnedTimeout(UpstreamTimeout):
     """The adaptive timeout, below ``attempt``, cut the attempt off (not a breaker failure)."""
 
@@ -75,9 +82,7 @@ class AttemptTimeout:
             except asyncio.CancelledError:
                 if not timer.take():
                     raise
-                if request.body.waiting_on_app:
-                    raise ClientTimeout("the app did not send its request body in time: the upload stalled "
-                                        "within the attempt timeout") from None
+                _blame_a_stalled_upload(request)
                 self._metrics.timeouts["attempt"].inc()
                 raise UpstreamTimeout(self._message) from None
             finally:
@@ -101,9 +106,7 @@ class AttemptTimeout:
         except asyncio.CancelledError:
             if not timer.take():
                 raise
-            if request.body.waiting_on_app:
-                raise ClientTimeout("the app did not send its request body in time: the upload stalled "
-                                    "within the attempt timeout") from None
+            _blame_a_stalled_upload(request)
             sketch.add(timeout, censored=True)
             self._metrics.timeouts["attempt"].inc()
             error = LearnedTimeout if timeout < self._attempt else UpstreamTimeout

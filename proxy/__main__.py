@@ -48,7 +48,7 @@ def _use_uvloop() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import prometheus_client
 
-    from proxy.lifecycle import Sidecar
+    from proxy.lifecycle.sidecar import Sidecar
     from proxy.logs import configure_logging
 
     args.log_level = args.log_level.lower()

@@ -22,7 +22,7 @@ from proxy.clock import Clock
 from proxy.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, config_hash
 from proxy.deadletter.policy import DeadLetter
 from proxy.deadletter.spool import Spool
-from proxy.endpoints.policy import Balance
+from proxy.edge.routing import Route, Router
 from proxy.policies.adaptive_timeout import AdaptiveTimeout
 from proxy.policies.backoff import backoff_from_config
 from proxy.policies.breaker import BreakerState, CircuitBreaker
@@ -39,14 +39,14 @@ from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
 from proxy.policies.stale_resend import StaleResend
 from proxy.policies.timeout import AttemptTimeout
-from proxy.routing import Route, Router
 from proxy.store.records import LocalRecords
 from proxy.telemetry.attempts import AttemptTelemetry
 from proxy.telemetry.breaker_events import BreakerEvents, iso_time
 from proxy.telemetry.metrics import BreakerMetrics, Metrics, UpstreamMetrics
 from proxy.telemetry.shared_state import IdempotencyMetrics, LimitMetrics
 from proxy.telemetry.tracing import Tracing
-from proxy.upstream import UpstreamCall, UpstreamPool
+from proxy.upstream.call import UpstreamCall, UpstreamPool
+from proxy.upstream.endpoints.policy import Balance
 
 if TYPE_CHECKING:  # redis-py is imported only when the config has a `redis:` block
     from proxy.store.redis import RedisStore

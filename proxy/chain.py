@@ -18,8 +18,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from proxy.h1client import H1Response, Informational
     from proxy.timers import Expiry
+    from proxy.upstream.connection import H1Response, Informational
 
 __all__ = ["AttemptTarget", "Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
 
@@ -67,7 +67,7 @@ class RequestBody:
 
 
 class AttemptTarget(Protocol):
-    """Where one attempt goes: an endpoint of a balanced upstream (``proxy.endpoints``)."""
+    """Where one attempt goes: an endpoint of a balanced upstream (``proxy.upstream.endpoints``)."""
 
     @property
     def address(self) -> str: ...

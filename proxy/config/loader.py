@@ -41,7 +41,7 @@ from proxy.config.types import (
     UpstreamConfig,
 )
 from proxy.config.units import Duration, Size, decode_hook
-from proxy.tls import client_context
+from proxy.upstream.tls import client_context
 
 __all__ = ["UNROUTED", "ConfigError", "ConfigIssue", "config_hash", "dead_letter_dir_problem", "load_config",
            "load_config_file", "parse_address", "same_socket"]

@@ -28,8 +28,8 @@ from proxy.config import RouteDeadLetterConfig
 from proxy.deadletter import HEADER, REPLAY_HEADER, REPLAY_OF_HEADER
 from proxy.deadletter.record import Entry, encode_entry, new_id
 from proxy.deadletter.spool import Spool
+from proxy.edge.headers import valid_traceparent
 from proxy.errors import ProxyError
-from proxy.headers import valid_traceparent
 from proxy.telemetry.metrics import Metrics
 
 __all__ = ["DeadLetter"]

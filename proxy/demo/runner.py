@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import load_config
 from proxy.demo.upstream import FlakyBehaviour, start
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from proxy.telemetry.metrics import Metrics
 
 __all__ = ["run_demo"]

@@ -2,11 +2,11 @@
 
 One ``asyncio.Protocol`` per app connection (``protocol``) parses requests with
 llhttp (httptools) and owns keep-alive, pipelining and flow control; each
-request then runs ``exchange.serve``: route, body, the route's policy chain,
-the streamed response and the request's telemetry.  Upgrades become byte
-tunnels (``tunnel``).  ``listener`` holds what one listener's connections share.
+request then runs ``exchange.serve``: route (``routing``), header rules
+(``headers``), body (``bodies``), the route's policy chain, the streamed
+response and the request's telemetry.  Upgrades become byte tunnels
+(``tunnel``).  ``listener`` holds what one listener's connections share.
+
+Import from the modules themselves: this package's ``__init__`` imports
+nothing, so the upstream side can use ``edge.headers`` without loading the edge.
 """
-
-from proxy.edge.listener import EdgeContext, ListenerEdge, ListenerSlot
-
-__all__ = ["EdgeContext", "ListenerEdge", "ListenerSlot"]

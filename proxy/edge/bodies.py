@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from proxy import errors
 from proxy.chain import ProxyResponse, RequestBody
+from proxy.edge.headers import ATTEMPTS_HEADER, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
 from proxy.edge.responses import connection_line, head_bytes, status_line
-from proxy.h1client import UpstreamBodyError, UpstreamBodyTimeout
-from proxy.headers import ATTEMPTS_HEADER, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
+from proxy.upstream.connection import UpstreamBodyError, UpstreamBodyTimeout
 
 if TYPE_CHECKING:
     from proxy.edge.protocol import EdgeProtocol

@@ -18,11 +18,11 @@ from proxy import errors
 from proxy.chain import ProxyRequest
 from proxy.edge.bodies import NO_BODY, read_request_body, send_response
 from proxy.edge.guard import origin_path
+from proxy.edge.headers import parse_overrides, request_id, upstream_headers
 from proxy.edge.responses import error_bytes
+from proxy.edge.routing import Route
 from proxy.edge.tunnel import open_tunnel
-from proxy.headers import parse_overrides, request_id, upstream_headers
 from proxy.logs import LogLimiter
-from proxy.routing import Route
 from proxy.telemetry import server_span
 from proxy.telemetry.access_log import AccessEntry
 

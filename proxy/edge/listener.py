@@ -1,7 +1,7 @@
 """What the connections of one listener share: its routes, limits, counters and the idle sweep.
 
 ``ListenerEdge`` is the protocol factory handed to ``loop.create_server``
-(``proxy.lifecycle``).  It keeps the set of open app connections (for the
+(``proxy.lifecycle.sidecar``).  It keeps the set of open app connections (for the
 connection cap, the keep-alive idle sweep and shutdown), the in-flight
 request and tunnel counts the lifecycle waits on while draining, and the
 metrics/access-log record of requests refused below the router.
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from proxy.clock import Clock
 from proxy.config import LimitsConfig
-from proxy.routing import Router
+from proxy.edge.routing import Router
 from proxy.telemetry.access_log import AccessEntry, AccessLog
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.telemetry.tracing import Tracing

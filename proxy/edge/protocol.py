@@ -26,9 +26,9 @@ from proxy import errors
 from proxy.edge.bodies import IncomingBody
 from proxy.edge.exchange import serve
 from proxy.edge.guard import describe_parse_error, extension_method
+from proxy.edge.headers import new_request_id
 from proxy.edge.request import EdgeRequest, Refused, check_head
 from proxy.edge.responses import error_bytes, head_bytes, header_lines, status_line
-from proxy.headers import new_request_id
 
 if TYPE_CHECKING:
     from proxy.edge.listener import ListenerEdge

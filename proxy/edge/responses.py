@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from http import HTTPStatus
 
+from proxy.edge.headers import ATTEMPTS_HEADER
 from proxy.errors import ErrorReply
-from proxy.headers import ATTEMPTS_HEADER
 
 __all__ = ["CLOSE", "KEEP_ALIVE", "error_bytes", "head_bytes", "reason_of", "status_line"]
 

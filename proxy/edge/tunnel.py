@@ -23,14 +23,14 @@ from urllib.parse import urlsplit
 from proxy import errors
 from proxy.chain import ProxyResponse
 from proxy.edge.bodies import read_request_body, send_response
+from proxy.edge.headers import connection_listed, strip_sidecar_headers, upstream_headers
 from proxy.edge.responses import head_bytes, header_lines, status_line
-from proxy.h1client import H1Connection
-from proxy.headers import connection_listed, strip_sidecar_headers, upstream_headers
+from proxy.upstream.connection import H1Connection
 
 if TYPE_CHECKING:
     from proxy.edge.protocol import EdgeProtocol
     from proxy.edge.request import EdgeRequest
-    from proxy.routing import Route
+    from proxy.edge.routing import Route
     from proxy.telemetry.propagation import TraceHeaders
 
 __all__ = ["Splice", "Tunnelled", "open_tunnel"]

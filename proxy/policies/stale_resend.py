@@ -23,9 +23,9 @@ tries are counted as attempts and traced as CLIENT spans.  The resend:
 from __future__ import annotations
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
-from proxy.h1client import StaleConnection
 from proxy.policies.budget import RetryBudget
 from proxy.telemetry.metrics import RouteMetrics
+from proxy.upstream.connection import StaleConnection
 
 REASON = "stale_connection"
 

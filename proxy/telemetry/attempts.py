@@ -17,13 +17,13 @@ from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.errors import DeadlineExceeded, ProxyError, UpstreamConnectFailure, UpstreamTimeout, UpstreamTlsError
 from proxy.telemetry.metrics import RouteMetrics
-from proxy.upstream import ConnectTimeout
+from proxy.upstream.call import ConnectTimeout
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from proxy.telemetry.tracing import Tracing
-    from proxy.upstream import UpstreamPool
+    from proxy.upstream.call import UpstreamPool
 
 
 def attempt_result(error: ProxyError) -> str:

@@ -66,7 +66,7 @@ from proxy.telemetry.settings import effective_service_name, effective_tracing
 if TYPE_CHECKING:
     from proxy.chain import ProxyRequest
     from proxy.telemetry.metrics import Metrics
-    from proxy.upstream import UpstreamPool
+    from proxy.upstream.call import UpstreamPool
 
 __all__ = ["Tracing"]
 

@@ -36,6 +36,7 @@ async def test_startup_breaker_transitions_and_reloads_are_logged_and_config_sho
                                                 "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
                                                 "OTEL_BSP_EXPORT_TIMEOUT": "200"}).start()
     try:
+        await sidecar.wait_log("outrigger ready")
         (ready,) = entries(sidecar, "outrigger ready")
         details = ready["details"]
         assert details["config_path"] == str(sidecar.config_path)
@@ -52,6 +53,7 @@ async def test_startup_breaker_transitions_and_reloads_are_logged_and_config_sho
 
             upstream.default = Reply(503)
             assert [await get(session, sidecar.url + "/x") for _ in range(3)] == [503, 503, 503]
+            await sidecar.wait_log("circuit breaker svc opened")  # log lines leave through a writer thread
             (opened,) = entries(sidecar, "circuit breaker svc opened")
             assert opened["level"] == "warning" and "2 consecutive failures" in opened["message"]
             assert opened["details"]["consecutive_failures"] == 2 and opened["details"]["from"] == "closed"

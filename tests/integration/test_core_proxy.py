@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.chain import ProxyRequest, ProxyResponse
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.ports import free_port
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, Reset, ScriptedUpstream

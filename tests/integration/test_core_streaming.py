@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.process import SidecarProcess
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream, Stream

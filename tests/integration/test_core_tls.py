@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.sidecar import base_config
 
 Factory = Callable[..., Awaitable[Sidecar]]

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.ports import free_port
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.raw import RawUpstream, exchange, header
 from tests.support.sidecar import base_config
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.raw import RawUpstream, header
 from tests.support.sidecar import base_config
 

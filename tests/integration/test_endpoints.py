@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy.config import ConfigError
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.ports import free_port
 from tests.support.sidecar import base_config, to_config
 from tests.support.upstream import Reply, ScriptedUpstream

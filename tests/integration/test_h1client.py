@@ -1,4 +1,4 @@
-"""The lean upstream client (``proxy.h1client``) against raw loopback servers.
+"""The lean upstream client (``proxy.upstream.connection``) against raw loopback servers.
 
 Each upstream here is a few lines of ``asyncio.start_server`` that writes exact
 bytes, so framing, keep-alive and failure cases are under the test's control.
@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy import errors, h1client
-from proxy.h1client import (
+from proxy import errors
+from proxy.upstream import connection as h1client
+from proxy.upstream.connection import (
     H1Response,
     InvalidResponse,
     StaleConnection,
@@ -22,7 +23,7 @@ from proxy.h1client import (
     UpstreamBodyProtocolError,
     UpstreamBodyTimeout,
 )
-from proxy.h1pool import H1Pool
+from proxy.upstream.pool import H1Pool
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.otlp_receiver import GrpcOtlpReceiver
 from tests.support.ports import free_port
 from tests.support.sidecar import base_config

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.sidecar import base_config
 from tests.support.upstream import Echo, Reply, ScriptedUpstream
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from proxy.config import TlsConfig, load_config
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.integration.test_core_tls import certs, https_url  # noqa: F401 - fixtures
 from tests.support.sidecar import base_config
 from tests.support.upstream import ScriptedUpstream

@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import h1client
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
+from proxy.upstream import connection as h1client
 from tests.integration.test_core_tls import certs, https_url  # noqa: F401 - fixtures
 from tests.support.ports import free_port
 from tests.support.sidecar import base_config

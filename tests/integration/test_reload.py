@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.ports import free_port
 from tests.support.sidecar import base_config, start_sidecar
 from tests.support.upstream import Reply, ScriptedUpstream

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.otlp_receiver import GrpcOtlpReceiver
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401  (fixture)

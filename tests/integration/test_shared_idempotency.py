@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
 from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream, Stream

@@ -16,10 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import h1client
 from proxy.chain import RequestBody
-from proxy.h1client import H1Connection
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
+from proxy.upstream import connection as h1client
+from proxy.upstream.connection import H1Connection
 from tests.integration.test_reliability_upstream_faults import (
     Behaviour,
     Factory,

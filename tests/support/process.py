@@ -200,8 +200,8 @@ class SidecarProcess:
 
 def _run_with_task_probe(argv: list[str]) -> int:
     """``outrigger run`` plus a SIGUSR1 handler that writes the asyncio task count to a file."""
-    from proxy import lifecycle
     from proxy.__main__ import main
+    from proxy.lifecycle import sidecar as lifecycle
 
     path = Path(os.environ[_PROBE_ENV])
     original = lifecycle.Sidecar.start

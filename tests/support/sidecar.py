@@ -11,7 +11,7 @@ import yaml
 
 from proxy.clock import SystemClock
 from proxy.config import Config, load_config
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from proxy.telemetry.metrics import Metrics
 
 # The `sidecar_factory` fixture (tests/conftest.py): a config dict (plus Sidecar keywords) -> a started Sidecar.

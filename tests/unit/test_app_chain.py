@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from proxy.app import build_runtime
 from proxy.chain import ProxyRequest, ProxyResponse, RequestBody, build_chain
 from proxy.clock import FakeClock
-from proxy.endpoints.policy import Balance
+from proxy.edge.routing import Route
 from proxy.policies.bulkhead import Bulkhead
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
 from proxy.policies.deadline import Deadline
@@ -28,10 +28,10 @@ from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
 from proxy.policies.stale_resend import StaleResend
 from proxy.policies.timeout import AttemptTimeout
-from proxy.routing import Route
 from proxy.telemetry.attempts import AttemptTelemetry
 from proxy.telemetry.metrics import Metrics
-from proxy.upstream import UpstreamCall
+from proxy.upstream.call import UpstreamCall
+from proxy.upstream.endpoints.policy import Balance
 from tests.support.sidecar import base_config, to_config
 
 

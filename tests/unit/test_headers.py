@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import BadRequest
-from proxy.headers import (
+from proxy.edge.headers import (
     connection_listed,
     parse_overrides,
     request_id,
@@ -15,6 +14,7 @@ from proxy.headers import (
     upstream_headers,
     valid_traceparent,
 )
+from proxy.errors import BadRequest
 
 VALID_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

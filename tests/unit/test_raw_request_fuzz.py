@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.lifecycle import Sidecar
+from proxy.lifecycle.sidecar import Sidecar
 from tests.support.sidecar import base_config, start_sidecar
 from tests.support.upstream import ScriptedUpstream
 

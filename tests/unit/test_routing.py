@@ -10,7 +10,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.app import build_runtime
 from proxy.clock import SystemClock
-from proxy.routing import Router
+from proxy.edge.routing import Router
 from proxy.telemetry.metrics import Metrics
 from tests.support.sidecar import base_config, to_config
 

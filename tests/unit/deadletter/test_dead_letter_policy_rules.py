@@ -12,7 +12,7 @@ from proxy.chain import ProxyRequest, RequestBody
 from proxy.config import MatchConfig, RouteConfig, RouteDeadLetterConfig
 from proxy.config.units import Size
 from proxy.deadletter.policy import DeadLetter
-from proxy.routing import Route
+from proxy.edge.routing import Route
 from proxy.telemetry.metrics import Metrics
 
 

@@ -10,9 +10,9 @@ import pytest
 from proxy.clock import FakeClock
 from proxy.config.types import OutlierDetectionConfig, OutlierFailureRateConfig
 from proxy.config.units import Duration
-from proxy.endpoints.balancer import P2CEwma, RoundRobin, picker
-from proxy.endpoints.ewma import FAILURE_PENALTY_S, PeakEwma
-from proxy.endpoints.outlier import OutlierDetector
+from proxy.upstream.endpoints.balancer import P2CEwma, RoundRobin, picker
+from proxy.upstream.endpoints.ewma import FAILURE_PENALTY_S, PeakEwma
+from proxy.upstream.endpoints.outlier import OutlierDetector
 
 
 class FakeEndpoint:

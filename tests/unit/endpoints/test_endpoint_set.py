@@ -12,9 +12,9 @@ from proxy import errors
 from proxy.clock import FakeClock
 from proxy.config.types import OutlierDetectionConfig, UpstreamConfig
 from proxy.config.units import Duration
-from proxy.endpoints.endpoint_set import Endpoint, EndpointSet
-from proxy.h1pool import H1Pool
 from proxy.telemetry.metrics import Metrics
+from proxy.upstream.endpoints.endpoint_set import Endpoint, EndpointSet
+from proxy.upstream.pool import H1Pool
 
 
 class FakePool:

@@ -19,7 +19,7 @@ from proxy.config import TelemetryConfig, TracingConfig, UpstreamConfig
 from proxy.logs import LogLimiter
 from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.tracing import Tracing
-from proxy.upstream import UpstreamPool
+from proxy.upstream.call import UpstreamPool
 
 SAMPLED_PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
 

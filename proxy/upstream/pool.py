@@ -1,4 +1,4 @@
-"""Keep-alive pools of ``proxy.h1client`` connections, one per upstream.
+"""Keep-alive pools of ``proxy.upstream.connection`` connections, one per upstream.
 
 At most ``max_connections`` connections are open (callers beyond that wait
 for one to come back), idle ones are reused last-in first-out and closed
@@ -14,7 +14,7 @@ import socket
 import ssl
 
 from proxy import errors
-from proxy.h1client import H1Connection
+from proxy.upstream.connection import H1Connection
 
 __all__ = ["ConnectTimeout", "H1Pool"]
 

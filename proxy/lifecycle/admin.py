@@ -1,7 +1,7 @@
 """Admin server: probes, metrics, the active config and runtime status.
 
 Served on its own port (never a proxy port), by default on 127.0.0.1 only.
-``/`` is the status page (``proxy.status_page``), fed by ``/status``.
+``/`` is the status page (``proxy.lifecycle.status_page``), fed by ``/status``.
 ``/healthz`` answers while the event loop runs; ``/readyz`` is 200 only while
 every configured listener is bound and turns 503 the moment draining starts.
 """
@@ -18,11 +18,11 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from proxy.config import to_builtins
-from proxy.status_page import PAGE
+from proxy.lifecycle.status_page import PAGE
 from proxy.telemetry.breaker_events import iso_time
 
 if TYPE_CHECKING:
-    from proxy.lifecycle import Sidecar
+    from proxy.lifecycle.sidecar import Sidecar
 
 __all__ = ["build_admin_app", "redact"]
 

@@ -10,7 +10,7 @@ over chunk by chunk with backpressure.
 Failures before the response head are raised as typed ``ProxyError``s;
 failures mid-body are raised as ``UpstreamBodyError`` subclasses carrying the
 public error code the edge reports.  Connections are pooled by
-``proxy.h1pool``; an upgrade (``request_upgrade``) runs on a dedicated
+``proxy.upstream.pool``; an upgrade (``request_upgrade``) runs on a dedicated
 connection that, once the upstream answers 101, becomes a raw byte pipe for
 the edge's tunnel (``proxy.edge.tunnel``).
 """
@@ -32,7 +32,7 @@ from proxy import errors
 log = logging.getLogger("outrigger.upstream")
 
 if TYPE_CHECKING:
-    from proxy.h1pool import H1Pool
+    from proxy.upstream.pool import H1Pool
 
 __all__ = ["H1Connection", "H1Response", "InvalidResponse", "StaleConnection", "UploadFailed", "UpstreamBodyError",
            "UpstreamBodyProtocolError", "UpstreamBodyTimeout"]

@@ -33,12 +33,11 @@ from aiohttp import web
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from proxy import __version__
-from proxy.admin import build_admin_app
 from proxy.app import Runtime, build_runtime
 from proxy.clock import Clock, SystemClock
 from proxy.config import UNROUTED, Config, ConfigError, LimitsConfig, load_config_file, parse_address, same_socket
-from proxy.edge import EdgeContext, ListenerEdge, ListenerSlot
-from proxy.edge.listener import TunnelMetrics
+from proxy.edge.listener import EdgeContext, ListenerEdge, ListenerSlot, TunnelMetrics
+from proxy.lifecycle.admin import build_admin_app
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.operator_log import config_changes, describe_changes, startup_details

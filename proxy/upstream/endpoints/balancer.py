@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from typing import Protocol
 
-from proxy.endpoints.ewma import PeakEwma
+from proxy.upstream.endpoints.ewma import PeakEwma
 
 __all__ = ["Pickable", "Picker", "picker"]
 

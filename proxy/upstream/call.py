@@ -1,7 +1,7 @@
 """Upstream connection pools and the innermost handler of every chain.
 
 One ``UpstreamPool`` exists per configured upstream.  It holds a lean HTTP/1.1
-keep-alive pool (``proxy.h1client``) for proxied requests; upgrades open a
+keep-alive pool (``proxy.upstream.connection``) for proxied requests; upgrades open a
 dedicated connection from the same pool settings.  ``UpstreamCall`` sends one
 attempt and returns as soon as the response headers arrive; the body is
 streamed later by the edge.  Every OS error is mapped to a typed
@@ -23,12 +23,12 @@ from proxy import errors
 from proxy.chain import AttemptTarget, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig, parse_address
-from proxy.endpoints.discovery import Discovery
-from proxy.endpoints.endpoint_set import Endpoint, EndpointSet, keep_warm
-from proxy.h1pool import ConnectTimeout, H1Pool
-from proxy.headers import strip_sidecar_headers
+from proxy.edge.headers import strip_sidecar_headers
 from proxy.telemetry.metrics import EndpointMetrics
-from proxy.tls import client_context
+from proxy.upstream.endpoints.discovery import Discovery
+from proxy.upstream.endpoints.endpoint_set import Endpoint, EndpointSet, keep_warm
+from proxy.upstream.pool import ConnectTimeout, H1Pool
+from proxy.upstream.tls import client_context
 
 __all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool", "map_client_error"]
 

@@ -16,7 +16,7 @@ from multidict import MultiMapping
 from proxy.chain import Handler
 from proxy.config import RouteConfig
 from proxy.telemetry.metrics import RouteMetrics
-from proxy.upstream import UpstreamPool
+from proxy.upstream.call import UpstreamPool
 
 __all__ = ["Route", "Router"]
 

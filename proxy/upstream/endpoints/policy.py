@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
-from proxy.endpoints.endpoint_set import EndpointSet
 from proxy.errors import ProxyError
 from proxy.telemetry.attempts import attempt_result, status_result
+from proxy.upstream.endpoints.endpoint_set import EndpointSet
 
 __all__ = ["Balance"]
 

@@ -25,11 +25,11 @@ from typing import Any
 from proxy import errors
 from proxy.clock import Clock
 from proxy.config.types import UpstreamConfig
-from proxy.endpoints.balancer import picker
-from proxy.endpoints.ewma import PeakEwma
-from proxy.endpoints.outlier import OutlierDetector, OutlierTracker
-from proxy.h1pool import H1Pool
 from proxy.telemetry.metrics import EndpointMetrics
+from proxy.upstream.endpoints.balancer import picker
+from proxy.upstream.endpoints.ewma import PeakEwma
+from proxy.upstream.endpoints.outlier import OutlierDetector, OutlierTracker
+from proxy.upstream.pool import H1Pool
 
 __all__ = ["Endpoint", "EndpointSet", "format_address", "keep_warm"]
 

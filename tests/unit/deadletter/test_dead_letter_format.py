@@ -67,7 +67,8 @@ def test_segment_files_and_their_directory_entries_are_0600_whatever_the_umask(t
 def test_state_changes_are_appended_marks_read_across_segments(tmp_path: Path) -> None:
     sidecar = SegmentWriter(str(tmp_path), 1 << 20)
     sidecar.append(encode_entry(_entry("a")) + encode_entry(_entry("b")) + encode_entry(_entry("c")))
-    before = _segments(tmp_path)[0].read_bytes()
+    (entries_segment,) = _segments(tmp_path)  # the only one yet: names do not sort by creation
+    before = entries_segment.read_bytes()
     cli = SegmentWriter(str(tmp_path), 1 << 20)
     cli.append(encode_mark(Mark(id="a", ts=1.0, kind="replay_failed", detail="answered 503")))
     cli.append(encode_mark(Mark(id="a", ts=2.0, kind="done")) + encode_mark(Mark(id="b", ts=2.0, kind="purged")))
@@ -75,7 +76,7 @@ def test_state_changes_are_appended_marks_read_across_segments(tmp_path: Path) -
     index.refresh()
     assert [ref.id for ref in index.live(expired_before=0.0)] == ["c"]
     assert index.state("a").replays == 1 and index.state("a").done
-    assert _segments(tmp_path)[0].read_bytes() == before  # the entries' segment was never rewritten
+    assert entries_segment.read_bytes() == before  # the entries' segment was never rewritten
     sidecar.close()
     cli.close()
 

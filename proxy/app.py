@@ -37,6 +37,7 @@ from proxy.policies.idempotency import Idempotency
 from proxy.policies.latency import LatencySketch
 from proxy.policies.rate_limit import RateLimit
 from proxy.policies.retry import Retry
+from proxy.policies.route_state import RouteState
 from proxy.policies.stale_resend import StaleResend
 from proxy.policies.timeout import AttemptTimeout
 from proxy.store.records import LocalRecords
@@ -105,16 +106,19 @@ class Runtime:
             entry: dict[str, Any] = {"listener": route.listener, "upstream": route.upstream,
                                      "http_route": route.prefix, **route.metrics.live.snapshot(),
                                      "active": bulkhead.active, "pending": bulkhead.pending}
-            if "rate_limit" in route.status:
-                entry["rate_limit"] = route.status["rate_limit"].snapshot()
-            if "retry" in route.status:
+            state = route.state
+            if state.rate_limit is not None:
+                entry["rate_limit"] = state.rate_limit.snapshot()
+            if state.retry is not None:
                 # whole retries the budget would allow now
-                entry["retry_budget_remaining"] = int(route.status["retry"].budget.remaining())
-            if "circuit_breaker" in route.status and route.config.circuit_breaker.scope == "route":
-                entry["circuit_breaker"] = _breaker_status(route.status["circuit_breaker"], clock)
-            for part in ("adaptive_timeout", "hedge"):  # learned values (docs/adaptive.md)
-                if part in route.status:
-                    entry[part] = route.status[part].snapshot()
+                entry["retry_budget_remaining"] = int(state.retry.budget.remaining())
+            if state.circuit_breaker is not None and route.config.circuit_breaker.scope == "route":
+                entry["circuit_breaker"] = _breaker_status(state.circuit_breaker, clock)
+            # learned values (docs/adaptive.md)
+            if state.adaptive_timeout is not None:
+                entry["adaptive_timeout"] = state.adaptive_timeout.snapshot()
+            if state.hedge is not None:
+                entry["hedge"] = state.hedge.snapshot()
             routes[route.name] = entry  # the `route` label of the metrics (route names are unique)
         status = {"version": self.version, "upstreams": upstreams, "routes": routes,
                   "breaker_transitions": list(self.breaker_events.recent)}
@@ -170,11 +174,12 @@ class _Carry:
         self.upstreams = previous.upstreams if previous else {}
         self.routes = {(r.listener, r.name): r for r in previous.routes} if previous else {}
 
-    def route_part(self, key: tuple[str, str], part: str, config: RouteConfig, block: str) -> Any:
+    def unchanged(self, key: tuple[str, str], config: RouteConfig, block: str) -> RouteState | None:
+        """The route's previous state when its ``block`` and its upstream are as before, else None."""
         old = self.routes.get(key)
         if old is not None and getattr(old.config, block) == getattr(config, block) \
                 and old.config.upstream == config.upstream:
-            return old.status.get(part)
+            return old.state
         return None
 
 
@@ -243,7 +248,7 @@ def _latency_sketch(key: tuple[str, str], config: RouteConfig, carry: _Carry, cl
         return None
     window = adaptive.window if adaptive is not None else _SKETCH_WINDOW_S
     old = carry.routes.get(key)
-    sketch = old.status.get("latency") if old is not None and old.config.upstream == config.upstream else None
+    sketch = old.state.latency if old is not None and old.config.upstream == config.upstream else None
     return sketch if sketch is not None and sketch.window_s == window else LatencySketch(window, clock)
 
 
@@ -252,7 +257,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     upstream = runtime.upstreams[config.upstream]
     route_metrics = metrics.for_route(config.name, config.upstream)
     key = (listener.name, config.name)
-    status: dict[str, Any] = {}
+    state = RouteState()  # filled below with the chain's stateful parts
     policies: list[Policy] = []
 
     # Dead letter: outermost, outside even fallback, so it sees only final outcomes (after every
@@ -269,7 +274,8 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     # Idempotency: inside the fallback (whose answers are not stored) and outside the rate limit,
     # so a replayed response costs no token and never reaches the upstream.
     if config.idempotency is not None:
-        old_idem = carry.route_part(key, "idempotency", config, "idempotency")
+        previous = carry.unchanged(key, config, "idempotency")
+        old_idem = previous.idempotency if previous is not None else None
         if old_idem is not None and config.idempotency.store == "redis" \
                 and getattr(old_idem.store, "store", None) is not runtime.redis:
             old_idem = None  # its Redis store was replaced by this reload
@@ -278,12 +284,13 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
             old_idem = Idempotency(config.idempotency, config.name, records, clock,
                                    IdempotencyMetrics(metrics, config.name), lock_ttl_s=config.timeout.total + 1.0)
         policies.append(old_idem)
-        status["idempotency"] = old_idem
+        state.idempotency = old_idem
 
     # Rate limit: before anything else spends work, so rejected requests cost
     # no deadline, budget, breaker probe or connection.
     if config.rate_limit is not None:
-        limiter = carry.route_part(key, "rate_limit", config, "rate_limit")
+        previous = carry.unchanged(key, config, "rate_limit")
+        limiter: RateLimit | GlobalRateLimit | None = previous.rate_limit if previous is not None else None
         if limiter is not None and getattr(limiter, "store", runtime.redis) is not runtime.redis:
             limiter = None  # a global limit on a store this reload replaced
         if limiter is None and config.rate_limit.scope == "global":
@@ -293,7 +300,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
         limiter = limiter or RateLimit(config.rate_limit, clock, route_metrics, metrics.rate_limit_shadowed.labels(
             route=config.name) if config.rate_limit.shadow else None)
         policies.append(limiter)
-        status["rate_limit"] = limiter
+        state.rate_limit = limiter
 
     # Deadline (total timeout): outside retry, so one clock bounds all tries and backoff.
     policies.append(Deadline(config.timeout.total, clock, route_metrics))
@@ -302,7 +309,8 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     breaker = upstream.breaker
     cb = config.circuit_breaker
     if cb.enabled and cb.scope == "route":
-        old = carry.route_part(key, "circuit_breaker", config, "circuit_breaker")
+        previous = carry.unchanged(key, config, "circuit_breaker")
+        old = previous.circuit_breaker if previous is not None else None
         breaker = old if old is not None else _breaker(
             cb, clock, rng, metrics.for_breaker(f"{config.upstream}/{config.name}"), runtime)
     if not cb.enabled:
@@ -310,11 +318,12 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
 
     # Retry: outside the breaker and bulkhead, so each attempt is gated and counted separately;
     # it asks the breaker first, so a retry it would refuse does not replace the last answer.
-    old_retry = carry.route_part(key, "retry", config, "retry")
+    previous = carry.unchanged(key, config, "retry")
+    old_retry = previous.retry if previous is not None else None
     budget = old_retry.budget if old_retry is not None else RetryBudget.from_config(config.retry.budget, clock)
     retry = Retry(config.retry, budget=budget, backoff=backoff_from_config(config.retry.backoff, rng),
                   clock=clock, metrics=route_metrics, gate=breaker.would_admit if breaker is not None else None)
-    status["retry"] = retry
+    state.retry = retry
     if config.retry.max_attempts > 1:
         policies.append(retry)
 
@@ -331,7 +340,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
                       spare=lambda: upstream.pool.h1.spare, gate=breaker.would_admit if breaker else None,
                       room=lambda: bulkhead.has_room)
         policies.append(hedge)
-        status["hedge"] = hedge
+        state.hedge = hedge
 
     # Circuit breaker: per attempt, so a retry is never sent to an open upstream;
     # outside the bulkhead, so fast-fails take no concurrency slot.
@@ -339,7 +348,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
         breaker_policy = CircuitBreakerPolicy(breaker, cb.failure_status_codes, clock,
                                               f"upstream {config.upstream}")
         policies.append(breaker_policy)
-        status["circuit_breaker"] = breaker_policy.breaker
+        state.circuit_breaker = breaker_policy.breaker
 
     # Bulkhead: per upstream and per attempt; holds the slot until the body is streamed.
     policies.append(upstream.bulkhead)
@@ -363,11 +372,11 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     # route's latency sketch, since it alone sees each try's time to headers and whether it cut it off.
     adaptive = None
     if sketch is not None:
-        status["latency"] = sketch
+        state.latency = sketch
         if config.timeout.adaptive is not None:
             adaptive = AdaptiveTimeout(config.timeout.adaptive, config.timeout.attempt, sketch,
                                        route_metrics.adaptive_timeout)
-            status["adaptive_timeout"] = adaptive
+            state.adaptive_timeout = adaptive
     policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics, adaptive=adaptive,
                                    sketch=sketch, clock=clock))
 
@@ -379,4 +388,4 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     if config.dead_letter is not None:  # ... or when a failure may be spooled, up to dead_letter.max_body
         buffer_limit = max(buffer_limit, int(config.dead_letter.max_body))
     return Route(name=config.name, listener=listener.name, config=config, pool=upstream.pool, handler=handler,
-                 metrics=route_metrics, buffer_limit=buffer_limit, status=status)
+                 metrics=route_metrics, buffer_limit=buffer_limit, state=state)

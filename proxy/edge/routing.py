@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from multidict import MultiMapping
 
 from proxy.chain import Handler
 from proxy.config import RouteConfig
+from proxy.policies.route_state import RouteState
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.upstream.call import UpstreamPool
 
@@ -30,7 +30,7 @@ class Route:
     handler: Handler
     metrics: RouteMetrics
     buffer_limit: int
-    status: dict[str, Any] = field(default_factory=dict)  # policy objects with snapshot() for /status
+    state: RouteState = field(default_factory=RouteState)  # stateful parts: for /status and reload carry-over
     prefix: str = "/"
     methods: frozenset[str] | None = None
     headers: tuple[tuple[str, str], ...] = ()

@@ -258,12 +258,12 @@ async def test_reload_keeps_the_global_limit_and_its_store_while_their_config_is
     data = global_config(upstream, redis_server, requests_per_second=50, burst=50)
     sidecar = await sidecar_factory(data)
     await get(client, url(sidecar))
-    store, limiter = sidecar.runtime.redis, sidecar.runtime.routes[0].status["rate_limit"]
+    store, limiter = sidecar.runtime.redis, sidecar.runtime.routes[0].state.rate_limit
     data["defaults"]["timeout"]["total"] = "4s"  # another block changes
     assert await sidecar.apply(to_config(data))
-    assert sidecar.runtime.redis is store and sidecar.runtime.routes[0].status["rate_limit"] is limiter
+    assert sidecar.runtime.redis is store and sidecar.runtime.routes[0].state.rate_limit is limiter
     data["redis"]["timeout"] = "30ms"  # the store changes: a new client, and limits that use it
     assert await sidecar.apply(to_config(data))
     assert sidecar.runtime.redis is not store and sidecar.runtime.redis is not None
-    assert sidecar.runtime.routes[0].status["rate_limit"].store is sidecar.runtime.redis
+    assert sidecar.runtime.routes[0].state.rate_limit.store is sidecar.runtime.redis
     assert (await get(client, url(sidecar)))[0] == 200

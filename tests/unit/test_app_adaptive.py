@@ -26,23 +26,24 @@ def adaptive_route(**timeout: Any) -> dict[str, Any]:
 def test_a_reload_keeps_the_learned_latencies_when_upstream_and_window_are_unchanged() -> None:
     clock = FakeClock()
     first = runtime(adaptive_route(), clock)
-    sketch = first.routes[0].status["latency"]
+    sketch = first.routes[0].state.latency
+    assert sketch is not None
     sketch.add(0.05)
     sketch.add(0.05)
     second = runtime(adaptive_route(total="4s"), clock, previous=first)
-    assert second.routes[0].status["latency"] is sketch
+    assert second.routes[0].state.latency is sketch
     learned = second.status(clock)["routes"]["default"]["adaptive_timeout"]
     assert learned["learned"] is True and learned["timeout_s"] == pytest.approx(0.1, rel=0.02)
     changed = adaptive_route()
     changed["listeners"][0]["routes"][0]["timeout"]["adaptive"]["window"] = "10s"
     third = runtime(changed, clock, previous=second)
-    assert third.routes[0].status["latency"] is not sketch  # a new window starts empty
+    assert third.routes[0].state.latency is not sketch  # a new window starts empty
 
 
 def test_routes_without_adaptive_blocks_have_no_sketch_and_show_nothing_new() -> None:
     clock = FakeClock()
     built = runtime(base_config("http://upstream:8080", hedge={"delay": "30ms"}), clock)
-    assert "latency" not in built.routes[0].status
+    assert built.routes[0].state.latency is None
     entry = built.status(clock)["routes"]["default"]
     assert "adaptive_timeout" not in entry
     assert entry["hedge"]["auto"] is False and entry["hedge"]["delay_s"] == 0.03

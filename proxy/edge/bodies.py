@@ -17,8 +17,6 @@ aborted, so it sees a broken response rather than a silently short one.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -27,6 +25,7 @@ from proxy import errors
 from proxy.chain import ProxyResponse, RequestBody
 from proxy.edge.headers import ATTEMPTS_HEADER, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
 from proxy.edge.responses import connection_line, head_bytes, status_line
+from proxy.streams import BodyBuffer
 from proxy.upstream.connection import UpstreamBodyError, UpstreamBodyTimeout
 
 if TYPE_CHECKING:
@@ -38,8 +37,6 @@ __all__ = ["NO_BODY", "IncomingBody", "Sent", "read_request_body", "send_respons
 log = logging.getLogger("outrigger.server")
 NO_BODY = RequestBody(None)  # immutable in practice: payload() of a bodiless request is always None
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_HIGH_WATER = 256 * 1024  # request body buffered from the app that pauses reading from it
-_LOW_WATER = 64 * 1024
 _BODYLESS_STATUS = frozenset({204, 304})
 # Replaced by the edge's own values; hop-by-hop ones never cross.
 _SKIP = HOP_BY_HOP | {REQUEST_ID_HEADER, ATTEMPTS_HEADER}
@@ -59,69 +56,33 @@ def _kind(name: str) -> int:
     return kind
 
 
-class IncomingBody:
-    """The app's request body as the parser delivers it; read by one consumer."""
+class IncomingBody(BodyBuffer):
+    """The app's request body as the parser delivers it; read by the request's task."""
 
-    __slots__ = ("_buffered", "_chunks", "_done", "_error", "_proto", "_waiter", "expect_continue", "received")
+    __slots__ = ("_proto", "expect_continue", "received")
 
     def __init__(self, proto: EdgeProtocol, expect_continue: bool) -> None:
+        super().__init__()
         self._proto = proto
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._done = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self.expect_continue = expect_continue  # answer 100 Continue on the first read that must wait
         self.received = 0
 
-    # --- fed by the protocol ---
-
     def feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
         self.received += len(chunk)
         self.expect_continue = False  # the app sent the body without waiting
-        if self._buffered > _HIGH_WATER:
-            self._proto.pause_for_body()
-        self._wake()
+        super().feed(chunk)
 
-    def finish(self) -> None:
-        self._done = True
-        self._wake()
+    def _pause(self) -> None:
+        self._proto.pause_for_body()
 
-    def fail(self, error: BaseException) -> None:
-        if not self._done and self._error is None:
-            self._error = error
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    @property
-    def complete(self) -> bool:
-        """Every byte of the body arrived (what is left may still be buffered)."""
-        return self._done and self._error is None
-
-    # --- read by the request's task ---
+    def _resume(self) -> None:
+        self._proto.resume_for_body()
 
     async def read(self, owner: RequestBody | None = None) -> bytes:
         """The next piece of the body, ``b""`` at its end."""
-        while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered < _LOW_WATER:
-                    self._proto.resume_for_body()
-                return chunk
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return b""
+        while (chunk := self._next_chunk()) is None:
             await self._wait(owner)
+        return chunk
 
     async def _wait(self, owner: RequestBody | None) -> None:
         proto = self._proto

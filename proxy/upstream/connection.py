@@ -18,7 +18,6 @@ the edge's tunnel (``proxy.edge.tunnel``).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +27,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy import errors
+from proxy.streams import BodyBuffer
 
 log = logging.getLogger("outrigger.upstream")
 
@@ -47,8 +47,6 @@ Informational = Callable[[int, str, list[tuple[str, str]]], None]
 _MAX_FIELD = 8190
 _MAX_HEADERS = 128
 _MAX_HEAD_READ = _MAX_HEADERS * (2 * _MAX_FIELD + 4) + _MAX_FIELD + 256 * 1024
-_HIGH_WATER = 256 * 1024  # buffered response body that pauses reading from the upstream
-_LOW_WATER = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -112,21 +110,17 @@ class _HeadTooLarge(Exception):
     """Raised from the parser callback when the response head exceeds aiohttp's limits."""
 
 
-class H1Response:
+class H1Response(BodyBuffer):
     """Status, headers and a streamed body; ``release()`` or ``close()`` exactly once."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "headers", "reason", "status")
+    __slots__ = ("_conn", "headers", "reason", "status")
 
     def __init__(self, conn: H1Connection, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+        super().__init__()
         self._conn: H1Connection | None = conn
         self.status = status
         self.reason = reason
         self.headers = headers
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._done = False  # the whole body was received
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def peer(self) -> tuple[str, int] | None:
@@ -136,37 +130,17 @@ class H1Response:
         peer = transport.get_extra_info("peername") if transport is not None else None
         return (str(peer[0]), int(peer[1])) if peer else None
 
-    # --- fed by the connection ---
+    # --- flow control towards the upstream (the connection feeds, finishes or fails the body) ---
 
-    def _feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > _HIGH_WATER and self._conn is not None:
+    def _pause(self) -> None:
+        if self._conn is not None:
             self._conn.pause_reading()
-        self._wake()
 
-    def _finish(self) -> None:
-        self._done = True
-        self._wake()
-
-    def _fail(self, error: BaseException) -> None:
-        if not self._done and self._error is None:
-            self._error = error
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+    def _resume(self) -> None:
+        if self._conn is not None:
+            self._conn.resume_reading()
 
     # --- read by the edge ---
-
-    @property
-    def complete(self) -> bool:
-        """The whole body is already here (``read_all_nowait`` then returns it)."""
-        return self._done and self._error is None
 
     def read_all_nowait(self) -> bytes:
         chunks = self._chunks
@@ -177,22 +151,13 @@ class H1Response:
 
     async def read(self) -> bytes:
         """The next piece of the body, ``b""`` at its end."""
-        while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered < _LOW_WATER and self._conn is not None:
-                    self._conn.resume_reading()
-                return chunk
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return b""
+        while (chunk := self._next_chunk()) is None:
             conn = self._conn
             if conn is None:
                 raise UpstreamBodyError("response body read after the connection was closed")
             waiter = self._waiter = conn.loop.create_future()
             await conn.wait_idle(waiter)
+        return chunk
 
     def release(self) -> None:
         """Done with the response: the connection goes back to the pool when the whole body arrived.
@@ -321,9 +286,9 @@ class H1Connection(asyncio.Protocol):
         if response is not None and not self._message_done:
             if not self._length_known and exc is None:
                 self._message_done = True  # a close-delimited body ends here
-                response._finish()
+                response.finish()
             else:
-                response._fail(UpstreamBodyError("upstream closed the connection before the response body ended"))
+                response.fail(UpstreamBodyError("upstream closed the connection before the response body ended"))
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_exception(ConnectionResetError("upstream connection lost"))
@@ -413,13 +378,13 @@ class H1Connection(asyncio.Protocol):
             head.set_result(response)
         if self._head_request:
             self._message_done = True
-            response._finish()
+            response.finish()
             raise _HeadDone
 
     def on_body(self, body: bytes) -> None:
         response = self._response
         if response is not None:
-            response._feed(body)
+            response.feed(body)
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -427,7 +392,7 @@ class H1Connection(asyncio.Protocol):
             return
         self._message_done = True
         if self._response is not None:
-            self._response._finish()
+            self._response.finish()
 
     # --- flow control and timers ---
 
@@ -469,7 +434,7 @@ class H1Connection(asyncio.Protocol):
             self._idle_handle = self.loop.call_at(due, self._idle_check)
             return
         if self._response is not None:  # reading the body: the head is bounded by the attempt timeout
-            self._response._fail(UpstreamBodyTimeout("upstream sent nothing within the idle timeout"))
+            self._response.fail(UpstreamBodyTimeout("upstream sent nothing within the idle timeout"))
             self._response._wake()
         self.close()
 
@@ -499,7 +464,7 @@ class H1Connection(asyncio.Protocol):
         elif self._response is not None:
             broken = UpstreamBodyProtocolError(f"response body broke off: {type(error).__name__}")
             broken.__cause__ = error
-            self._response._fail(broken)
+            self._response.fail(broken)
         self.close()
 
     # --- one request ---

@@ -430,18 +430,24 @@ async def main(only: list[str], seed: int) -> int:
             details[name] = result.details
         gc.collect()
         await asyncio.sleep(0.2)
+    return write_report("chaos.json", rows, details, load_before, {"offered_rps": RPS, "seed": seed})
+
+
+def write_report(file_name: str, rows: list[Row], details: dict[str, Any], load_before: tuple[float, float, float],
+                 extra: dict[str, Any]) -> int:
+    """Print the table, write ``results/<file_name>``; the exit code: 0 when every goal passed."""
     print(render(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "offered_rps": RPS, "seed": seed,
+        **extra,
         "rows": [{**asdict(row), "passed": row.passed} for row in rows],
         "details": details,
     }
-    (RESULTS / "chaos.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / 'chaos.json'}", file=sys.stderr)
+    (RESULTS / file_name).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / file_name}", file=sys.stderr)
     return 0 if all(row.passed for row in rows) else 1
 
 

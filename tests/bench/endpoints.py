@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import platform
 import random
 import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,7 +31,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from tests.bench.chaos import RESULTS, Result, Row, SidecarProcess, offer, percentile, render
+from tests.bench.chaos import Result, Row, SidecarProcess, offer, percentile, write_report
 from tests.support.ports import free_port
 
 RPS = 200
@@ -306,17 +303,7 @@ async def main(only: list[str], idle_s: float) -> int:
             result.details["wall_s"] = round(time.monotonic() - started, 1)
             rows.extend(result.rows)
             details[name] = result.details
-    print(render(rows))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {
-        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "offered_rps": RPS, "rows": [{**asdict(row), "passed": row.passed} for row in rows], "details": details,
-    }
-    (RESULTS / "endpoints.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / 'endpoints.json'}", file=sys.stderr)
-    return 0 if all(row.passed for row in rows) else 1
+    return write_report("endpoints.json", rows, details, load_before, {"offered_rps": RPS})
 
 
 def cli() -> int:

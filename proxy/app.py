@@ -46,6 +46,7 @@ from proxy.telemetry.breaker_events import BreakerEvents, iso_time
 from proxy.telemetry.metrics import BreakerMetrics, Metrics, UpstreamMetrics
 from proxy.telemetry.shared_state import IdempotencyMetrics, LimitMetrics
 from proxy.telemetry.tracing import Tracing
+from proxy.timers import TimerWheel
 from proxy.upstream.call import UpstreamCall, UpstreamPool
 from proxy.upstream.endpoints.policy import Balance
 
@@ -82,6 +83,9 @@ class Runtime:
     spool: Spool | None = None  # the dead-letter spool (top-level dead_letter), shared by its routes
     redis: RedisStore | None = None  # the shared store (top-level `redis:`), kept across reloads while unchanged
     retired_redis: RedisStore | None = None  # the previous one, when a reload changed `redis:`; to close()
+    # The one timer wheel of the sidecar's event loop, for every route's deadline and attempt
+    # timeout; carried over by reloads, so requests of old and new chains share it.
+    timers: TimerWheel = field(default_factory=TimerWheel)
 
     def status(self, clock: Clock) -> dict[str, Any]:
         """Runtime state for /status: integer counts, seconds rounded, ISO times, routes keyed as in metrics."""
@@ -189,6 +193,7 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
     runtime = Runtime(config=config, version=config_hash(config), upstreams={}, routers={})
     if previous is not None:
         runtime.breaker_events = previous.breaker_events
+        runtime.timers = previous.timers
     if config.dead_letter is not None:  # one spool per process: kept across reloads that leave it unchanged
         old_spool = previous.spool if previous is not None else None
         runtime.spool = old_spool if old_spool is not None and old_spool.config == config.dead_letter \
@@ -303,7 +308,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
         state.rate_limit = limiter
 
     # Deadline (total timeout): outside retry, so one clock bounds all tries and backoff.
-    policies.append(Deadline(config.timeout.total, clock, route_metrics))
+    policies.append(Deadline(config.timeout.total, clock, route_metrics, runtime.timers))
 
     # The route's breaker: the upstream's, or its own with `scope: route`.
     breaker = upstream.breaker
@@ -377,7 +382,8 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
             adaptive = AdaptiveTimeout(config.timeout.adaptive, config.timeout.attempt, sketch,
                                        route_metrics.adaptive_timeout)
             state.adaptive_timeout = adaptive
-    policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics, adaptive=adaptive,
+    policies.append(AttemptTimeout(config.timeout.attempt, config.upstream, route_metrics, runtime.timers,
+                                   adaptive=adaptive,
                                    sketch=sketch, clock=clock))
 
     handler = build_chain(policies, UpstreamCall(upstream.pool, config.timeout, clock))

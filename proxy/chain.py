@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from proxy.timers import Expiry
     from proxy.upstream.connection import H1Response, Informational
 
-__all__ = ["AttemptTarget", "Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody", "build_chain"]
+__all__ = ["AttemptTarget", "AttemptsSent", "Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody",
+           "build_chain"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -66,6 +67,22 @@ class RequestBody:
             yield chunk
 
 
+class AttemptsSent:
+    """How many attempts went to the upstream for one request: the single owner of that count.
+
+    Written only by ``proxy.upstream.call.UpstreamCall`` (each call is one attempt sent: a
+    connect, then the request); shared by a request and its hedged forks.  The
+    ``x-outrigger-attempts`` header, the access log, the SERVER span and the dead-letter
+    entry all read it.  Refusals above the upstream (rate limit, breaker, bulkhead) never
+    reach the upstream call, so they are no attempt.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class AttemptTarget(Protocol):
     """Where one attempt goes: an endpoint of a balanced upstream (``proxy.upstream.endpoints``)."""
 
@@ -74,10 +91,29 @@ class AttemptTarget(Protocol):
 
 
 class ProxyRequest:
-    """One request from the app, as it moves through a route's chain."""
+    """One request from the app, as it moves through a route's chain.
+
+    Fields one layer writes for another (so the chain order in ``proxy.app`` is
+    load-bearing; ``tests/unit/test_app_chain.py`` pins it).  Writer -> readers:
+
+    ``timeout_override``  edge (x-outrigger-timeout-ms, less the body read); tightened by the
+                          waits of ``RateLimit``/``GlobalRateLimit``/``Idempotency`` -> ``Deadline``
+    ``deadline``, ``deadline_timer``  ``Deadline`` -> ``Retry``, ``Hedge``, ``Idempotency``,
+                          ``AttemptTimeout``, ``UpstreamCall`` (x-outrigger-expected-timeout-ms)
+    ``attempt``           ``Retry`` per attempt, +1 by ``StaleResend`` -> ``UpstreamCall``
+                          (x-outrigger-attempt), ``AttemptTimeout`` (adaptive), CLIENT spans
+    ``attempts_sent``     ``UpstreamCall`` only -> edge (header, access log, SERVER span), dead letter
+    ``endpoint``, ``tried``  ``Balance`` -> ``UpstreamCall``, ``AttemptTelemetry``, access log
+    ``upstream_s``        ``AttemptTelemetry`` (``Hedge`` adds its forks') -> ``CircuitBreakerPolicy``
+                          (slow calls), access log
+    ``attempt_timeout_s`` ``AttemptTimeout`` (adaptive) -> ``AttemptTelemetry`` (span attribute)
+    ``stale_resent``, ``fresh_connection``  ``StaleResend`` -> itself, ``UpstreamCall``
+    ``hedge``             ``Hedge`` (on its fork) -> ``AttemptTelemetry``
+    """
 
     __slots__ = (
-        "attempt", "attempt_timeout_s", "body", "deadline", "deadline_timer", "endpoint", "fresh_connection",
+        "attempt", "attempt_timeout_s", "attempts_sent", "body", "deadline", "deadline_timer", "endpoint",
+        "fresh_connection",
         "headers", "hedge", "idempotency_key", "informational", "max_attempts", "method", "path", "request_id",
         "span", "stale_resent", "timeout_override", "tried", "upstream_s",
     )
@@ -97,7 +133,11 @@ class ProxyRequest:
         self.span = span  # the SERVER span while it is recording, else None
         self.deadline = math.inf  # monotonic; set by the deadline policy
         self.deadline_timer: Expiry | None = None  # the deadline policy's timer
-        self.attempt = 0  # 1-based, set by the retry policy; the stale-connection resend adds one
+        # The number of the attempt under way (1-based; sent upstream as x-outrigger-attempt): set by
+        # the retry policy; the stale-connection resend adds one.  The count of attempts sent is
+        # ``attempts_sent``.
+        self.attempt = 1
+        self.attempts_sent = AttemptsSent()
         self.stale_resent = False  # the one keep-alive-race resend was spent (StaleResend)
         self.fresh_connection = False  # the next attempt skips idle pooled connections (set by StaleResend)
         self.idempotency_key = "idempotency-key" in headers
@@ -121,6 +161,7 @@ class ProxyRequest:
         copy.deadline = self.deadline
         copy.deadline_timer = self.deadline_timer
         copy.attempt = self.attempt
+        copy.attempts_sent = self.attempts_sent  # a hedge is an attempt of the same request
         copy.idempotency_key = self.idempotency_key
         # Shared, so a hedge prefers an endpoint the request has not tried (the Balance policy's rule).
         if self.tried is None:
@@ -151,7 +192,7 @@ class ProxyResponse:
     Callbacks added with ``on_release`` run exactly once either way.
     """
 
-    __slots__ = ("_callbacks", "attempts", "body", "error", "headers", "reused", "status", "upstream")
+    __slots__ = ("_callbacks", "body", "error", "headers", "reused", "status", "upstream")
 
     def __init__(self, status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str], *,
                  upstream: H1Response | None = None, body: bytes = b"") -> None:
@@ -159,7 +200,6 @@ class ProxyResponse:
         self.headers = headers
         self.upstream = upstream
         self.body = body
-        self.attempts = 1
         self.error: str | None = None  # the error code this response stands in for (fallback)
         self.reused = False  # came on a kept-alive (or preconnected) connection: no connect on its path
         self._callbacks: list[Callable[[], None]] | None = None

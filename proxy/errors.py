@@ -33,7 +33,6 @@ class ProxyError(Exception):
     retry_kind: ClassVar[str | None] = None  # the retry_on value this error matches
     breaker_failure: ClassVar[bool] = False  # counts against the upstream's circuit breaker
     sent: ClassVar[bool] = True  # the request may have reached the upstream
-    attempted: ClassVar[bool] = True  # an attempt was made (False: refused before one went out)
     client_fault: ClassVar[bool] = False  # the app's doing (its body, its pace): says nothing about the upstream
 
     def __init__(self, message: str, *, retry_after: float | None = None,
@@ -42,7 +41,6 @@ class ProxyError(Exception):
         self.message = message
         self.retry_after = retry_after
         self.headers = headers
-        self.attempts = 0  # upstream attempts made before this error ended the request
 
 
 class Internal(ProxyError):
@@ -86,7 +84,7 @@ class TransferCodingNotImplemented(ProxyError):
 
 
 class RateLimited(ProxyError):
-    status, code, sent, attempted = 429, "rate_limited", False, False
+    status, code, sent = 429, "rate_limited", False
 
 
 class UpstreamConnectFailure(ProxyError):
@@ -118,23 +116,23 @@ class DeadlineExceeded(ProxyError):
 
 
 class CircuitOpen(ProxyError):
-    status, code, sent, attempted = 503, "circuit_open", False, False
+    status, code, sent = 503, "circuit_open", False
 
 
 class Overflow(ProxyError):
-    status, code, sent, attempted = 503, "overflow", False, False
+    status, code, sent = 503, "overflow", False
 
 
 class IdempotencyKeyReused(ProxyError):
     """The Idempotency-Key was first used with another method, path or body (IETF httpapi draft: 422)."""
 
-    status, code, sent, attempted = 422, "idempotency_key_reused", False, False
+    status, code, sent = 422, "idempotency_key_reused", False
 
 
 class IdempotencyInProgress(ProxyError):
     """A request with the same Idempotency-Key is still in flight, on this replica or another (409)."""
 
-    status, code, sent, attempted = 409, "idempotency_in_progress", False, False
+    status, code, sent = 409, "idempotency_in_progress", False
 
 
 def retry_after_header(seconds: float) -> str:

@@ -75,22 +75,35 @@ class Expiry:
 
 
 class TimerWheel:
-    """Pending ``Expiry`` objects of one event loop, bucketed by millisecond."""
+    """Pending ``Expiry`` objects of one event loop, bucketed by millisecond.
 
-    __slots__ = ("_armed", "_buckets", "_handle", "_heap", "loop")
+    One per sidecar (so one per event loop), made by ``proxy.app`` and injected into
+    the policies that time requests out.  It binds to the loop it is first used on;
+    ``loop`` can also be given up front.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    __slots__ = ("_armed", "_buckets", "_handle", "_heap", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
         self._buckets: dict[int, set[Expiry]] = {}
         self._heap: list[int] = []
         self._armed = math.inf  # the bucket the loop timer is set for
         self._handle: asyncio.TimerHandle | None = None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def start(self, delay_s: float, *, yield_to_io: bool = False) -> Expiry:
         """A timeout for the current task, ``delay_s`` from now (``yield_to_io``: see the module docstring)."""
-        task = asyncio.current_task(self.loop)
-        assert task is not None, "a timeout needs a running task"
-        bucket = math.ceil((self.loop.time() + delay_s) / _RESOLUTION_S)
+        loop = self.loop
+        task = asyncio.current_task(loop)
+        assert task is not None, "a timeout needs a running task on the wheel's loop"
+        bucket = math.ceil((loop.time() + delay_s) / _RESOLUTION_S)
         expiry = Expiry(self, task, bucket, yield_to_io)
         pending = self._buckets.get(bucket)
         if pending is None:

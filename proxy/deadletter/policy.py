@@ -68,7 +68,7 @@ class DeadLetter:
             response = await call_next(request)
         except ProxyError as error:
             if error.code in self._on:
-                entry_id = await self._spool_request(request, error.code, error.attempts, error.message)
+                entry_id = await self._spool_request(request, error.code, request.attempts_sent.count, error.message)
                 if entry_id is not None:
                     error.headers = {**(error.headers or {}), HEADER: entry_id}
             raise
@@ -77,7 +77,7 @@ class DeadLetter:
         else:
             code = f"http_{response.status}" if self._http_5xx and response.status >= 500 else None
         if code is not None:
-            entry_id = await self._spool_request(request, code, response.attempts,
+            entry_id = await self._spool_request(request, code, request.attempts_sent.count,
                                                  f"the upstream answered {response.status}")
             if entry_id is not None:
                 headers = CIMultiDict(response.headers)

@@ -141,7 +141,7 @@ class Sent(NamedTuple):
     keep_alive: bool  # the connection stays open after this response
 
 
-async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyResponse, rid: str, *,
+async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyResponse, rid: str, attempts: int, *,
                         keep_alive: bool, idle_timeouts: Any) -> Sent:
     """Write the upstream's response (or a policy's) to the app."""
     upstream = proxied.upstream
@@ -162,7 +162,7 @@ async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyRes
         elif kind == _LENGTH:
             has_length = True
             lines.append(f"{name}: {value}\r\n")
-    lines.append(f"{REQUEST_ID_HEADER}: {rid}\r\n{ATTEMPTS_HEADER}: {proxied.attempts}\r\n")
+    lines.append(f"{REQUEST_ID_HEADER}: {rid}\r\n{ATTEMPTS_HEADER}: {attempts}\r\n")
     bodyless = req.method == "HEAD" or status in _BODYLESS_STATUS or status < 200
     chunked = False
     body = b""

@@ -58,7 +58,7 @@ async def serve(proto: EdgeProtocol, req: EdgeRequest) -> bool:
     head_sent_at: float | None = None  # when the response head left; the duration metric ends there
     rid = request_id(req.headers)
     route: Route | None = None
-    status, outcome, attempts = 500, "internal", 0
+    status, outcome = 500, "internal"
     outgoing: ProxyRequest | None = None
     bytes_out = 0
     keep_alive = req.keep_alive and not ctx.draining
@@ -84,53 +84,53 @@ async def serve(proto: EdgeProtocol, req: EdgeRequest) -> bool:
         if trace_headers is not None:
             trace_headers.apply(outgoing.headers)  # the one traceparent (and tracestate) it sends
         proxied = await route.handler(outgoing)
-        status, attempts = proxied.status, proxied.attempts
+        status = proxied.status
         outcome = proxied.error or "upstream"
         if req.body is not None and not req.body.complete:
             keep_alive = False  # answered before the app's body ended: its rest is not read
-        sent = await send_response(proto, req, proxied, rid, keep_alive=keep_alive,
+        sent = await send_response(proto, req, proxied, rid, outgoing.attempts_sent.count, keep_alive=keep_alive,
                                    idle_timeouts=route.metrics.timeouts["idle"])
         bytes_out, head_sent_at, keep_alive = sent.sent, sent.head_sent_at, sent.keep_alive
         if sent.broken is not None:
             outcome = sent.broken  # the status was already sent; the metric still shows the failure
         return keep_alive
     except errors.ProxyError as error:
-        status, outcome, attempts = error.status, error.code, error.attempts
+        status, outcome = error.status, error.code
         if span is not None:
             span.add_event("proxy_error", {"outrigger.error": error.code})
         keep_alive = keep_alive and (req.body is None or req.body.complete) and not req.upgrade \
             and not isinstance(error, errors.BadRequest | errors.ClientTimeout)
-        bytes_out = _send_error(proto, req, error, route, rid, keep_alive)
+        bytes_out = _send_error(proto, req, error, route, rid, keep_alive, outgoing)
         return keep_alive
     except asyncio.CancelledError:
         status, outcome = 499, "client_closed"
-        attempts = outgoing.attempt if outgoing is not None else 0  # the app left mid-attempt
         raise
     except Exception as exc:
         _limited.log(logging.ERROR, type(exc).__name__, f"internal error while proxying: {type(exc).__name__}",
                      exc_info=True, request_id=rid)  # a bug may hit every request: rate-limited per type
         internal = errors.Internal(f"internal error: {type(exc).__name__}")
         status, outcome = internal.status, internal.code
-        _send_error(proto, req, internal, route, rid, False)
+        _send_error(proto, req, internal, route, rid, False, outgoing)
         return False
     finally:
         listener.inflight -= 1
-        _record(proto, req, route, outgoing, span, start, head_sent_at, rid, status, outcome, attempts, bytes_out)
+        _record(proto, req, route, outgoing, span, start, head_sent_at, rid, status, outcome, bytes_out)
 
 
 def _send_error(proto: EdgeProtocol, req: EdgeRequest, error: errors.ProxyError, route: Route | None, rid: str,
-                keep_alive: bool) -> int:
+                keep_alive: bool, outgoing: ProxyRequest | None) -> int:
     reply = errors.to_response(error, route=route.name if route else None,
                                upstream=route.upstream if route else None, request_id=rid)
-    proto.write(error_bytes(reply, attempts=error.attempts, keep_alive=keep_alive, http10=req.http10,
+    attempts = outgoing.attempts_sent.count if outgoing is not None else 0
+    proto.write(error_bytes(reply, attempts=attempts, keep_alive=keep_alive, http10=req.http10,
                             head_only=req.method == "HEAD"))
     return len(reply.body)
 
 
 def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing: ProxyRequest | None, span: Any,
-            start: float, head_sent_at: float | None, rid: str, status: int, outcome: str, attempts: int,
-            bytes_out: int) -> None:
+            start: float, head_sent_at: float | None, rid: str, status: int, outcome: str, bytes_out: int) -> None:
     """Metrics, span end and access log line of one request."""
+    attempts = outgoing.attempts_sent.count if outgoing is not None else 0
     ctx = proto.listener.ctx
     end = ctx.clock.now()
     metrics = route.metrics if route is not None else ctx.unmatched

@@ -92,7 +92,7 @@ async def open_tunnel(proto: EdgeProtocol, req: EdgeRequest, route: Route, targe
     strip_sidecar_headers(response.headers)  # only the sidecar sets x-outrigger-* towards the app
     if response.status != 101:
         proxied = ProxyResponse(response.status, response.headers, upstream=response)
-        sent = await send_response(proto, req, proxied, rid, keep_alive=keep_alive,
+        sent = await send_response(proto, req, proxied, rid, 1, keep_alive=keep_alive,
                                    idle_timeouts=route.metrics.timeouts["idle"])
         return Tunnelled(response.status, sent.sent, sent.head_sent_at, sent.keep_alive)
     proto.write(head_bytes([status_line(101, response.reason), *header_lines(response.headers.items())]))

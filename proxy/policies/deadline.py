@@ -20,21 +20,18 @@ from proxy.timers import TimerWheel
 class Deadline:
     __slots__ = ("_clock", "_metrics", "_total", "_wheel")
 
-    def __init__(self, total_s: float, clock: Clock, metrics: RouteMetrics) -> None:
+    def __init__(self, total_s: float, clock: Clock, metrics: RouteMetrics, wheel: TimerWheel) -> None:
         self._total = total_s
         self._clock = clock
         self._metrics = metrics
-        self._wheel: TimerWheel | None = None  # per event loop, made on first use
+        self._wheel = wheel  # the sidecar's one wheel (proxy.app)
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         total = self._total
         if request.timeout_override is not None and request.timeout_override < total:
             total = request.timeout_override  # overrides only ever tighten
         request.deadline = self._clock.now() + total
-        wheel = self._wheel
-        if wheel is None or wheel.loop is not asyncio.get_running_loop():
-            wheel = self._wheel = TimerWheel(asyncio.get_running_loop())
-        timer = request.deadline_timer = wheel.start(total)
+        timer = request.deadline_timer = self._wheel.start(total)
         try:
             return await call_next(request)
         except asyncio.CancelledError:
@@ -43,8 +40,6 @@ class Deadline:
             self._metrics.timeouts["total"].inc()
             if request.span is not None:
                 request.event("deadline_exceeded", {"outrigger.timeout_s": total})
-            error = DeadlineExceeded(f"request did not complete within the total timeout of {total:g}s")
-            error.attempts = request.attempt
-            raise error from None
+            raise DeadlineExceeded(f"request did not complete within the total timeout of {total:g}s") from None
         finally:
             timer.stop()

@@ -36,5 +36,4 @@ class Fallback:
             request.event("fallback", {"outrigger.error": error.code})
             response = ProxyResponse(self._status, self._headers, body=self._body)
             response.error = error.code
-            response.attempts = error.attempts
             return response

@@ -189,7 +189,6 @@ class Idempotency:
         body = b"".join(chunks)
         stored = _stored(response.status, headers, body, self._max_bytes)
         buffered = ProxyResponse(response.status, CIMultiDict(headers), body=body)
-        buffered.attempts = response.attempts
         response.release()  # the whole body is here: connection and bulkhead slot go back now
         return buffered, stored
 
@@ -205,7 +204,6 @@ class Idempotency:
         headers: CIMultiDict[str] = CIMultiDict(stored.headers)
         headers[REPLAY_HEADER] = "true"
         replay = ProxyResponse(stored.status, headers, body=stored.body)
-        replay.attempts = 0
         return replay
 
     def _budget(self, request: ProxyRequest) -> float:

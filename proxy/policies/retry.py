@@ -120,7 +120,6 @@ class Retry:
                 response = await call_next(request)
             except ProxyError as error:
                 attempt = request.attempt  # a stale-connection resend below took one more (StaleResend)
-                error.attempts = attempt if error.attempted else attempt - 1  # a refusal is no attempt
                 kind = error.retry_kind
                 if kind is None or kind not in self._kinds or attempt >= max_attempts \
                         or not self._may_resend(request, error.sent):
@@ -131,7 +130,6 @@ class Retry:
                     raise
             else:
                 attempt = request.attempt
-                response.attempts = attempt
                 status = response.status
                 if status not in self._codes or attempt >= max_attempts \
                         or not self._may_resend(request, True):

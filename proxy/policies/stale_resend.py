@@ -39,8 +39,6 @@ class StaleResend:
         self._metrics = metrics
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        if not request.attempt:
-            request.attempt = 1  # no retry policy on this route: this is the first attempt
         try:
             response = await call_next(request)
         except StaleConnection:
@@ -51,7 +49,6 @@ class StaleResend:
             request.event("stale_connection_resent", {"outrigger.attempt": request.attempt})
             request.attempt += 1
             response = await call_next(request)
-        response.attempts = request.attempt
         return response
 
     def _may_resend(self, request: ProxyRequest) -> bool:

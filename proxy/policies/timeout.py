@@ -55,7 +55,7 @@ class LearnedTimeout(UpstreamTimeout):
 class AttemptTimeout:
     __slots__ = ("_adaptive", "_attempt", "_clock", "_message", "_metrics", "_sketch", "_upstream", "_wheel")
 
-    def __init__(self, attempt_s: float, upstream: str, metrics: RouteMetrics, *,
+    def __init__(self, attempt_s: float, upstream: str, metrics: RouteMetrics, wheel: TimerWheel, *,
                  adaptive: AdaptiveTimeout | None = None, sketch: LatencySketch | None = None,
                  clock: Clock | None = None) -> None:
         if (adaptive is not None or sketch is not None) and clock is None:
@@ -65,15 +65,13 @@ class AttemptTimeout:
         self._upstream = upstream
         self._message = (f"upstream {upstream} sent no response headers within the attempt timeout "
                          f"of {attempt_s:g}s")
-        self._wheel: TimerWheel | None = None  # per event loop, made on first use
+        self._wheel = wheel  # the sidecar's one wheel (proxy.app)
         self._adaptive = adaptive
         self._sketch = sketch if sketch is not None else adaptive.sketch if adaptive is not None else None
         self._clock = clock
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         wheel = self._wheel
-        if wheel is None or wheel.loop is not asyncio.get_running_loop():
-            wheel = self._wheel = TimerWheel(asyncio.get_running_loop())
         sketch = self._sketch
         if sketch is None:
             timer = wheel.start(self._attempt)
@@ -96,7 +94,7 @@ class AttemptTimeout:
         start = clock.now()
         timeout = self._attempt
         if self._adaptive is not None:
-            timeout = self._adaptive.current(request.attempt or 1)
+            timeout = self._adaptive.current(request.attempt)
             left = request.deadline - start
             # The deadline policy's own timer ends the request at the deadline; this is the value in force.
             request.attempt_timeout_s = left if left < timeout else timeout

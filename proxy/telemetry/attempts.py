@@ -65,8 +65,6 @@ class AttemptTelemetry:
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         metrics = self._metrics
         tracing = self._tracing
-        if not request.attempt:
-            request.attempt = 1  # no retry policy on this route: this is the one attempt
         span = None
         if request.span is not None and tracing is not None:  # unsampled requests cost nothing here
             span = tracing.start_client_span(request, self._route, self._pool)
@@ -83,8 +81,6 @@ class AttemptTelemetry:
                 metrics.attempt_results[attempt_result(error)].inc()
             if isinstance(error, ConnectTimeout):
                 metrics.timeouts["connect"].inc()
-            # Without a retry policy nothing else records that this one attempt was made.
-            error.attempts = max(error.attempts, request.attempt or 1)
             if span is not None:
                 _timeout_attribute(span, request)
                 tracing.end_client_span(span, None, error)  # type: ignore[union-attr]

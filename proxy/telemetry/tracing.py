@@ -436,7 +436,7 @@ class Tracing:
     def start_client_span(self, request: ProxyRequest, route: str, pool: UpstreamPool) -> Span:
         """A CLIENT span for one attempt, injected into that attempt's outgoing headers."""
         assert self.tracer is not None and request.span is not None
-        attempt = request.attempt or 1
+        attempt = request.attempt
         path, _, query = request.path.partition("?")
         attributes = method_attributes(request.method)
         attributes.update({

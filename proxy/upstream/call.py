@@ -162,6 +162,7 @@ class UpstreamCall:
         self._target = urlsplit(pool.base).path  # the URL's path prefix, before the request's path
 
     async def __call__(self, request: ProxyRequest) -> ProxyResponse:
+        request.attempts_sent.count += 1  # the one writer of this count (see chain.AttemptsSent)
         pool = self._pool
         headers = request.headers
         headers["Host"] = pool.host_header

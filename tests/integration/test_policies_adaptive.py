@@ -47,6 +47,7 @@ async def test_hedge_wins_against_a_slow_first_attempt_and_the_loser_is_cancelle
     start = time.monotonic()
     async with client.get(url(sidecar, "/hedged")) as resp:
         assert (resp.status, await resp.read()) == (200, b"ok")
+        assert resp.headers["x-outrigger-attempts"] == "2"  # the hedge is an attempt sent, too
     assert time.monotonic() - start < 1.0  # not the slow first attempt's 2 s
     hedged = [r for r in upstream.requests if r.path == "/hedged"]
     assert len(hedged) == 2
@@ -63,6 +64,7 @@ async def test_hedge_wins_against_a_slow_first_attempt_and_the_loser_is_cancelle
     assert first.attributes["error.type"] == "cancelled"  # the loser was cut off, not waited for
     server = next(s for s in spans if s.kind == "SERVER" and s.attributes.get("url.path") == "/hedged")
     assert "hedge" in server.event_names()
+    assert server.attributes["outrigger.attempt"] == 2  # the SERVER span reads the same count as the header
 
 
 async def test_hedges_stay_within_max_extra_load_and_post_is_never_hedged(

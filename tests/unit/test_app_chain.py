@@ -126,3 +126,18 @@ def test_build_chain_with_no_policies_is_the_innermost_handler_itself() -> None:
         return ProxyResponse(200, CIMultiDict())
 
     assert build_chain([], innermost) is innermost
+
+
+def test_every_route_times_out_on_the_sidecars_one_timer_wheel_and_a_reload_keeps_it() -> None:
+    data = base_config("http://127.0.0.1:9")
+    routes = data["listeners"][0]["routes"]
+    routes.insert(0, {**routes[0], "name": "second", "match": {"path_prefix": "/second"}})
+    kwargs: dict[str, Any] = {"metrics": Metrics(process_collectors=False), "tracing": None, "clock": FakeClock(),
+                              "rng": random.Random(7)}
+    first = build_runtime(to_config(data), **kwargs)
+    reloaded = build_runtime(to_config(data), previous=first, **kwargs)
+    assert reloaded.timers is first.timers
+    wheels = {id(layer._wheel) for runtime in (first, reloaded) for route in runtime.routes
+              for layer in layers(route) if isinstance(layer, Deadline | AttemptTimeout)}
+    assert wheels == {id(first.timers)}
+    assert len(first.routes) == 2

@@ -14,27 +14,27 @@ import pytest
 from proxy import errors
 from proxy.errors import ProxyError, to_response
 
-# class, status, code, retry kind, breaker failure, sent, attempted
-TABLE: list[tuple[type[ProxyError], int, str, str | None, bool, bool, bool]] = [
-    (errors.Internal, 500, "internal", None, False, True, True),
-    (errors.BadRequest, 400, "bad_request", None, False, True, True),
-    (errors.NoRoute, 404, "no_route", None, False, True, True),
-    (errors.MethodNotAllowed, 405, "method_not_allowed", None, False, True, True),
-    (errors.RequestTooLarge, 413, "request_too_large", None, False, True, True),
-    (errors.HeadersTooLarge, 431, "headers_too_large", None, False, True, True),
-    (errors.RateLimited, 429, "rate_limited", None, False, False, False),
-    (errors.UpstreamConnectFailure, 503, "upstream_connect_failure", "connect-failure", True, False, True),
-    (errors.UpstreamTlsError, 502, "upstream_tls_error", None, True, False, True),
-    (errors.UpstreamReset, 502, "upstream_reset", "reset", True, True, True),
-    (errors.UpstreamProtocolError, 502, "upstream_protocol_error", "reset", True, True, True),
-    (errors.UpstreamTimeout, 504, "upstream_timeout", "timeout", True, True, True),
-    (errors.DeadlineExceeded, 504, "deadline_exceeded", None, False, True, True),
-    (errors.CircuitOpen, 503, "circuit_open", None, False, False, False),
-    (errors.Overflow, 503, "overflow", None, False, False, False),
-    (errors.ClientTimeout, 408, "client_timeout", None, False, True, True),
-    (errors.TransferCodingNotImplemented, 501, "not_implemented", None, False, True, True),
-    (errors.IdempotencyKeyReused, 422, "idempotency_key_reused", None, False, False, False),
-    (errors.IdempotencyInProgress, 409, "idempotency_in_progress", None, False, False, False),
+# class, status, code, retry kind, breaker failure, sent
+TABLE: list[tuple[type[ProxyError], int, str, str | None, bool, bool]] = [
+    (errors.Internal, 500, "internal", None, False, True),
+    (errors.BadRequest, 400, "bad_request", None, False, True),
+    (errors.NoRoute, 404, "no_route", None, False, True),
+    (errors.MethodNotAllowed, 405, "method_not_allowed", None, False, True),
+    (errors.RequestTooLarge, 413, "request_too_large", None, False, True),
+    (errors.HeadersTooLarge, 431, "headers_too_large", None, False, True),
+    (errors.RateLimited, 429, "rate_limited", None, False, False),
+    (errors.UpstreamConnectFailure, 503, "upstream_connect_failure", "connect-failure", True, False),
+    (errors.UpstreamTlsError, 502, "upstream_tls_error", None, True, False),
+    (errors.UpstreamReset, 502, "upstream_reset", "reset", True, True),
+    (errors.UpstreamProtocolError, 502, "upstream_protocol_error", "reset", True, True),
+    (errors.UpstreamTimeout, 504, "upstream_timeout", "timeout", True, True),
+    (errors.DeadlineExceeded, 504, "deadline_exceeded", None, False, True),
+    (errors.CircuitOpen, 503, "circuit_open", None, False, False),
+    (errors.Overflow, 503, "overflow", None, False, False),
+    (errors.ClientTimeout, 408, "client_timeout", None, False, True),
+    (errors.TransferCodingNotImplemented, 501, "not_implemented", None, False, True),
+    (errors.IdempotencyKeyReused, 422, "idempotency_key_reused", None, False, False),
+    (errors.IdempotencyInProgress, 409, "idempotency_in_progress", None, False, False),
 ]
 
 
@@ -44,13 +44,13 @@ def test_the_table_covers_every_exported_error() -> None:
     assert exported - {ProxyError} == {row[0] for row in TABLE}
 
 
-@pytest.mark.parametrize(("cls", "status", "code", "kind", "breaker", "sent", "attempted"), TABLE,
+@pytest.mark.parametrize(("cls", "status", "code", "kind", "breaker", "sent"), TABLE,
                          ids=[row[2] for row in TABLE])
 def test_each_error_type_carries_its_meaning(cls: type[ProxyError], status: int, code: str, kind: str | None,
-                                             breaker: bool, sent: bool, attempted: bool) -> None:
+                                             breaker: bool, sent: bool) -> None:
     error = cls("why")
     assert (error.status, error.code, error.retry_kind) == (status, code, kind)
-    assert (error.breaker_failure, error.sent, error.attempted) == (breaker, sent, attempted)
+    assert (error.breaker_failure, error.sent) == (breaker, sent)
 
 
 @pytest.mark.parametrize(("cls", "status", "code"), [row[:3] for row in TABLE], ids=[row[2] for row in TABLE])
@@ -84,7 +84,3 @@ def test_an_errors_own_headers_are_added_to_the_response() -> None:
     error = errors.RateLimited("slow down", retry_after=2, headers={"RateLimit-Remaining": "0"})
     response = to_response(error, route="r", upstream="u", request_id="x")
     assert (response.headers["RateLimit-Remaining"], response.headers["Retry-After"]) == ("0", "2")
-
-
-def test_a_new_error_starts_with_no_attempts_recorded() -> None:
-    assert errors.UpstreamReset("gone").attempts == 0

@@ -15,6 +15,7 @@ from proxy.policies.adaptive_timeout import AdaptiveTimeout
 from proxy.policies.latency import LatencySketch
 from proxy.policies.timeout import AttemptTimeout
 from proxy.telemetry.metrics import Metrics
+from proxy.timers import TimerWheel
 
 
 def adaptive(clock: FakeClock, attempt: float = 2.0, metrics: Metrics | None = None,
@@ -85,7 +86,7 @@ async def test_attempt_learns_answers_and_applies_the_learned_timeout() -> None:
     clock = FakeClock()
     metrics = Metrics(process_collectors=False)
     timeout = adaptive(clock, min=0.01, min_samples=5)
-    policy = AttemptTimeout(2.0, "u", metrics.for_route("r", "u"), adaptive=timeout, clock=clock)
+    policy = AttemptTimeout(2.0, "u", metrics.for_route("r", "u"), TimerWheel(), adaptive=timeout, clock=clock)
 
     async def answer(req: ProxyRequest) -> ProxyResponse:
         clock.advance(0.010)
@@ -102,7 +103,7 @@ async def test_attempt_learns_answers_and_applies_the_learned_timeout() -> None:
 
 async def test_value_in_force_never_passes_the_remaining_deadline() -> None:
     clock = FakeClock()
-    policy = AttemptTimeout(2.0, "u", Metrics(process_collectors=False).for_route("r", "u"),
+    policy = AttemptTimeout(2.0, "u", Metrics(process_collectors=False).for_route("r", "u"), TimerWheel(),
                             adaptive=adaptive(clock), clock=clock)
     req = request(clock.now() + 0.3)
 
@@ -119,7 +120,7 @@ async def test_a_cut_off_attempt_counts_as_a_sample_at_its_timeout() -> None:
     metrics = Metrics(process_collectors=False)
     timeout = adaptive(clock, attempt=0.05, min=0.001, min_samples=1)
     timeout.sketch.add(0.002)
-    policy = AttemptTimeout(0.05, "u", metrics.for_route("r", "u"), adaptive=timeout, clock=clock)
+    policy = AttemptTimeout(0.05, "u", metrics.for_route("r", "u"), TimerWheel(), adaptive=timeout, clock=clock)
 
     async def hang(req: ProxyRequest) -> ProxyResponse:
         await asyncio.Event().wait()
@@ -136,8 +137,8 @@ async def test_a_cut_off_attempt_counts_as_a_sample_at_its_timeout() -> None:
 async def test_5xx_and_429_answers_are_not_learned() -> None:
     clock = FakeClock()
     sketch = LatencySketch(30.0, clock)
-    policy = AttemptTimeout(2.0, "u", Metrics(process_collectors=False).for_route("r", "u"), sketch=sketch,
-                            clock=clock)
+    policy = AttemptTimeout(2.0, "u", Metrics(process_collectors=False).for_route("r", "u"), TimerWheel(),
+                            sketch=sketch, clock=clock)
     for status in (503, 429, 500, 200, 404):
         async def answer(req: ProxyRequest, status: int = status) -> ProxyResponse:
             return ProxyResponse(status, CIMultiDict())
@@ -161,8 +162,8 @@ async def test_a_retry_after_a_cut_off_gets_the_doubled_timeout() -> None:
     timeout = adaptive(clock)
     for _ in range(100):
         timeout.sketch.add(0.010)
-    policy = AttemptTimeout(2.0, "u", Metrics(process_collectors=False).for_route("r", "u"), adaptive=timeout,
-                            clock=clock)
+    policy = AttemptTimeout(2.0, "u", Metrics(process_collectors=False).for_route("r", "u"), TimerWheel(),
+                            adaptive=timeout, clock=clock)
     req = request(clock.now() + 10.0)
     req.attempt = 2
 
@@ -178,8 +179,8 @@ async def test_a_cut_off_below_attempt_is_no_breaker_failure_but_one_at_attempt_
     clock = FakeClock()
     timeout = adaptive(clock, attempt=0.05, min=0.001, min_samples=1)
     timeout.sketch.add(0.001)
-    policy = AttemptTimeout(0.05, "u", Metrics(process_collectors=False).for_route("r", "u"), adaptive=timeout,
-                            clock=clock)
+    policy = AttemptTimeout(0.05, "u", Metrics(process_collectors=False).for_route("r", "u"), TimerWheel(),
+                            adaptive=timeout, clock=clock)
 
     async def hang(req: ProxyRequest) -> ProxyResponse:
         await asyncio.Event().wait()
@@ -189,7 +190,7 @@ async def test_a_cut_off_below_attempt_is_no_breaker_failure_but_one_at_attempt_
         await policy(request(clock.now() + 10.0), hang)
     assert learned.value.breaker_failure is False and learned.value.retry_kind == "timeout"
     assert learned.value.code == "upstream_timeout"
-    fixed = AttemptTimeout(0.002, "u", Metrics(process_collectors=False).for_route("r", "u"),
+    fixed = AttemptTimeout(0.002, "u", Metrics(process_collectors=False).for_route("r", "u"), TimerWheel(),
                            sketch=LatencySketch(30.0, clock), clock=clock)
     with pytest.raises(UpstreamTimeout) as ceiling:
         await fixed(request(clock.now() + 10.0), hang)

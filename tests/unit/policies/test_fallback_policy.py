@@ -33,7 +33,6 @@ def raising(error: ProxyError) -> object:
 async def test_circuit_open_is_replaced_by_the_configured_response() -> None:
     fallback = Fallback(FallbackConfig(status=200, body='{"degraded": true}', content_type="application/json"))
     error = CircuitOpen("open", retry_after=3.0)
-    error.attempts = 2
     response = await fallback(request(), raising(error))  # type: ignore[arg-type]
     assert response.status == 200
     assert response.body == b'{"degraded": true}'
@@ -42,7 +41,6 @@ async def test_circuit_open_is_replaced_by_the_configured_response() -> None:
     assert response.headers["Content-Length"] == str(len(b'{"degraded": true}'))
     assert response.upstream is None
     assert response.error == "circuit_open"
-    assert response.attempts == 2
 
 
 @pytest.mark.parametrize("error", [

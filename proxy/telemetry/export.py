@@ -4,7 +4,7 @@ Where it sits: ``tracing.Tracing`` makes spans with the OTel SDK on the event
 loop; when a sampled span ends, ``SpanQueue.on_end`` appends it to a deque
 (one append, no lock taken on the loop).  One daemon thread wakes when a
 batch is full or the schedule delay passes, and hands each batch to the
-exporter (wrapped by ``tracing._ExportGuard`` for failure accounting).
+exporter (wrapped by ``export_health.ExportGuard`` for failure accounting).
 ``OtlpHttpExporter`` encodes the batch with ``otlp_wire`` and POSTs it over
 one keep-alive connection.
 

@@ -7,7 +7,7 @@ so an app's sampling decision is always respected and its trace continued.
 Spans go through ``export.SpanQueue``, whose queue never blocks the event loop:
 when it is full the span is dropped and counted.  The exporter (``export``'s
 lean OTLP/HTTP one, or the SDK's gRPC one fed by our encoder) runs on the
-queue's own thread, wrapped by ``_ExportGuard`` so that failures are
+queue's own thread, wrapped by ``export_health.ExportGuard`` so that failures are
 counted in ``outrigger_spans_dropped_total`` and reported once per interval
 (the OTLP exporters' own per-retry log lines are folded into that report).
 ``Tracing.shutdown`` flushes what it can within a bound and then aborts the
@@ -20,32 +20,24 @@ import logging
 import os
 import random
 import threading
-import time
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
     Decision,
-    ParentBased,
     Sampler,
-    TraceIdRatioBased,
 )
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from proxy import __version__
 from proxy.config import TelemetryConfig
-from proxy.telemetry.export import SpanQueue, grpc_exporter, otlp_http_exporter
-from proxy.telemetry.metrics import DROP_REASONS
+from proxy.telemetry import sdk_setup
+from proxy.telemetry.export import SpanQueue
+from proxy.telemetry.export_health import CollectorGate, ExportGuard, ExportState
 from proxy.telemetry.propagation import (
     RANDOM,
     SAMPLED,
@@ -71,258 +63,8 @@ if TYPE_CHECKING:
 __all__ = ["Tracing"]
 
 log = logging.getLogger("outrigger.tracing")
-_K8S_ENV = {"k8s.pod.name": "K8S_POD_NAME", "k8s.namespace.name": "K8S_NAMESPACE_NAME",
-            "k8s.node.name": "K8S_NODE_NAME"}
-# Loggers of the OTLP exporters and the batch processor; while an export runs their
-# per-retry lines are folded into one report per interval (see _ExportGuard).
-_EXPORT_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http._common",
-    "opentelemetry.exporter.otlp.common.http",
-    "opentelemetry.sdk._shared_internal",
-    "outrigger.tracing.export",
-)
-DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 
-class _ExportState:
-    """Whether the collector is taking spans, plus dropped-span accounting (thread-safe).
-
-    ``healthy`` is read on the hot path without a lock (a plain attribute read);
-    the export thread clears it on a failed export or a full queue and sets it
-    on the next successful export.  Drops are counted at once and logged at
-    most once per interval.
-    """
-
-    def __init__(self, metrics: Metrics | None, interval_s: float) -> None:
-        self.healthy = True
-        self._counters = {reason: metrics.spans_dropped.labels(reason=reason) for reason in DROP_REASONS} \
-            if metrics is not None else {}
-        self._interval = interval_s
-        self._lock = threading.Lock()
-        self._last_log = -interval_s
-        self._unreported = 0
-        self.last_error: str | None = None
-
-    def dropped(self, count: int, reason: str, why: str) -> None:
-        counter = self._counters.get(reason)
-        if counter is not None:
-            counter.inc(count)
-        with self._lock:
-            self._unreported += count
-            now = time.monotonic()
-            if now - self._last_log < self._interval:
-                return
-            self._last_log = now
-            count, self._unreported = self._unreported, 0
-            detail = self.last_error
-        log.warning("dropped %d spans: %s%s (next report in %.0fs at the earliest)", count, why,
-                    f"; last exporter error: {detail}" if detail else "", self._interval)
-
-    def queue_full(self) -> None:
-        """A sampled span found the export queue full (called on the event loop)."""
-        self.healthy = False
-        self.dropped(1, "queue_full", "the span queue is full (the collector is slow or down)")
-
-    def report_pending(self) -> None:
-        """At shutdown: log the drops the interval has held back, since no later report will come."""
-        with self._lock:
-            count, self._unreported = self._unreported, 0
-            detail = self.last_error
-        if count:
-            log.warning("dropped %d spans since the last report (at shutdown)%s", count,
-                        f"; last exporter error: {detail}" if detail else "")
-
-
-class _ExportLogFold(logging.Filter):
-    """Swallows exporter log records raised inside ``_ExportGuard.export``, keeping the last message."""
-
-    def __init__(self, report: _ExportState) -> None:
-        super().__init__()
-        self._report = report
-        self.exporting = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(self.exporting, "active", False):
-            return True  # construction and config warnings still get through
-        if record.levelno >= logging.WARNING:
-            self._report.last_error = record.getMessage()[:300]
-        return False
-
-
-class _ExportGuard(SpanExporter):
-    """Wraps the real exporter: counts failures, folds its log spam, and can be aborted."""
-
-    def __init__(self, inner: SpanExporter, report: _ExportState) -> None:
-        self._inner = inner
-        self._report = report
-        self._aborted = False
-        self._closed = False
-        self._fold = _ExportLogFold(report)
-        for name in _EXPORT_LOGGERS:
-            logging.getLogger(name).addFilter(self._fold)
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._aborted:
-            self._report.dropped(len(spans), "shutdown",
-                                 "tracing shut down before the collector accepted them")
-            return SpanExportResult.FAILURE
-        self._fold.exporting.active = True
-        try:
-            result = self._inner.export(spans)
-        except Exception as exc:  # an exporter bug must not kill the export thread
-            self._report.last_error = f"{type(exc).__name__}: {exc}"[:300]
-            result = SpanExportResult.FAILURE
-        finally:
-            self._fold.exporting.active = False
-        if result is SpanExportResult.SUCCESS:
-            self._report.healthy = True
-        else:
-            self._report.healthy = False
-            self._report.dropped(len(spans), "export_failed", "the trace collector did not accept them")
-        return result
-
-    def abort(self) -> None:
-        """Stop retrying now: the exporter's shutdown wakes its backoff sleep."""
-        self._aborted = True
-        self.shutdown()
-
-    def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._inner.shutdown()
-
-    def detach_logs(self) -> None:
-        for name in _EXPORT_LOGGERS:
-            logging.getLogger(name).removeFilter(self._fold)
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-class _CollectorGate:
-    """While the collector is failing, record one trace per ``probe_interval_s`` instead of all.
-
-    Spans made while exports fail would only be dropped later, after costing
-    the hot path their attributes, events and queueing; this keeps the proxy
-    at full speed instead.  The probe traces show when the collector is back
-    (the next successful export reopens the gate).  Requests not recorded here
-    still forward the app's own trace headers unchanged.
-    """
-
-    def __init__(self, state: _ExportState, probe_interval_s: float = 1.0) -> None:
-        self._state = state
-        self._probe_interval = probe_interval_s
-        self._next_probe = 0.0
-
-    def admit(self) -> bool:
-        """While exports fail: True for one probe per interval, else count a drop and say False."""
-        if self._state.healthy:
-            return True
-        now = time.monotonic()
-        if now >= self._next_probe:
-            self._next_probe = now + self._probe_interval
-            return True
-        self._state.dropped(1, "collector_down", "the trace collector is failing, so traces are not recorded")
-        return False
-
-
-def _propagators(names: Sequence[str]) -> tuple[TextMapPropagator, bool]:
-    """The SDK propagators (b3) for everything but W3C trace context and baggage, and whether W3C is wanted.
-
-    ``traceparent``/``tracestate`` are handled by ``proxy.telemetry.propagation``
-    (the SDK's propagator follows an older ``tracestate`` grammar).
-    """
-    chosen: list[TextMapPropagator] = []
-    w3c = False
-    for name in names:
-        name = name.strip().lower()
-        if name == "tracecontext":
-            w3c = True
-        elif name == "baggage":
-            # The app's baggage header passes through as sent; Outrigger adds none, so the SDK
-            # propagator would only parse it (and log rejected entries verbatim).
-            continue
-        elif name in ("b3", "b3multi"):
-            from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
-            chosen.append(B3SingleFormat() if name == "b3" else B3MultiFormat())
-        elif name and name != "none":
-            log.warning("unknown propagator %r ignored", name)
-    return CompositePropagator(chosen), w3c
-
-
-def _ratio(value: str | None) -> float:
-    try:
-        ratio = float(value) if value else 1.0
-    except ValueError:
-        log.warning("OTEL_TRACES_SAMPLER_ARG %r is not a number; sampling everything", value)
-        return 1.0
-    return min(1.0, max(0.0, ratio))
-
-
-def _sampler(ratio: float | None, env: Mapping[str, str]) -> tuple[Sampler, float | None]:
-    """``sample_ratio`` wins; else ``OTEL_TRACES_SAMPLER(_ARG)``; else parent-based ratio 1.0.
-
-    For the parent-based ratio sampler the root decision is returned separately
-    (second item): ``start_server_span`` draws it before doing any trace work,
-    so an unsampled root request costs one random draw.  The provider's sampler
-    then only has to follow parents (``ParentBased(ALWAYS_ON)``).
-    """
-    if ratio is not None:
-        return ParentBased(ALWAYS_ON), ratio
-    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_traceidratio").strip().lower()
-    arg = env.get("OTEL_TRACES_SAMPLER_ARG")
-    samplers: dict[str, Sampler] = {
-        "always_on": ALWAYS_ON, "always_off": ALWAYS_OFF,
-        "parentbased_always_on": ParentBased(ALWAYS_ON), "parentbased_always_off": ParentBased(ALWAYS_OFF),
-    }
-    if name == "traceidratio":
-        return TraceIdRatioBased(_ratio(arg)), None
-    if name in samplers:
-        return samplers[name], None
-    if name != "parentbased_traceidratio":
-        log.warning("unsupported OTEL_TRACES_SAMPLER %r; using parentbased_traceidratio", name)
-    return ParentBased(ALWAYS_ON), _ratio(arg)
-
-
-def _resource(config: TelemetryConfig, env: Mapping[str, str]) -> Resource:
-    attributes: dict[str, Any] = {}
-    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
-        key, sep, value = item.partition("=")
-        if sep and key.strip():
-            attributes[key.strip()] = urllib.parse.unquote(value.strip())
-    attributes.update({key: env[var] for key, var in _K8S_ENV.items() if env.get(var)})
-    attributes.setdefault("service.version", __version__)
-    attributes["service.name"] = config.service_name or env.get("OTEL_SERVICE_NAME") \
-        or attributes.get("service.name") or "outrigger"
-    return Resource.create(attributes)
-
-
-def _exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExporter | None:
-    tracing = config.tracing
-    if tracing.exporter == "none":
-        return None
-    if tracing.exporter == "console":
-        import sys
-
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-        # stderr, one JSON object per line: stdout is the access log's
-        return ConsoleSpanExporter(out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n")
-    protocol = tracing.protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    if protocol == "grpc":
-        return grpc_exporter(tracing.endpoint)
-    return otlp_http_exporter(tracing.endpoint, env)
-
-
-def _shutdown_timeout(env: Mapping[str, str]) -> float:
-    raw = env.get("OTEL_BSP_EXPORT_TIMEOUT")
-    try:
-        return float(raw) / 1000.0 if raw else DEFAULT_SHUTDOWN_TIMEOUT_S
-    except ValueError:
-        return DEFAULT_SHUTDOWN_TIMEOUT_S
 
 
 def _parent_context(parent: TraceParent) -> Context:
@@ -342,15 +84,15 @@ class Tracing:
         env = os.environ if env is None else env
         names: Sequence[str] = config.propagators or \
             env.get("OTEL_PROPAGATORS", "tracecontext,baggage").split(",")
-        self.propagator, self.w3c = _propagators(names)
+        self.propagator, self.w3c = sdk_setup.propagators(names)
         self.settings = effective_tracing(config, env, names)  # what /config and the startup line show
         self.service_name = effective_service_name(config, env)
         self.provider: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
-        self.shutdown_timeout_s = _shutdown_timeout(env)
-        self._guard: _ExportGuard | None = None
+        self.shutdown_timeout_s = sdk_setup.shutdown_timeout(env)
+        self._guard: ExportGuard | None = None
         self._root_ratio: float | None = None
-        self._gate: _CollectorGate | None = None
+        self._gate: CollectorGate | None = None
         self._random = random.random
         # Headers that carry a parent trace for the configured propagators (baggage alone does not).
         self._parent_fields = tuple(f for f in ("b3", "x-b3-traceid") if f in self.propagator.fields)
@@ -358,16 +100,16 @@ class Tracing:
         self.redact = redaction_set(config.tracing.redact_query_params)
         disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         if exporter is None and not disabled and config.tracing.enabled:
-            exporter = _exporter(config, env)
+            exporter = sdk_setup.exporter(config, env)
         if exporter is None:
             return
-        self.export_state = _ExportState(metrics, report_interval_s)
-        self._guard = _ExportGuard(exporter, self.export_state)
-        sampler, self._root_ratio = _sampler(config.tracing.sample_ratio, env)
+        self.export_state = ExportState(metrics, report_interval_s)
+        self._guard = ExportGuard(exporter, self.export_state)
+        sampler, self._root_ratio = sdk_setup.sampler(config.tracing.sample_ratio, env)
         self._sampler = sampler
-        self._gate = _CollectorGate(self.export_state)
+        self._gate = CollectorGate(self.export_state)
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
-        self.provider = TracerProvider(resource=_resource(config, env), sampler=sampler,
+        self.provider = TracerProvider(resource=sdk_setup.resource(config, env), sampler=sampler,
                                        shutdown_on_exit=False)
         self.provider.add_span_processor(SpanQueue(self._guard, on_queue_full=self.export_state.queue_full))
         self.tracer = self.provider.get_tracer("outrigger", __version__)

@@ -35,9 +35,10 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from proxy import __version__
 from proxy.app import Runtime, build_runtime
 from proxy.clock import Clock, SystemClock
-from proxy.config import UNROUTED, Config, ConfigError, LimitsConfig, load_config_file, parse_address, same_socket
+from proxy.config import UNROUTED, Config, ConfigError, LimitsConfig, load_config_file, parse_address
 from proxy.edge.listener import EdgeContext, ListenerEdge, ListenerSlot, TunnelMetrics
 from proxy.lifecycle.admin import build_admin_app
+from proxy.lifecycle.plan import plan_listeners
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.operator_log import config_changes, describe_changes, startup_details
@@ -317,47 +318,39 @@ class Sidecar:
             await self._close_pools(runtime.new_pools)
             return self._reload_failed(f"config reload failed while starting upstream pools: {exc}")
         started, runtime.new_pools = runtime.new_pools, []
-        wanted = {lst.name: (index, lst) for index, lst in enumerate(config.listeners)}
-        leaving = {name: current for name, current in self.listeners.items()
-                   if name not in wanted or wanted[name][1].address != current.slot.address}
-        freed = [current.slot.address for current in leaving.values()]
-        to_bind = [(index, lst) for name, (index, lst) in wanted.items()
-                   if name not in self.listeners or name in leaving]
+        plan = plan_listeners({name: lst.slot.address for name, lst in self.listeners.items()}, config.listeners)
         bound: dict[str, _Listener] = {}
-        for index, lst in to_bind:
-            if any(same_socket(lst.address, address) for address in freed):
-                continue  # one of ours holds it: bound once that one has stopped accepting, below
+        for opening in plan.open_first:  # before anything closes: a failure here changes nothing
             try:
-                bound[lst.name] = await self._open_listener(lst.name, lst.address, config.limits, runtime)
+                bound[opening.name] = await self._open_listener(opening.name, opening.address, config.limits,
+                                                                runtime)
             except OSError as exc:
                 for listener in bound.values():
                     await listener.cleanup()
                 await self._close_pools(started)
                 return self._reload_failed(
-                    f"config reload rejected; keeping the active config: listeners[{index}].address: "
-                    f"cannot bind {lst.address}: {exc.strerror or exc}")
-        for name, current in leaving.items():
-            del self.listeners[name]
+                    f"config reload rejected; keeping the active config: listeners[{opening.index}].address: "
+                    f"cannot bind {opening.address}: {exc.strerror or exc}")
+        for name in plan.close:
+            current = self.listeners.pop(name)
             await current.stop_accepting()  # in-flight requests finish in the background
             self._leaving.add(current)
             self._spawn(self._close_listener(current))
         self.runtime = runtime
         self._in_service(runtime)
-        for name in wanted:
-            if name in self.listeners:
-                slot = self.listeners[name].slot
-                slot.router = runtime.routers[name]  # atomic swap; in-flight keep their route
-                slot.limits = config.limits
+        for name in plan.keep:
+            slot = self.listeners[name].slot
+            slot.router = runtime.routers[name]  # atomic swap; in-flight keep their route
+            slot.limits = config.limits
         self.listeners.update(bound)
         failed = []
-        for index, lst in to_bind:
-            if lst.name in self.listeners:
-                continue
+        for opening in plan.open_after:  # on a socket one of ours held until it stopped accepting, above
             try:
-                self.listeners[lst.name] = await self._open_listener(lst.name, lst.address, config.limits,
-                                                                     runtime)
+                self.listeners[opening.name] = await self._open_listener(opening.name, opening.address,
+                                                                         config.limits, runtime)
             except OSError as exc:  # taken by someone else in between: not ready until a reload fixes it
-                failed.append(f"listeners[{index}].address: cannot bind {lst.address}: {exc.strerror or exc}")
+                failed.append(f"listeners[{opening.index}].address: cannot bind {opening.address}: "
+                              f"{exc.strerror or exc}")
         if runtime.retired_pools:
             self._retiring.update(runtime.retired_pools)
             self._spawn(self._retire(list(runtime.retired_pools)))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from proxy.lifecycle.listeners import Listener
 
-__all__ = ["Closable", "Retiring", "close_quietly"]
+__all__ = ["Closable", "Retiring", "Spawn", "close_quietly"]
 
 
 class Closable(Protocol):
@@ -34,11 +34,14 @@ async def close_quietly(resources: Iterable[Closable]) -> None:
             await resource.close()
 
 
+Spawn = Callable[[Coroutine[Any, Any, Any]], None]  # runs a task the sidecar cancels at stop
+
+
 class Retiring:
-    def __init__(self) -> None:
+    def __init__(self, spawn: Spawn) -> None:
         self.listeners: set[Listener] = set()
         self.pools: set[_Pool] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._spawn = spawn
 
     def listener(self, listener: Listener) -> None:
         """A listener that has stopped accepting: closed once its last request (or tunnel) has ended.
@@ -61,16 +64,6 @@ class Retiring:
 
     def pools_in_use(self) -> bool:
         return any(pool.users for pool in self.pools)
-
-    def cancel(self) -> None:
-        """Stop waiting (stop closes what is left)."""
-        for task in list(self._tasks):
-            task.cancel()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _close_listener(self, listener: Listener) -> None:
         while listener.edge.inflight:  # noqa: ASYNC110 - polled only while a listener is leaving

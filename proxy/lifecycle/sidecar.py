@@ -66,7 +66,7 @@ class Sidecar:
         self._background: set[asyncio.Task[Any]] = set()
         # Listeners a reload moved or removed, and upstream pools it replaced, while their
         # in-flight requests finish under the config they started with; drain waits for them too.
-        self._retiring = Retiring()
+        self._retiring = Retiring(self._spawn)
         self._reloader = Reloader(self, self._retiring, self.metrics, config_path=config_path,
                                   watch_interval_s=watch_interval_s)
         self._hurry = asyncio.Event()  # a second SIGTERM/SIGINT: end the drain now
@@ -194,7 +194,6 @@ class Sidecar:
             await lst.cleanup()
         for task in list(self._background):
             task.cancel()
-        self._retiring.cancel()
         for up in self.runtime.upstreams.values():
             await up.pool.close()
         await close_quietly(list(self._retiring.pools))

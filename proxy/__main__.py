@@ -17,6 +17,7 @@ from proxy.config.units import parse_duration
 
 DEFAULT_CONFIG = "./config/outrigger.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+CONFIG_HELP = f"config file (default: $OUTRIGGER_CONFIG, then {DEFAULT_CONFIG})"
 
 
 def _config_path(arg: str | None) -> str:
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the sidecar")
-    run.add_argument("--config", help=f"config file (default: $OUTRIGGER_CONFIG, then {DEFAULT_CONFIG})")
+    run.add_argument("--config", help=CONFIG_HELP)
     run.add_argument("--watch-interval", type=parse_duration, default=2.0,
                      help="how often to poll the config file for changes; 0 disables polling (SIGHUP still reloads)")
     run.add_argument("--log-level", default=os.environ.get("OUTRIGGER_LOG_LEVEL", "info"), type=str.lower,
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a config file and exit")
     validate.add_argument("path", nargs="?", help="config file (or --config FILE)")
-    validate.add_argument("--config", help=f"config file (default: $OUTRIGGER_CONFIG, then {DEFAULT_CONFIG})")
+    validate.add_argument("--config", help=CONFIG_HELP)
     validate.set_defaults(func=cmd_validate)
 
     demo = sub.add_parser("demo", help="show the sidecar fixing a flaky upstream")
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sleep.set_defaults(func=cmd_sleep)
 
     from proxy.deadletter.cli import add_dlq_parser
-    add_dlq_parser(sub, f"config file (default: $OUTRIGGER_CONFIG, then {DEFAULT_CONFIG})", _config_path)
+    add_dlq_parser(sub, CONFIG_HELP, _config_path)
     return parser
 
 

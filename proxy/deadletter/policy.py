@@ -107,8 +107,7 @@ class DeadLetter:
     async def _spool_or_raise(self, request: ProxyRequest, code: str, attempts: int, message: str) -> str | None:
         body = self._body(request)
         if body is None:
-            self._results["not_eligible"].inc()
-            request.event("dead_letter", {"outrigger.dead_letter.result": "not_eligible"})
+            self._not_spooled(request, "not_eligible")
             return None
         wall = self._wall()
         entry_id = new_id(wall)
@@ -130,8 +129,7 @@ class DeadLetter:
         ))
         future = self._spool.submit(record, self._results["spooled"])
         if future is None:
-            self._results["refused_full"].inc()
-            request.event("dead_letter", {"outrigger.dead_letter.result": "refused_full"})
+            self._not_spooled(request, "refused_full")
             return None
         timer = asyncio.get_running_loop().call_later(_WAIT_S, _give_up, future)
         try:
@@ -141,6 +139,11 @@ class DeadLetter:
         request.event("dead_letter", {"outrigger.dead_letter.result": "spooled" if durable else "write_failed",
                                       "outrigger.dead_letter.id": entry_id})
         return entry_id if durable else None
+
+    def _not_spooled(self, request: ProxyRequest, result: str) -> None:
+        """Refused before any write: the result's counter and the span event say why."""
+        self._results[result].inc()
+        request.event("dead_letter", {"outrigger.dead_letter.result": result})
 
     def _listener_target(self, path: str) -> str:
         """The path to send to the listener so the route's rewrite yields ``path`` again."""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from proxy.timers import Expiry
-    from proxy.upstream.connection import H1Response, Informational
+    from proxy.upstream.response import H1Response, Informational
 
 __all__ = ["AttemptTarget", "AttemptsSent", "Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody",
            "build_chain"]

@@ -2,7 +2,7 @@
 
 Both ends of the request path have one: the app's request body at the edge
 (``edge.bodies.IncomingBody``) and the upstream's response body
-(``upstream.connection.H1Response``).  A protocol's parser callbacks ``feed``
+(``upstream.response.H1Response``).  A protocol's parser callbacks ``feed``
 it, ``finish`` it or ``fail`` it; the reading task takes chunks with
 ``_next_chunk`` and waits on ``_waiter`` when there is none.  Crossing the
 water marks calls the subclass's ``_pause``/``_resume``, which stop and restart

@@ -26,7 +26,7 @@ from proxy.chain import ProxyResponse, RequestBody
 from proxy.edge.headers import ATTEMPTS_HEADER, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
 from proxy.edge.responses import connection_line, head_bytes, status_line
 from proxy.streams import BodyBuffer
-from proxy.upstream.connection import UpstreamBodyError, UpstreamBodyTimeout
+from proxy.upstream.response import UpstreamBodyError, UpstreamBodyTimeout
 
 if TYPE_CHECKING:
     from proxy.edge.protocol import EdgeProtocol

@@ -45,7 +45,7 @@ from proxy.store.records import IdempotencyStore, StoredResponse, new_token
 from proxy.telemetry.shared_state import IdempotencyMetrics
 
 if TYPE_CHECKING:
-    from proxy.upstream.connection import H1Response
+    from proxy.upstream.response import H1Response
 
 __all__ = ["REPLAY_HEADER", "Idempotency"]
 

@@ -15,15 +15,15 @@ import pytest
 
 from proxy import errors
 from proxy.upstream import connection as h1client
-from proxy.upstream.connection import (
+from proxy.upstream.connection import StaleConnection
+from proxy.upstream.pool import H1Pool
+from proxy.upstream.response import (
     H1Response,
     InvalidResponse,
-    StaleConnection,
     UpstreamBodyError,
     UpstreamBodyProtocolError,
     UpstreamBodyTimeout,
 )
-from proxy.upstream.pool import H1Pool
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -25,7 +25,7 @@ from proxy.chain import ProxyResponse
 from proxy.edge.bodies import read_request_body, send_response
 from proxy.edge.headers import connection_listed, strip_sidecar_headers, upstream_headers
 from proxy.edge.responses import head_bytes, header_lines, status_line
-from proxy.upstream.connection import H1Connection
+from proxy.upstream.connection import H1Connection, transport_error
 
 if TYPE_CHECKING:
     from proxy.edge.protocol import EdgeProtocol
@@ -85,6 +85,9 @@ async def open_tunnel(proto: EdgeProtocol, req: EdgeRequest, route: Route, targe
         conn.close()
         raise errors.UpstreamTimeout(f"upstream {pool.name} did not answer the upgrade within the attempt "
                                      f"timeout of {timeout.attempt:g}s") from None
+    except OSError as exc:  # a transport error the connection did not type itself
+        conn.close()
+        raise transport_error(exc, pool.name) from exc
     except BaseException:
         conn.close()
         raise

@@ -19,18 +19,18 @@ import random
 import ssl
 from urllib.parse import urlsplit
 
-from proxy import errors
 from proxy.chain import AttemptTarget, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig, parse_address
 from proxy.edge.headers import strip_sidecar_headers
 from proxy.telemetry.metrics import EndpointMetrics
+from proxy.upstream.connection import transport_error
 from proxy.upstream.endpoints.discovery import Discovery
 from proxy.upstream.endpoints.endpoint_set import Endpoint, EndpointSet, keep_warm
 from proxy.upstream.pool import ConnectTimeout, H1Pool
 from proxy.upstream.tls import client_context
 
-__all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool", "map_client_error"]
+__all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool"]
 
 ATTEMPT_HEADER = "x-outrigger-attempt"
 EXPECTED_TIMEOUT_HEADER = "x-outrigger-expected-timeout-ms"
@@ -135,14 +135,6 @@ class UpstreamPool:
             await self._h1.close()
 
 
-def map_client_error(exc: BaseException, upstream: str) -> errors.ProxyError:
-    """Translate an OS error raised before response headers arrived."""
-    where = f"upstream {upstream}"
-    if isinstance(exc, OSError):
-        return errors.UpstreamReset(f"connection to {where} was reset before response headers")
-    return errors.UpstreamProtocolError(f"{where} failed: {type(exc).__name__}")
-
-
 _GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 when bodiless (as aiohttp)
 
 
@@ -192,7 +184,7 @@ class UpstreamCall:
             response = await conn.request(head, payload, chunked=chunked, head_request=method == "HEAD",
                                           idle_s=self._idle, informational=request.informational)
         except OSError as exc:  # a transport error the client did not type itself
-            raise map_client_error(exc, pool.name) from exc
+            raise transport_error(exc, pool.name) from exc
         # Typed ProxyErrors (StaleConnection among them, for StaleResend) and cancellation pass
         # through; anything else (a bug, or the app's upload stream failing: UploadFailed) is no
         # upstream fault either: it reaches the edge, which logs its traceback and answers 500

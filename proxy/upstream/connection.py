@@ -42,7 +42,7 @@ log = logging.getLogger("outrigger.upstream")
 if TYPE_CHECKING:
     from proxy.upstream.pool import H1Pool
 
-__all__ = ["STALE_IDLE_S", "H1Connection", "StaleConnection"]
+__all__ = ["STALE_IDLE_S", "H1Connection", "StaleConnection", "transport_error"]
 
 
 # Response head limits, as aiohttp's client has them: a field or line over 8190 bytes or
@@ -71,6 +71,18 @@ class StaleConnection(errors.UpstreamReset):
     never processed it.  ``StaleResend`` resends an idempotent request once, as a
     counted attempt.  Any other close before the head is a plain ``UpstreamReset``.
     """
+
+
+def transport_error(exc: BaseException | None, upstream: str) -> errors.ProxyError:
+    """The one mapping of a transport failure before the response head to what the app is told.
+
+    A reset or a close (an ``OSError``, or no exception) is ``upstream_reset``; anything
+    else the transport raises is ``upstream_protocol_error``.  The keep-alive race has its
+    own type (``StaleConnection``), decided in ``H1Connection.connection_lost``.
+    """
+    if exc is None or isinstance(exc, OSError):
+        return errors.UpstreamReset(f"connection to upstream {upstream} was reset before response headers")
+    return errors.UpstreamProtocolError(f"upstream {upstream} failed: {type(exc).__name__}")
 
 
 class _UnsupportedCoding(Exception):
@@ -188,7 +200,7 @@ class H1Connection(asyncio.Protocol):
         if head is not None and not head.done():
             where = f"upstream {self.pool.name}"
             if self._received:
-                head.set_exception(errors.UpstreamReset(f"connection to {where} was reset before response headers"))
+                head.set_exception(transport_error(exc, self.pool.name))
             elif self.requests > 1 and self._idled_s >= STALE_IDLE_S:
                 head.set_exception(StaleConnection(
                     f"{where} closed a reused keep-alive connection before sending response headers"))
@@ -392,7 +404,7 @@ class H1Connection(asyncio.Protocol):
         """
         transport = self.transport
         if transport is None or self._closed:
-            raise errors.UpstreamReset(f"connection to upstream {self.pool.name} was reset before response headers")
+            raise transport_error(None, self.pool.name)
         now = self.loop.time()
         self._idled_s = now - self.idle_since if self.requests else 0.0
         self.requests += 1

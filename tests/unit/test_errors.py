@@ -13,6 +13,7 @@ import pytest
 
 from proxy import errors
 from proxy.errors import ProxyError, to_response
+from proxy.upstream.connection import transport_error
 
 # class, status, code, retry kind, breaker failure, sent
 TABLE: list[tuple[type[ProxyError], int, str, str | None, bool, bool]] = [
@@ -84,3 +85,15 @@ def test_an_errors_own_headers_are_added_to_the_response() -> None:
     error = errors.RateLimited("slow down", retry_after=2, headers={"RateLimit-Remaining": "0"})
     response = to_response(error, route="r", upstream="u", request_id="x")
     assert (response.headers["RateLimit-Remaining"], response.headers["Retry-After"]) == ("0", "2")
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (ConnectionResetError("reset by peer"), "upstream_reset"),
+    (BrokenPipeError("broken"), "upstream_reset"),
+    (None, "upstream_reset"),
+    (RuntimeError("odd"), "upstream_protocol_error"),
+])
+def test_transport_failures_before_the_head_map_in_one_place(exc: BaseException | None, code: str) -> None:
+    error = transport_error(exc, "payments")
+    assert error.code == code
+    assert "upstream payments" in error.message

@@ -25,7 +25,7 @@ from proxy.deadletter.spool import Spool
 from proxy.edge.routing import Route, Router
 from proxy.policies.adaptive_timeout import AdaptiveTimeout
 from proxy.policies.backoff import backoff_from_config
-from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.policies.breaker_state import BreakerState, CircuitBreaker
 from proxy.policies.budget import RetryBudget
 from proxy.policies.bulkhead import Bulkhead
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy

@@ -21,6 +21,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Protocol
 
+from proxy.checks import finite_non_negative
 from proxy.config.types import BackoffConfig
 
 __all__ = [
@@ -39,8 +40,7 @@ class _Exponential:
     __slots__ = ("_cap_exp", "base", "max")
 
     def __init__(self, base: float, max: float) -> None:
-        if not (math.isfinite(base) and base >= 0):
-            raise ValueError(f"base must be a finite number >= 0, got {base!r}")
+        finite_non_negative("base", base)
         if not (math.isfinite(max) and max >= base):
             raise ValueError(f"max must be a finite number >= base ({base!r}), got {max!r}")
         self.base = float(base)
@@ -69,41 +69,39 @@ class NoJitter(_Exponential):
         return self._expo(retry_number)
 
 
-class FullJitter(_Exponential):
-    """``uniform(0, e)``: the best spread, so the usual default (Envoy uses it)."""
+class _Jittered(_Exponential):
+    """An exponential backoff that draws from the injected random source."""
 
     __slots__ = ("_rng",)
 
     def __init__(self, base: float, max: float, rng: random.Random) -> None:
         super().__init__(base, max)
         self._rng = rng
+
+
+class FullJitter(_Jittered):
+    """``uniform(0, e)``: the best spread, so the usual default (Envoy uses it)."""
+
+    __slots__ = ()
 
     def __call__(self, retry_number: int, previous: float) -> float:
         return self._rng.uniform(0.0, self._expo(retry_number))
 
 
-class EqualJitter(_Exponential):
+class EqualJitter(_Jittered):
     """``e/2 + uniform(0, e/2)``: keeps at least half the exponential wait."""
 
-    __slots__ = ("_rng",)
-
-    def __init__(self, base: float, max: float, rng: random.Random) -> None:
-        super().__init__(base, max)
-        self._rng = rng
+    __slots__ = ()
 
     def __call__(self, retry_number: int, previous: float) -> float:
         half = self._expo(retry_number) / 2.0
         return half + self._rng.uniform(0.0, half)
 
 
-class DecorrelatedJitter(_Exponential):
+class DecorrelatedJitter(_Jittered):
     """``min(max, uniform(base, max(base, previous*3)))``: grows from the last wait, not from n."""
 
-    __slots__ = ("_rng",)
-
-    def __init__(self, base: float, max: float, rng: random.Random) -> None:
-        super().__init__(base, max)
-        self._rng = rng
+    __slots__ = ()
 
     def __call__(self, retry_number: int, previous: float) -> float:
         # A previous wait above max (say from Retry-After) or a NaN must not overflow or poison

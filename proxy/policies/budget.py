@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
+from proxy.checks import finite_non_negative, finite_positive
 from proxy.clock import Clock
 from proxy.config.types import BudgetConfig
 from proxy.policies.window import RollingCounter
@@ -28,15 +29,9 @@ class RetryBudget:
     __slots__ = ("_floor", "_requests", "_retries", "min_per_second", "ratio", "window_s")
 
     def __init__(self, ratio: float, min_per_second: float, window_s: float, clock: Clock) -> None:
-        if not (math.isfinite(ratio) and ratio >= 0):
-            raise ValueError(f"ratio must be a finite number >= 0, got {ratio!r}")
-        if not (math.isfinite(min_per_second) and min_per_second >= 0):
-            raise ValueError(f"min_per_second must be a finite number >= 0, got {min_per_second!r}")
-        if not (math.isfinite(window_s) and window_s > 0):
-            raise ValueError(f"window_s must be a finite number greater than 0, got {window_s!r}")
-        self.ratio = float(ratio)
-        self.min_per_second = float(min_per_second)
-        self.window_s = float(window_s)
+        self.ratio = finite_non_negative("ratio", ratio)
+        self.min_per_second = finite_non_negative("min_per_second", min_per_second)
+        self.window_s = finite_positive("window_s", window_s)
         # The floor is constant, so it is computed once rather than on every withdrawal.
         self._floor = self.min_per_second * self.window_s
         # Requests may leave the window early (less allowance) but retries must never: a retry

@@ -2,7 +2,7 @@
 
 Inside the retry policy, so every attempt (retries included) is gated and
 counted.  Outside the bulkhead, so an open breaker rejects without taking a
-concurrency slot.  The state machine itself lives in ``breaker.py``; this
+concurrency slot.  The state machine itself lives in ``breaker_state.py``; this
 layer only classifies outcomes: connect failures, resets, attempt timeouts
 and ``failure_status_codes`` are failures; so is an attempt the total
 deadline cut off while it waited on the upstream (an app that passes its own
@@ -20,7 +20,7 @@ from __future__ import annotations
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.errors import CircuitOpen, ProxyError
-from proxy.policies.breaker import CircuitBreaker
+from proxy.policies.breaker_state import CircuitBreaker
 
 
 class CircuitBreakerPolicy:

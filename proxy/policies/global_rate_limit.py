@@ -33,7 +33,7 @@ from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import RateLimitConfig
 from proxy.errors import RateLimited
-from proxy.policies.breaker import BreakerState
+from proxy.policies.breaker_state import BreakerState
 from proxy.policies.lease import Grant, LeaseState
 from proxy.policies.token_bucket import TokenBucket
 from proxy.store.base import KEY_PREFIX, StoreUnavailable, store_key

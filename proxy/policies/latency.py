@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+from proxy.checks import finite_positive
 from proxy.clock import Clock
 
 __all__ = ["LatencySketch"]
@@ -34,8 +35,7 @@ class LatencySketch:
     __slots__ = ("_cache", "_clock", "_count", "_head", "_slots", "_total", "_width", "window_s")
 
     def __init__(self, window_s: float, clock: Clock, slots: int = 6) -> None:
-        if not (math.isfinite(window_s) and window_s > 0):
-            raise ValueError(f"window_s must be a finite number greater than 0, got {window_s!r}")
+        finite_positive("window_s", window_s)
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots!r}")
         self.window_s = float(window_s)

@@ -33,6 +33,7 @@ import math
 from collections import deque
 from typing import NamedTuple
 
+from proxy.checks import finite_positive
 from proxy.clock import Clock
 
 __all__ = ["Grant", "LeaseState"]
@@ -59,8 +60,7 @@ class LeaseState:
 
     def __init__(self, rate_per_s: float, clock: Clock, *, burst: int = 1_000_000, horizon_s: float = 0.1,
                  lease_ttl_s: float = 0.5) -> None:
-        if not (math.isfinite(rate_per_s) and rate_per_s > 0):
-            raise ValueError(f"rate_per_s must be a finite number greater than 0, got {rate_per_s!r}")
+        finite_positive("rate_per_s", rate_per_s)
         if not 0 < horizon_s <= lease_ttl_s:
             raise ValueError(f"need 0 < horizon_s <= lease_ttl_s, got {horizon_s!r} and {lease_ttl_s!r}")
         self._clock = clock

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxy.policies.adaptive_timeout import AdaptiveTimeout
-    from proxy.policies.breaker import CircuitBreaker
+    from proxy.policies.breaker_state import CircuitBreaker
     from proxy.policies.global_rate_limit import GlobalRateLimit
     from proxy.policies.hedge import Hedge
     from proxy.policies.idempotency import Idempotency

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+from proxy.checks import at_least_one, finite_positive
 from proxy.clock import Clock
 
 __all__ = ["KeyedTokenBuckets", "TokenBucket"]
@@ -31,12 +32,8 @@ class TokenBucket:
     __slots__ = ("_clock", "_full_at", "_interval", "burst", "rate_per_s")
 
     def __init__(self, rate_per_s: float, burst: int, clock: Clock) -> None:
-        if not (math.isfinite(rate_per_s) and rate_per_s > 0):
-            raise ValueError(f"rate_per_s must be a finite number greater than 0, got {rate_per_s!r}")
-        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-            raise ValueError(f"burst must be an integer >= 1, got {burst!r}")
-        self.rate_per_s = float(rate_per_s)
-        self.burst = burst
+        self.rate_per_s = finite_positive("rate_per_s", rate_per_s)
+        self.burst = at_least_one("burst", burst)
         self._clock = clock
         self._interval = 1.0 / self.rate_per_s  # seconds per token, so taking one is an add
         self._full_at = clock.now()  # starts full
@@ -109,8 +106,7 @@ class KeyedTokenBuckets:
     __slots__ = ("_buckets", "_clock", "burst", "max_keys", "rate_per_s")
 
     def __init__(self, rate_per_s: float, burst: int, max_keys: int, clock: Clock) -> None:
-        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
-            raise ValueError(f"max_keys must be an integer >= 1, got {max_keys!r}")
+        at_least_one("max_keys", max_keys)
         TokenBucket(rate_per_s, burst, clock)  # validate rate and burst now, not on the first request
         self.rate_per_s = rate_per_s
         self.burst = burst

@@ -12,8 +12,7 @@ and at most ``window_s`` seconds; it is never counted for longer than the window
 
 from __future__ import annotations
 
-import math
-
+from proxy.checks import at_least_one, finite_positive
 from proxy.clock import Clock
 
 __all__ = ["RateWindow", "RollingCounter"]
@@ -25,11 +24,8 @@ class RollingCounter:
     __slots__ = ("_clock", "_counts", "_head", "_n", "_total", "_width", "_zeros", "window_s")
 
     def __init__(self, window_s: float, clock: Clock, buckets: int = 10) -> None:
-        if not (math.isfinite(window_s) and window_s > 0):
-            raise ValueError(f"window_s must be a finite number greater than 0, got {window_s!r}")
-        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
-            raise ValueError(f"buckets must be an integer >= 1, got {buckets!r}")
-        self.window_s = float(window_s)
+        self.window_s = finite_positive("window_s", window_s)
+        at_least_one("buckets", buckets)
         self._clock = clock
         self._n = buckets
         self._width = self.window_s / buckets

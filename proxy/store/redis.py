@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 from proxy.clock import Clock
 from proxy.config.types import CircuitBreakerConfig, OpenDurationConfig, RedisConfig
 from proxy.config.units import Duration
-from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.policies.breaker_state import BreakerState, CircuitBreaker
 from proxy.store.base import KEY_PREFIX, StoreUnavailable
 from proxy.store.gcra import GCRA_LUA, HEARTBEAT_LUA
 

@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.policies.breaker_state import BreakerState, CircuitBreaker
 
 __all__ = ["MAX_RECENT", "BreakerEvents", "iso_time"]
 

@@ -23,7 +23,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamTlsError,
 )
-from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.policies.breaker_state import BreakerState, CircuitBreaker
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
 from tests.support.spans import EventSpan, record_events
 

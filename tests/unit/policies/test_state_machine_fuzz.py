@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from proxy.clock import FakeClock
 from proxy.config.types import CircuitBreakerConfig, FailureRateConfig, OpenDurationConfig, SlowCallConfig
-from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.policies.breaker_state import BreakerState, CircuitBreaker
 from proxy.policies.token_bucket import TokenBucket
 
 S = BreakerState

@@ -13,7 +13,7 @@ from proxy.config.types import (
     OpenDurationConfig,
     SlowCallConfig,
 )
-from proxy.policies.breaker import BreakerState, CircuitBreaker
+from proxy.policies.breaker_state import BreakerState, CircuitBreaker
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

@@ -27,7 +27,8 @@ __all__ = ["AdaptiveTimeout"]
 
 class AdaptiveTimeout:
     __slots__ = (
-        "_attempt", "_gauge", "_gauge_factory", "_last", "_min", "_min_samples", "_multiplier", "_percentile", "sketch",
+        "_attempt_s", "_gauge", "_gauge_factory", "_last", "_min", "_min_samples", "_multiplier", "_percentile",
+        "sketch",
     )
 
     def __init__(self, config: AdaptiveTimeoutConfig, attempt_s: float, sketch: LatencySketch,
@@ -40,7 +41,7 @@ class AdaptiveTimeout:
         self._multiplier = config.multiplier
         self._min = float(config.min)
         self._min_samples = config.min_samples
-        self._attempt = attempt_s
+        self._attempt_s = attempt_s
         self._gauge_factory = gauge
         self._gauge: Any = None
         self._last = -1.0
@@ -53,19 +54,19 @@ class AdaptiveTimeout:
 
     def current(self, attempt: int = 1) -> float:
         """The timeout of the ``attempt``-th try starting now, in seconds (before the request's own deadline)."""
-        value = self._attempt
+        value = self._attempt_s
         if self.sketch.count() >= self._min_samples:
             quantile = self.sketch.quantile(self._percentile)
             if quantile is not None:
-                value = min(self._attempt, max(self._min, quantile * self._multiplier))
+                value = min(self._attempt_s, max(self._min, quantile * self._multiplier))
         if value != self._last:
             self._last = value
             if self._gauge is None and self._gauge_factory is not None:
                 self._gauge = self._gauge_factory()
             if self._gauge is not None:
                 self._gauge.set(value)  # the first try's value: the learned one
-        if attempt > 1 and value < self._attempt:
-            value = min(self._attempt, value * 2.0 ** min(attempt - 1, 16))
+        if attempt > 1 and value < self._attempt_s:
+            value = min(self._attempt_s, value * 2.0 ** min(attempt - 1, 16))
         return value
 
     def snapshot(self) -> dict[str, Any]:

@@ -18,16 +18,16 @@ from proxy.timers import TimerWheel
 
 
 class Deadline:
-    __slots__ = ("_clock", "_metrics", "_total", "_wheel")
+    __slots__ = ("_clock", "_metrics", "_total_s", "_wheel")
 
     def __init__(self, total_s: float, clock: Clock, metrics: RouteMetrics, wheel: TimerWheel) -> None:
-        self._total = total_s
+        self._total_s = total_s
         self._clock = clock
         self._metrics = metrics
         self._wheel = wheel  # the sidecar's one wheel (proxy.app)
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        total = self._total
+        total = self._total_s
         if request.timeout_override is not None and request.timeout_override < total:
             total = request.timeout_override  # overrides only ever tighten
         request.deadline = self._clock.now() + total

@@ -146,7 +146,7 @@ class Hedge:
             request.event("hedge_suppressed", {"outrigger.reason": reason})
         return False
 
-    async def _race(self, request: ProxyRequest, call_next: Handler, delay: float) -> ProxyResponse:
+    async def _race(self, request: ProxyRequest, call_next: Handler, delay_s: float) -> ProxyResponse:
         pending: set[asyncio.Future[ProxyResponse]] = {asyncio.ensure_future(call_next(request))}
         forks: dict[asyncio.Future[ProxyResponse], ProxyRequest] = {}  # the hedges
         due = 0
@@ -154,15 +154,15 @@ class Hedge:
         winner: asyncio.Future[ProxyResponse] | None = None
         try:
             while winner is None:
-                done, _ = await asyncio.wait(pending, timeout=delay if due < self._max_hedges else None,
+                done, _ = await asyncio.wait(pending, timeout=delay_s if due < self._max_hedges else None,
                                              return_when=asyncio.FIRST_COMPLETED)
-                if not done:  # `delay` passed and no try answered
+                if not done:  # `delay_s` passed and no try answered
                     due += 1
                     if self._admit(request):
                         fork = request.fork()
                         fork.hedge = True
                         if request.span is not None:
-                            request.event("hedge", {"outrigger.delay_s": delay, "outrigger.hedge": due})
+                            request.event("hedge", {"outrigger.delay_s": delay_s, "outrigger.hedge": due})
                         hedge = asyncio.ensure_future(call_next(fork))
                         forks[hedge] = fork
                         pending.add(hedge)

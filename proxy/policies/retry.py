@@ -88,15 +88,15 @@ class Retry:
         value = headers.get("X-RateLimit-Reset") or headers.get("RateLimit-Reset")
         return parse_ratelimit_reset(value, self._wall()) if value is not None else None
 
-    def _admit(self, request: ProxyRequest, wait: float, reason: str) -> bool:
+    def _admit(self, request: ProxyRequest, wait_s: float, reason: str) -> bool:
         """Deadline and breaker first (they cost nothing), then the budget (spends a token)."""
-        if self._clock.now() + wait >= request.deadline:
+        if self._clock.now() + wait_s >= request.deadline:
             if request.span is not None:  # attribute dicts are built only for recorded spans
-                request.event("retry_abandoned", {"outrigger.reason": "deadline", "outrigger.wait_s": wait})
+                request.event("retry_abandoned", {"outrigger.reason": "deadline", "outrigger.wait_s": wait_s})
             return False
         if self._gate is not None and not self._gate():
             if request.span is not None:
-                request.event("retry_abandoned", {"outrigger.reason": "circuit_open", "outrigger.wait_s": wait})
+                request.event("retry_abandoned", {"outrigger.reason": "circuit_open", "outrigger.wait_s": wait_s})
             return False
         if not self._budget.try_withdraw():
             self._metrics.budget_exhausted.inc()

@@ -53,14 +53,14 @@ class LearnedTimeout(UpstreamTimeout):
 
 
 class AttemptTimeout:
-    __slots__ = ("_adaptive", "_attempt", "_clock", "_message", "_metrics", "_sketch", "_upstream", "_wheel")
+    __slots__ = ("_adaptive", "_attempt_s", "_clock", "_message", "_metrics", "_sketch", "_upstream", "_wheel")
 
     def __init__(self, attempt_s: float, upstream: str, metrics: RouteMetrics, wheel: TimerWheel, *,
                  adaptive: AdaptiveTimeout | None = None, sketch: LatencySketch | None = None,
                  clock: Clock | None = None) -> None:
         if (adaptive is not None or sketch is not None) and clock is None:
             raise ValueError("an adaptive timeout or a latency sketch needs a clock")
-        self._attempt = attempt_s
+        self._attempt_s = attempt_s
         self._metrics = metrics
         self._upstream = upstream
         self._message = (f"upstream {upstream} sent no response headers within the attempt timeout "
@@ -74,7 +74,7 @@ class AttemptTimeout:
         wheel = self._wheel
         sketch = self._sketch
         if sketch is None:
-            timer = wheel.start(self._attempt)
+            timer = wheel.start(self._attempt_s)
             try:
                 return await call_next(request)
             except asyncio.CancelledError:
@@ -92,7 +92,7 @@ class AttemptTimeout:
         clock = self._clock
         assert clock is not None
         start = clock.now()
-        timeout = self._attempt
+        timeout = self._attempt_s
         if self._adaptive is not None:
             timeout = self._adaptive.current(request.attempt)
             left = request.deadline - start
@@ -107,7 +107,7 @@ class AttemptTimeout:
             _blame_a_stalled_upload(request)
             sketch.add(timeout, censored=True)
             self._metrics.timeouts["attempt"].inc()
-            error = LearnedTimeout if timeout < self._attempt else UpstreamTimeout
+            error = LearnedTimeout if timeout < self._attempt_s else UpstreamTimeout
             raise error(f"upstream {self._upstream} sent no response headers within the attempt "
                         f"timeout of {timeout:g}s") from None
         finally:

@@ -29,13 +29,13 @@ _EPSILON_S = 1e-9
 
 
 class TokenBucket:
-    __slots__ = ("_clock", "_full_at", "_interval", "burst", "rate_per_s")
+    __slots__ = ("_clock", "_full_at", "_interval_s", "burst", "rate_per_s")
 
     def __init__(self, rate_per_s: float, burst: int, clock: Clock) -> None:
         self.rate_per_s = finite_positive("rate_per_s", rate_per_s)
         self.burst = at_least_one("burst", burst)
         self._clock = clock
-        self._interval = 1.0 / self.rate_per_s  # seconds per token, so taking one is an add
+        self._interval_s = 1.0 / self.rate_per_s  # seconds per token, so taking one is an add
         self._full_at = clock.now()  # starts full
 
     def _behind(self, now: float) -> float:
@@ -47,11 +47,11 @@ class TokenBucket:
         """Seconds until ``n`` tokens are there; <= 0 when they already are."""
         # Compared in the time domain: tokens = burst - behind*rate, so tokens >= n exactly when
         # behind <= (burst - n) / rate.
-        return self._behind(now) - (self.burst - n) * self._interval
+        return self._behind(now) - (self.burst - n) * self._interval_s
 
     def _take(self, n: float, now: float) -> None:
         start = self._full_at if self._full_at > now else now
-        self._full_at = start + n * self._interval
+        self._full_at = start + n * self._interval_s
 
     @property
     def tokens(self) -> float:

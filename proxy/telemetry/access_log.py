@@ -12,13 +12,13 @@ Query strings and header values are never logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from typing import IO
 
 import msgspec
 
+from proxy.tasks import cancel_and_wait
 from proxy.telemetry.line_writer import LineWriter
 
 __all__ = ["AccessEntry", "AccessLog"]
@@ -92,11 +92,8 @@ class AccessLog:
         self._writer.wait_written(timeout_s)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._hand_over()
         # The last lines are written off the loop, for a bounded time: a stalled reader
         # must not hold up shutdown either.

@@ -14,7 +14,6 @@ upstream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import ssl
 from urllib.parse import urlsplit
@@ -23,6 +22,7 @@ from proxy.chain import AttemptTarget, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig, parse_address
 from proxy.edge.headers import strip_sidecar_headers
+from proxy.tasks import cancel_and_wait
 from proxy.telemetry.metrics import EndpointMetrics
 from proxy.upstream.connection import transport_error
 from proxy.upstream.endpoints.discovery import Discovery
@@ -123,10 +123,7 @@ class UpstreamPool:
             await self.endpoints.start(initial)
 
     async def close(self) -> None:
-        if self._warm is not None:
-            self._warm.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._warm
+        await cancel_and_wait(self._warm)
         if self.discovery is not None:
             await self.discovery.close()
         if self.endpoints is not None:

@@ -20,6 +20,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 
 from proxy.config.types import DiscoveryConfig
+from proxy.tasks import cancel_and_wait
 
 __all__ = ["Discovery", "Resolver", "resolver_for"]
 
@@ -120,8 +121,5 @@ class Discovery:
             await self.resolve_once()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -25,6 +25,7 @@ from typing import Any
 from proxy import errors
 from proxy.clock import Clock
 from proxy.config.types import UpstreamConfig
+from proxy.tasks import cancel_and_wait
 from proxy.telemetry.metrics import EndpointMetrics
 from proxy.upstream.endpoints.balancer import picker
 from proxy.upstream.endpoints.ewma import PeakEwma
@@ -236,10 +237,7 @@ class EndpointSet:
         await keep_warm(self.upstream, self._warm_pools, self.config.preconnect, self._connect_timeout_s, self._rng)
 
     async def close(self) -> None:
-        if self._preconnect is not None:
-            self._preconnect.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._preconnect
+        await cancel_and_wait(self._preconnect)
         for endpoint in [*self.endpoints, *self._closing]:
             await endpoint.pool.close()
         for task in list(self._tasks):

@@ -136,7 +136,7 @@ def strip_sidecar_headers(headers: CIMultiDict[str]) -> None:
     that, and its ``x-outrigger-fallback`` must survive.
     """
     prefix = len(SIDECAR_PREFIX)
-    forged = {name for name in headers if name[:prefix].lower() == SIDECAR_PREFIX}
+    forged = {name for name in headers if name[:1] in "xX" and name[:prefix].lower() == SIDECAR_PREFIX}
     for name in forged:
         del headers[name]
 

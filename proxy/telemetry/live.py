@@ -19,23 +19,20 @@ WINDOW = 1024
 
 
 class LiveStats:
-    __slots__ = ("_gauge", "durations", "errors", "inflight", "requests")
+    __slots__ = ("durations", "errors", "inflight", "requests")
 
-    def __init__(self, gauge: object | None = None) -> None:
-        self._gauge = gauge  # the route's inflight Gauge child, kept in step
-        self.inflight = 0
+    def __init__(self) -> None:
+        self.inflight = 0  # also the outrigger_inflight_requests gauge, read at scrape time
         self.requests = 0
         self.errors = 0  # responses with a 5xx status, Outrigger's own included
         self.durations: collections.deque[float] = collections.deque(maxlen=WINDOW)
 
-    # The edge calls inc()/dec() around each request, as it did on the Gauge child.
+    # The edge calls inc()/dec() around each request.
     def inc(self) -> None:
         self.inflight += 1
-        self._gauge.inc()  # type: ignore[union-attr]
 
     def dec(self) -> None:
         self.inflight -= 1
-        self._gauge.dec()  # type: ignore[union-attr]
 
     def done(self, status: int, seconds: float) -> None:
         self.requests += 1

@@ -178,7 +178,13 @@ class Metrics:
         route_metrics = RouteMetrics(self, route, upstream)
         # The same route across reloads keeps its live figures, as its Prometheus series do.
         route_metrics.inflight = route_metrics.live = self._live.setdefault((route, upstream), route_metrics.live)
+        # The gauge is read from the live integers at scrape time (a route that changed upstream
+        # on a reload has two), so the hot path touches no Prometheus lock for it.
+        self.inflight.labels(route=route).set_function(functools.partial(self._inflight, route))
         return route_metrics
+
+    def _inflight(self, route: str) -> float:
+        return float(sum(live.inflight for (name, _), live in self._live.items() if name == route))
 
     def for_upstream(self, upstream: str) -> UpstreamMetrics:
         return UpstreamMetrics(self, upstream)
@@ -300,7 +306,7 @@ class RouteMetrics:
         self.budget_exhausted = metrics.budget_exhausted.labels(**labels)
         self.rate_limited = metrics.rate_limited.labels(route=route)
         # In flight: the Gauge child and a plain integer together (inc()/dec()), for /status.
-        self.inflight = self.live = LiveStats(metrics.inflight.labels(route=route))
+        self.inflight = self.live = LiveStats()
         self._retries: dict[str, Any] = {}
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}

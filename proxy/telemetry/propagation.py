@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 from collections.abc import Sequence
 from typing import TypeAlias
@@ -52,6 +53,7 @@ _MEMBER = re.compile(
     r"[a-z0-9][a-z0-9_\-*/@]{0,255}"  # key = ( lcalpha / DIGIT ) 0*255 ( keychar )
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"  # value = 0*255(chr) nblk-chr
 )
+_random_bits = random.Random(os.urandom(32)).getrandbits
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _FLAG_TEXT = tuple(f"{flags:02x}" for flags in range(256))
@@ -138,10 +140,11 @@ def format_traceparent(trace_id: str, span_id: str, flags: int) -> str:
 def unrecorded_traceparent(trace_id: str | None, flags: int) -> str:
     """A ``traceparent`` for a request that is not recorded: the trace (a new one for None), a fresh span id.
 
-    One ``os.urandom`` call for both ids: this runs for every unsampled request.
+    This runs for every unsampled request: one draw from a PRNG seeded by the OS for both
+    ids (ids, not secrets; the OTel SDK's id generator does the same), no syscall.
     """
     while True:
-        raw = os.urandom(8 if trace_id is not None else 24).hex()
+        raw = f"{_random_bits(64):016x}" if trace_id is not None else f"{_random_bits(192):048x}"
         span_id, new_trace = raw[:16], raw[16:]
         if span_id != _ZERO_SPAN and new_trace != _ZERO_TRACE:
             return f"00-{trace_id or new_trace}-{span_id}-{_FLAG_TEXT[flags & 0xff]}"
@@ -155,7 +158,7 @@ def with_parent_id(traceparent: str, span_id: int) -> str:
 def new_trace_id() -> str:
     """32 random hex digits, never all zero: a trace id whose random flag may be set."""
     while True:
-        value = os.urandom(16).hex()
+        value = f"{_random_bits(128):032x}"
         if value != _ZERO_TRACE:
             return value
 

@@ -35,6 +35,17 @@ def _routes(listeners: list[ListenerConfig]) -> Iterator[tuple[str, RouteConfig]
             yield f"listeners[{li}].routes[{ri}]", route
 
 
+def _check_address(address: str, path: str, issues: list[ConfigIssue], *, endpoint: bool = False) -> bool:
+    """Whether ``address`` is a ``host:port`` (an endpoint's with a real port); else an issue at ``path``."""
+    try:
+        if parse_address(address)[1] == 0 and endpoint:
+            raise ValueError(f"port 0 in {address!r}: an endpoint needs the port it listens on")
+    except ValueError as exc:
+        issues.append(ConfigIssue(path, str(exc)))
+        return False
+    return True
+
+
 # --- upstreams ---
 
 
@@ -64,19 +75,12 @@ def _check_endpoints(upstream: UpstreamConfig, path: str, issues: list[ConfigIss
             issues.append(ConfigIssue(f"{path}.discovery", "endpoints and discovery exclude each other: a static "
                                                             "list is never re-resolved"))
         for index, address in enumerate(upstream.endpoints):
-            try:
-                if parse_address(address)[1] == 0:
-                    raise ValueError(f"port 0 in {address!r}: an endpoint needs the port it listens on")
-            except ValueError as exc:
-                issues.append(ConfigIssue(f"{path}.endpoints[{index}]", str(exc)))
+            _check_address(address, f"{path}.endpoints[{index}]", issues, endpoint=True)
         if len(set(upstream.endpoints)) != len(upstream.endpoints):
             issues.append(ConfigIssue(f"{path}.endpoints", "lists the same address twice"))
     if upstream.discovery is not None:
         for index, address in enumerate(upstream.discovery.nameservers or ()):
-            try:
-                parse_address(address)
-            except ValueError as exc:
-                issues.append(ConfigIssue(f"{path}.discovery.nameservers[{index}]", str(exc)))
+            _check_address(address, f"{path}.discovery.nameservers[{index}]", issues)
     if upstream.preconnect > upstream.max_connections:
         issues.append(ConfigIssue(f"{path}.preconnect", f"{upstream.preconnect} is larger than max_connections "
                                                          f"({upstream.max_connections})"))
@@ -135,10 +139,7 @@ def check_addresses(listeners: list[tuple[int, ListenerConfig]], admin: AdminCon
             issues.append(ConfigIssue(f"listeners[{i}].name", f"duplicate listener name '{lst.name}'"))
         names.add(lst.name)
     for path, address in entries:
-        try:
-            parse_address(address)
-        except ValueError as exc:
-            issues.append(ConfigIssue(path, str(exc)))
+        if not _check_address(address, path, issues):
             continue
         clash = next((other for other_address, other in seen.items() if same_socket(address, other_address)), None)
         if clash is not None:

@@ -125,18 +125,17 @@ def load_config(text: str, *, source: str = "<config>", env: Mapping[str, str] |
     return Config(version=1, listeners=tuple(listeners), upstreams=upstreams, **sections)
 
 
-def _as_mapping(raw: Any, path: str, issues: list[ConfigIssue]) -> dict[str, Any] | None:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        issues.append(ConfigIssue(path, f"expected a mapping, got {type(raw).__name__}"))
-        return None
-    return raw
+def _mapping(raw: Any, path: str, issues: list[ConfigIssue]) -> dict[str, Any] | None:
+    """``raw`` when it is a mapping; else an issue at ``path``, and None."""
+    if isinstance(raw, dict):
+        return raw
+    issues.append(ConfigIssue(path, f"expected a mapping, got {type(raw).__name__}"))
+    return None
 
 
 def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]) -> dict[str, UpstreamConfig]:
     result: dict[str, UpstreamConfig] = {}
-    mapping = _as_mapping(raw, "upstreams", issues)
+    mapping = _mapping({} if raw is None else raw, "upstreams", issues)
     if mapping is None:
         return result
     if not mapping:
@@ -172,7 +171,7 @@ def _listeners(raw: Any, defaults_raw: dict[str, Any], upstreams_raw: dict[str, 
         return listeners, shells
     for li, body in enumerate(raw):
         path = f"listeners[{li}]"
-        body_map = _as_mapping(body, path, issues)
+        body_map = _mapping({} if body is None else body, path, issues)
         if body_map is None:
             continue
         shell = convert({**body_map, "routes": []}, ListenerConfig, path, issues)
@@ -195,16 +194,16 @@ def _listeners(raw: Any, defaults_raw: dict[str, Any], upstreams_raw: dict[str, 
 def _route(raw: Any, path: str, defaults_raw: dict[str, Any], upstreams_raw: dict[str, Any],
            issues: list[ConfigIssue]) -> RouteConfig | None:
     """Convert the route's effective (merged) form; its own keys keep their true paths."""
-    if not isinstance(raw, dict):
-        issues.append(ConfigIssue(path, f"expected a mapping, got {type(raw).__name__}"))
+    written = _mapping(raw, path, issues)
+    if written is None:
         return None
-    upstream_name = raw.get("upstream")
+    upstream_name = written.get("upstream")
     upstream_raw = upstreams_raw.get(upstream_name) if isinstance(upstream_name, str) else None
-    route = convert(route_blocks(raw, defaults_raw, upstream_raw), RouteConfig, path, issues)
+    route = convert(route_blocks(written, defaults_raw, upstream_raw), RouteConfig, path, issues)
     if route is None:
         return None
     before = len(issues)
-    check_route(route, raw, path, upstream_raw is not None, issues)
+    check_route(route, written, path, upstream_raw is not None, issues)
     return route if len(issues) == before else None
 
 

@@ -1,6 +1,6 @@
 """What to do about a config error: the hint added to msgspec's bare messages.
 
-Used by ``loader._convert`` where a value fails its type: an enum lists its
+Used by ``convert.convert`` where a value fails its type: an enum lists its
 valid values, an unknown key suggests the nearest valid one, a quoted boolean
 says that only ``true``/``false`` are booleans, and a scalar where a block is
 expected shows the block's keys.

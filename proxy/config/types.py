@@ -3,8 +3,9 @@
 These are *config* types only; the runtime objects built from them live in
 ``proxy.app`` and ``proxy.policies``.  Invariants that involve a single block
 are checked in ``__post_init__`` (so msgspec reports them at the block's
-path); cross-references (routes naming upstreams, duplicate addresses) are
-checked by ``proxy.config.loader``.  Duration fields hold seconds as floats.
+path), with the rules of ``proxy.config.validators``; cross-references (routes
+naming upstreams, duplicate addresses) are checked by ``proxy.config.checks``.
+Duration fields hold seconds as floats.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from proxy.config.units import Duration, Size, parse_duration
+from proxy.config.validators import HeaderName, Name, at_least, not_above, positive
 
 __all__ = [
     "AccessLogConfig", "AdaptiveConcurrencyConfig", "AdaptiveTimeoutConfig", "AdminConfig", "BackoffConfig",
@@ -30,16 +32,10 @@ StatusCode = Annotated[int, msgspec.Meta(ge=100, le=599)]
 Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 QueryParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^&=#\s]+$")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 class Block(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base for every config block: immutable and strict about unknown keys."""
-
-
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{name} must be greater than 0")
 
 
 # --- policy blocks (see the "Resilience policies" section of the README) ---
@@ -58,8 +54,8 @@ class AdaptiveTimeoutConfig(Block, frozen=True):
     min_samples: PositiveInt = 50
 
     def __post_init__(self) -> None:
-        _positive("min", self.min)
-        _positive("window", self.window)
+        positive("min", self.min)
+        positive("window", self.window)
 
 
 class TimeoutConfig(Block, frozen=True):
@@ -71,12 +67,11 @@ class TimeoutConfig(Block, frozen=True):
 
     def __post_init__(self) -> None:
         for name in ("connect", "attempt", "total", "idle"):
-            _positive(name, getattr(self, name))
-        if self.attempt > self.total:
-            raise ValueError(f"attempt ({self.attempt:g}s) is longer than total ({self.total:g}s)")
-        if self.adaptive is not None and self.adaptive.min > self.attempt:
-            raise ValueError(f"adaptive.min ({self.adaptive.min:g}s) is above attempt ({self.attempt:g}s), "
-                             "the ceiling of the adaptive timeout")
+            positive(name, getattr(self, name))
+        not_above("attempt", self.attempt, "total", self.total, relation="is longer than")
+        if self.adaptive is not None:
+            not_above("adaptive.min", self.adaptive.min, "attempt", self.attempt, relation="is above",
+                      why="the ceiling of the adaptive timeout")
 
 
 class HedgeConfig(Block, frozen=True):
@@ -89,7 +84,7 @@ class HedgeConfig(Block, frozen=True):
 
     def __post_init__(self) -> None:
         if self.delay != "auto":
-            _positive("delay", self.delay_s or 0.0)
+            positive("delay", self.delay_s or 0.0)
 
     @property
     def delay_s(self) -> float | None:
@@ -103,8 +98,7 @@ class BackoffConfig(Block, frozen=True):
     jitter: Literal["full", "equal", "decorrelated", "none"] = "full"
 
     def __post_init__(self) -> None:
-        if self.base > self.max:
-            raise ValueError(f"base ({self.base:g}s) is larger than max ({self.max:g}s)")
+        not_above("base", self.base, "max", self.max)
 
 
 class BudgetConfig(Block, frozen=True):
@@ -113,7 +107,7 @@ class BudgetConfig(Block, frozen=True):
     window: Duration = Duration(10.0)
 
     def __post_init__(self) -> None:
-        _positive("window", self.window)
+        positive("window", self.window)
 
 
 class RetryConfig(Block, frozen=True):
@@ -136,7 +130,7 @@ class FailureRateConfig(Block, frozen=True):
     min_requests: PositiveInt = 20
 
     def __post_init__(self) -> None:
-        _positive("window", self.window)
+        positive("window", self.window)
 
 
 class SlowCallConfig(Block, frozen=True):
@@ -146,8 +140,8 @@ class SlowCallConfig(Block, frozen=True):
     min_requests: PositiveInt = 20
 
     def __post_init__(self) -> None:
-        _positive("duration", self.duration)
-        _positive("window", self.window)
+        positive("duration", self.duration)
+        positive("window", self.window)
 
 
 class OpenDurationConfig(Block, frozen=True):
@@ -155,9 +149,8 @@ class OpenDurationConfig(Block, frozen=True):
     max: Duration = Duration(60.0)
 
     def __post_init__(self) -> None:
-        _positive("min", self.min)
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min:g}s) is larger than max ({self.max:g}s)")
+        positive("min", self.min)
+        not_above("min", self.min, "max", self.max)
 
 
 class CircuitBreakerConfig(Block, frozen=True):
@@ -172,7 +165,7 @@ class CircuitBreakerConfig(Block, frozen=True):
 
 
 class RateLimitKey(Block, frozen=True):
-    header: Annotated[str, msgspec.Meta(min_length=1, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+    header: HeaderName
 
 
 class RateLimitConfig(Block, frozen=True):
@@ -197,7 +190,7 @@ class IdempotencyConfig(Block, frozen=True):
     max_response_bytes: Size = Size(1024 * 1024)
 
     def __post_init__(self) -> None:
-        _positive("ttl", self.ttl)
+        positive("ttl", self.ttl)
 
 
 class AdaptiveConcurrencyConfig(Block, frozen=True):
@@ -209,8 +202,7 @@ class AdaptiveConcurrencyConfig(Block, frozen=True):
     decrease_ratio: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.9
 
     def __post_init__(self) -> None:
-        if self.min > self.initial:
-            raise ValueError(f"min ({self.min}) is above initial ({self.initial})")
+        not_above("min", self.min, "initial", self.initial, seconds=False, relation="is above")
 
 
 class ConcurrencyConfig(Block, frozen=True):
@@ -220,9 +212,9 @@ class ConcurrencyConfig(Block, frozen=True):
     adaptive: AdaptiveConcurrencyConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.adaptive is not None and self.adaptive.initial > self.max_active:
-            raise ValueError(f"adaptive.initial ({self.adaptive.initial}) is above max_active "
-                             f"({self.max_active}), the ceiling of the adaptive limit")
+        if self.adaptive is not None:
+            not_above("adaptive.initial", self.adaptive.initial, "max_active", self.max_active, seconds=False,
+                      relation="is above", why="the ceiling of the adaptive limit")
 
 
 FallbackOn = Literal[
@@ -271,9 +263,8 @@ class DeadLetterConfig(Block, frozen=True):
     max_age: Duration = Duration(7 * 86400.0)
 
     def __post_init__(self) -> None:
-        _positive("max_age", self.max_age)
-        if self.max_bytes < 64 * 1024:
-            raise ValueError(f"max_bytes ({int(self.max_bytes)}) must be at least 64KiB")
+        positive("max_age", self.max_age)
+        at_least("max_bytes", int(self.max_bytes), 64 * 1024, "64KiB")
 
 
 class PolicyDefaults(Block, frozen=True):
@@ -309,7 +300,7 @@ class DiscoveryConfig(Block, frozen=True):
     nameservers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        _positive("refresh", self.refresh)
+        positive("refresh", self.refresh)
 
 
 class OutlierFailureRateConfig(Block, frozen=True):
@@ -318,7 +309,7 @@ class OutlierFailureRateConfig(Block, frozen=True):
     window: Duration = Duration(10.0)
 
     def __post_init__(self) -> None:
-        _positive("window", self.window)
+        positive("window", self.window)
 
 
 class OutlierDetectionConfig(Block, frozen=True):
@@ -329,10 +320,8 @@ class OutlierDetectionConfig(Block, frozen=True):
     max_ejected_percent: Annotated[int, msgspec.Meta(ge=0, le=100)] = 50  # and never the last endpoint
 
     def __post_init__(self) -> None:
-        _positive("base_ejection", self.base_ejection)
-        if self.base_ejection > self.max_ejection:
-            raise ValueError(f"base_ejection ({self.base_ejection:g}s) is longer than max_ejection "
-                             f"({self.max_ejection:g}s)")
+        positive("base_ejection", self.base_ejection)
+        not_above("base_ejection", self.base_ejection, "max_ejection", self.max_ejection, relation="is longer than")
 
 
 LoadBalancer = Literal["p2c_ewma", "least_request", "round_robin"]
@@ -415,11 +404,10 @@ class LimitsConfig(Block, frozen=True):
     client_idle_timeout: Duration = Duration(30.0)
 
     def __post_init__(self) -> None:
-        if self.max_header_bytes < 1024:
-            raise ValueError(f"max_header_bytes ({int(self.max_header_bytes)}) must be at least 1KiB: "
-                             "every request would be refused with 431")
+        at_least("max_header_bytes", int(self.max_header_bytes), 1024, "1KiB",
+                 why="every request would be refused with 431")
         for name in ("header_read_timeout", "keepalive_timeout", "client_idle_timeout"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
 
 
 class TracingConfig(Block, frozen=True):
@@ -450,7 +438,7 @@ class RedisConfig(Block, frozen=True):
     timeout: Duration = Duration(0.02)  # per Redis call, never past the request's deadline
 
     def __post_init__(self) -> None:
-        _positive("timeout", self.timeout)
+        positive("timeout", self.timeout)
 
 
 class Config(Block, frozen=True):

@@ -47,7 +47,9 @@ def upstream_url_problem(url: str) -> str | None:
     """What is wrong with an upstream's ``url`` (scheme, host, credentials, query, port), or None."""
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
         return f"the upstream url must not contain whitespace or control characters: {url!r}"
-    parts = urlsplit(url)
+    parts = _split(url)
+    if isinstance(parts, str):
+        return parts
     problem = _scheme_and_host_problem(parts, url, ("http", "https"), "http:// or https://")
     if problem:
         return problem
@@ -61,7 +63,9 @@ def upstream_url_problem(url: str) -> str | None:
 
 def redis_url_problem(url: str) -> str | None:
     """What is wrong with ``redis.url`` (scheme, host, port, a database number as its path), or None."""
-    parts = urlsplit(url)
+    parts = _split(url)
+    if isinstance(parts, str):
+        return parts
     problem = _scheme_and_host_problem(parts, url, ("redis", "rediss"), "redis:// or rediss:// (TLS)") \
         or _port_problem(parts, url)
     if problem:
@@ -69,6 +73,14 @@ def redis_url_problem(url: str) -> str | None:
     if parts.path.strip("/") and not parts.path.strip("/").isdigit():
         return f"the path of {url!r} must be a database number, like /0"
     return None
+
+
+def _split(url: str) -> SplitResult | str:
+    """The url's parts, or what is wrong with it when it does not even split (``http://[::1``)."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        return f"{url!r} is not a valid URL: {exc}"
 
 
 def _scheme_and_host_problem(parts: SplitResult, url: str, schemes: tuple[str, ...], use: str) -> str | None:

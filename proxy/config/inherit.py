@@ -10,10 +10,6 @@ and an inherited key is checked where it is written (``defaults...``).  The rule
 - merged key by key, a mapping into a mapping; anything else (a list, a scalar) replaces;
 - a route's ``null`` switches an inherited block off (meaningful for the optional
   ``rate_limit`` and ``fallback``).
-
-One exception today, kept as it was: an upstream with no ``circuit_breaker:`` block of
-its own hides ``defaults.circuit_breaker`` from its routes' (``scope: route``) breakers
-(the strict xfail in ``tests/unit/config/test_inherit.py`` marks it).
 """
 
 from __future__ import annotations
@@ -50,8 +46,8 @@ def route_blocks(route_raw: dict[str, Any], defaults_raw: dict[str, Any], upstre
     merged = dict(route_raw)
     for block in ROUTE_BLOCKS:
         inherited = defaults_raw.get(block)
-        if block == "circuit_breaker" and isinstance(upstream_raw, dict):
-            inherited = merge(inherited, upstream_raw.get(block))
+        if block == "circuit_breaker" and isinstance(upstream_raw, dict) and upstream_raw.get(block) is not None:
+            inherited = merge(inherited or {}, upstream_raw[block])
         if block in route_raw:
             merged[block] = None if route_raw[block] is None else merge(inherited or {}, route_raw[block])
         elif inherited is not None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from proxy.config.addresses import parse_address, redis_url_problem, same_socket, upstream_url_problem
+from proxy.config.issues import ConfigError
+from tests.support.sidecar import base_config, to_config
 
 
 @pytest.mark.parametrize(("address", "parsed"), [
@@ -102,3 +106,16 @@ def test_a_redis_url_with_scheme_host_and_a_database_number_is_fine(url: str) ->
 ])
 def test_a_redis_url_problem_says_what_is_wrong(url: str, message: str) -> None:
     assert redis_url_problem(url) == message
+
+
+@pytest.mark.parametrize("check", [upstream_url_problem, redis_url_problem])
+def test_a_url_that_does_not_even_split_is_a_problem_not_a_crash(check: Any) -> None:
+    problem = check("http://[::1")
+    assert problem is not None and "is not a valid URL" in problem
+
+
+def test_a_config_with_an_unsplittable_upstream_url_names_its_path() -> None:
+    data = base_config("http://[::1")
+    with pytest.raises(ConfigError) as caught:
+        to_config(data)
+    assert "upstreams.svc.url" in str(caught.value) and "is not a valid URL" in str(caught.value)

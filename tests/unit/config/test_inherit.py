@@ -91,7 +91,5 @@ def test_a_route_breaker_inherits_the_defaults_through_an_upstream_breaker_block
     assert _route_breaker_failures({"url": "http://x", "circuit_breaker": {"consecutive_failures": 3}}) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="an upstream with no circuit_breaker block of its own hides "
-                                       "defaults.circuit_breaker from its routes' breakers (kept as it was)")
 def test_a_route_breaker_inherits_the_defaults_when_its_upstream_has_no_breaker_block() -> None:
     assert _route_breaker_failures({"url": "http://x"}) == 10

@@ -19,15 +19,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
 )
 from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from proxy.telemetry import line_writer
+from proxy.telemetry.lean import LeanCounter, LeanCounterFamily, LeanHistogram, LeanHistogramFamily
 from proxy.telemetry.live import LiveStats
 
 __all__ = [
@@ -89,16 +88,17 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        self.requests = Counter("outrigger_requests", "Requests the app sent through the sidecar.",
-                                ["route", "upstream", "method", "code", "outcome"], registry=r)
-        self.request_duration = Histogram(
+        # The four families every request updates are lean ones (see proxy.telemetry.lean).
+        self.requests = LeanCounterFamily("outrigger_requests", "Requests the app sent through the sidecar.",
+                                          ["route", "upstream", "method", "code", "outcome"], r)
+        self.request_duration = LeanHistogramFamily(
             "outrigger_request_duration_seconds", "Time from request received to response headers sent.",
-            ["route", "upstream", "method", "code"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.attempts = Counter("outrigger_upstream_attempts", "Upstream attempts by result.",
-                                ["route", "upstream", "result"], registry=r)
-        self.attempt_duration = Histogram(
+            ["route", "upstream", "method", "code"], r, buckets=_LATENCY_BUCKETS)
+        self.attempts = LeanCounterFamily("outrigger_upstream_attempts", "Upstream attempts by result.",
+                                          ["route", "upstream", "result"], r)
+        self.attempt_duration = LeanHistogramFamily(
             "outrigger_upstream_attempt_duration_seconds", "Time from attempt start to upstream headers.",
-            ["route", "upstream"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["route", "upstream"], r, buckets=_LATENCY_BUCKETS)
         self.retries = Counter("outrigger_retries", "Retries sent, by the reason for retrying.",
                                ["route", "upstream", "reason"], registry=r)
         self.budget_exhausted = Counter("outrigger_retry_budget_exhausted",
@@ -308,8 +308,7 @@ class RouteMetrics:
         # In flight: the Gauge child and a plain integer together (inc()/dec()), for /status.
         self.inflight = self.live = LiveStats()
         self._retries: dict[str, Any] = {}
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[tuple[str, str], Any] = {}
+        self._series: dict[tuple[str, int, str], tuple[LeanCounter, LeanHistogram]] = {}
 
     def adaptive_timeout(self) -> Any:
         """The adaptive timeout's gauge child (bound only for a route with ``timeout.adaptive``)."""
@@ -330,17 +329,19 @@ class RouteMetrics:
     def request_done(self, method: str, status: int, outcome: str, seconds: float,
                      exemplar: dict[str, str] | None = None) -> None:
         self.live.done(status, seconds)
-        code = status_class(status)
-        method = method_label(method)
-        key = (method, code, outcome)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self._metrics.requests.labels(
-                route=self.route, upstream=self.upstream, method=method, code=code, outcome=outcome)
-        counter.inc()
-        hkey = (method, code)
-        histogram: MetricWrapperBase | None = self._durations.get(hkey)
-        if histogram is None:
-            histogram = self._durations[hkey] = self._metrics.request_duration.labels(
-                route=self.route, upstream=self.upstream, method=method, code=code)
-        histogram.observe(seconds, exemplar)  # type: ignore[attr-defined]
+        series = self._series.get((method, status, outcome))
+        if series is None:
+            series = self._bind(method, status, outcome)
+        series[0].inc()
+        series[1].observe(seconds, exemplar)
+
+    def _bind(self, method: str, status: int, outcome: str) -> tuple[LeanCounter, LeanHistogram]:
+        """The request counter and duration histogram of one (method, status, outcome), cached."""
+        label, code = method_label(method), status_class(status)
+        series = (self._metrics.requests.labels(route=self.route, upstream=self.upstream, method=label, code=code,
+                                                outcome=outcome),
+                  self._metrics.request_duration.labels(route=self.route, upstream=self.upstream, method=label,
+                                                        code=code))
+        if label == method and len(self._series) < 1024:  # bounded: made-up methods are not cached
+            self._series[(method, status, outcome)] = series
+        return series

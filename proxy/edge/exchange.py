@@ -160,8 +160,8 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
             endpoint=outgoing.endpoint.address if outgoing is not None and outgoing.endpoint is not None else None,
             status=status,
             attempts=attempts,
-            duration_ms=round((end - start) * 1000, 3),
-            upstream_duration_ms=round(outgoing.upstream_s * 1000, 3) if outgoing is not None else None,
+            duration_ms=round((end - start) * 1e6) / 1000,  # µs resolution; round(x, 3) costs 3x
+            upstream_duration_ms=round(outgoing.upstream_s * 1e6) / 1000 if outgoing is not None else None,
             bytes_in=outgoing.body.received if outgoing is not None else (
                 req.body.received if req.body is not None else 0),
             bytes_out=bytes_out,

@@ -6,8 +6,10 @@ on every call: about a tenth of the sidecar's own CPU per request went there.
 The four families the hot path updates per request (requests, request duration,
 attempts, attempt duration) are these instead: children are plain Python
 numbers, updated only on the event loop, and turned into the same samples
-prometheus_client would expose (``_total``/``_created``, ``_bucket`` with
-exemplars, ``_count``, ``_sum``, ``_created``) when the registry is scraped.
+prometheus_client would expose (``_total``, ``_bucket`` with exemplars,
+``_count``, ``_sum``) when the registry is scraped.  Like every family of the
+sidecar (``outrigger run`` turns them off in prometheus_client), they have no
+``_created`` series: a counter's start is its process's start.
 ``/metrics`` is served on the same event loop, so no update is ever half seen.
 
 They are registered on the sidecar's registry like any collector; the other
@@ -22,7 +24,6 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics import _get_use_created
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
@@ -34,11 +35,10 @@ __all__ = ["LeanCounter", "LeanCounterFamily", "LeanHistogram", "LeanHistogramFa
 class LeanCounter:
     """One counter series."""
 
-    __slots__ = ("created", "value")
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
         self.value = 0.0
-        self.created = time.time()
 
     def inc(self, amount: float = 1.0) -> None:
         if amount < 0:
@@ -49,14 +49,13 @@ class LeanCounter:
 class LeanHistogram:
     """One histogram series: a count per bucket (not cumulative; summed at scrape), sum and exemplars."""
 
-    __slots__ = ("_bounds", "counts", "created", "exemplars", "sum")
+    __slots__ = ("_bounds", "counts", "exemplars", "sum")
 
     def __init__(self, bounds: list[float]) -> None:
         self._bounds = bounds  # upper bounds, ascending, ending with +Inf
         self.counts = [0.0] * len(bounds)
         self.exemplars: list[Exemplar | None] = [None] * len(bounds)
         self.sum = 0.0
-        self.created = time.time()
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         index = bisect_left(self._bounds, amount)  # the first bucket whose bound is >= amount (`le`)
@@ -117,12 +116,8 @@ class LeanCounterFamily(_Family):
 
     def collect(self) -> Iterator[Metric]:
         metric = self._metric()
-        created = _get_use_created()
         for key, child in list(self._children.items()):
-            labels = dict(zip(self.labelnames, key, strict=True))
-            metric.add_sample(self.name + "_total", labels, child.value)
-            if created:
-                metric.add_sample(self.name + "_created", labels, child.created)
+            metric.add_sample(self.name + "_total", dict(zip(self.labelnames, key, strict=True)), child.value)
         yield metric
 
 
@@ -155,7 +150,6 @@ class LeanHistogramFamily(_Family):
 
     def collect(self) -> Iterator[Metric]:
         metric = self._metric()
-        created = _get_use_created()
         for key, child in list(self._children.items()):
             labels = dict(zip(self.labelnames, key, strict=True))
             total = 0.0
@@ -165,6 +159,4 @@ class LeanHistogramFamily(_Family):
             metric.add_sample(self.name + "_count", labels, total)
             if self._bounds[0] >= 0:
                 metric.add_sample(self.name + "_sum", labels, child.sum)
-            if created:
-                metric.add_sample(self.name + "_created", labels, child.created)
         yield metric

@@ -338,7 +338,8 @@ class ImageVenv:
 class _BuildSteps:
     """Runs the build stage's RUN lines; ``cancel`` kills the step running now and refuses the next."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, background: bool = False) -> None:
+        self.background = background
         self._lock = threading.Lock()
         self._current: subprocess.Popen[str] | None = None
         self._cancelled = False
@@ -358,6 +359,8 @@ class _BuildSteps:
                 assert not self._cancelled, "the image build was cancelled (the session ended)"
                 self._current = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                  text=True, env=dict(env))
+                if self.background:  # idle priority: the tests running meanwhile keep their CPU
+                    os.setpriority(os.PRIO_PROCESS, self._current.pid, 19)
             try:
                 stdout, stderr = self._current.communicate(timeout=900)
             finally:
@@ -435,13 +438,14 @@ def build_image(docker_build: ParsedDockerfile, context: Path, root: Path, steps
 
 
 class _BackgroundImage:
-    """The image build, started on a thread as soon as collection ends (it is mostly a pip install
-    from PyPI, so it waits on the network and the disk): the tests that use it run last, by then it
-    is usually done. The directory is removed when the session ends."""
+    """The image build, started on a thread as soon as collection ends: the tests that use it run
+    last, by then it is usually done. It is mostly a pip install from PyPI, waiting on the network
+    and the disk; its CPU time is taken at idle priority, so it does not slow the tests beside it.
+    The directory is removed when the session ends."""
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="outrigger-image-"))
-        self.steps = _BuildSteps()
+        self.steps = _BuildSteps(background=True)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="image-build")
         self.future = self._executor.submit(self._build)
         self._executor.shutdown(wait=False)

@@ -33,11 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp import web
 
-from tests.bench.chaos import REPO, RESULTS, ChaosUpstream, Load, Row, offer, percentile, render
-from tests.support.ports import free_port
+from tests.bench.chaos import REPO, RESULTS, ChaosUpstream, Load, Row, SidecarProcess, offer, percentile, render
 
 RPS = 100  # per route
 
@@ -155,47 +153,18 @@ class CongestedProcess:
 # --- one sidecar, several routes ------------------------------------------------------------------
 
 
-class Sidecar:
-    """``python -m proxy run`` with one listener and a route per upstream (path ``/<name>``)."""
+class Sidecar(SidecarProcess):
+    """chaos's sidecar process with a route per upstream instead of its one route (path ``/<name>``)."""
 
     def __init__(self, routes: dict[str, tuple[str, Any, Any]], repo: Path = REPO) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        self.repo = repo
-        self.config = {
-            "version": 1,
-            "admin": {"address": f"127.0.0.1:{self.admin_port}"},
-            "drain": {"grace": "0s", "timeout": "1s"},
-            "upstreams": {name: {"url": url, **upstream} for name, (url, _, upstream) in routes.items()},
-            "listeners": [{"name": "main", "address": f"127.0.0.1:{self.port}", "routes": [
-                {"name": name, "upstream": name, "match": {"path_prefix": f"/{name}"}, **route}
-                for name, (_, route, _) in routes.items()]}],
-            "telemetry": {"tracing": {"enabled": False}, "access_log": {"enabled": False}},
-        }
-        self._dir = tempfile.TemporaryDirectory(prefix="outrigger-adaptive-")
-        self.proc: asyncio.subprocess.Process | None = None
+        super().__init__("", {}, repo=repo)
+        self.config["upstreams"] = {name: {"url": url, **upstream} for name, (url, _, upstream) in routes.items()}
+        self.config["listeners"][0]["routes"] = [
+            {"name": name, "upstream": name, "match": {"path_prefix": f"/{name}"}, **route}
+            for name, (_, route, _) in routes.items()]
 
-    def url(self, name: str) -> str:
+    def route_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        path = Path(self._dir.name) / "outrigger.yaml"
-        path.write_text(yaml.safe_dump(self.config))
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "--config", str(path), "--log-level", "warning",
-            cwd=self.repo, env={**os.environ, "PYTHONPATH": str(self.repo)}, stdout=asyncio.subprocess.DEVNULL)
-        deadline = time.monotonic() + 15.0
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(f"http://127.0.0.1:{self.admin_port}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-        raise RuntimeError("sidecar did not become ready within 15 s")
-
-    async def status(self, session: aiohttp.ClientSession) -> dict[str, Any]:
-        async with session.get(f"http://127.0.0.1:{self.admin_port}/status") as resp:
-            data: dict[str, Any] = await resp.json()
-            return data
 
     async def metric(self, session: aiohttp.ClientSession, prefix: str) -> dict[str, float]:
         """Samples of the sidecar's /metrics whose line starts with ``prefix``."""
@@ -203,22 +172,6 @@ class Sidecar:
             text = await resp.text()
         return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in text.splitlines()
                 if line.startswith(prefix)}
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the sidecar process so far."""
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5.0)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        self._dir.cleanup()
 
 
 def p999(load: Load) -> float:
@@ -255,7 +208,7 @@ class Bench:
 
     async def _phase(self, sidecar: Sidecar, names: list[str], seconds: float,
                      on_tick: Callable[[float], None] | None = None) -> dict[str, Load]:
-        loads = await asyncio.gather(*(offer(self.session, sidecar.url(name), RPS, seconds * self.scale,
+        loads = await asyncio.gather(*(offer(self.session, sidecar.route_url(name), RPS, seconds * self.scale,
                                              on_tick if i == 0 else None) for i, name in enumerate(names)))
         return dict(zip(names, loads, strict=True))
 
@@ -402,7 +355,7 @@ class Bench:
             while time.monotonic() < until:
                 start = time.monotonic()
                 try:
-                    async with self.session.get(sidecar.url(name)) as resp:
+                    async with self.session.get(sidecar.route_url(name)) as resp:
                         await resp.read()
                         status = resp.status
                 except (aiohttp.ClientError, OSError, TimeoutError):
@@ -502,7 +455,7 @@ class Bench:
         async def one() -> None:
             nonlocal count
             while time.monotonic() < until:
-                async with self.session.get(sidecar.url(name)) as resp:
+                async with self.session.get(sidecar.route_url(name)) as resp:
                     await resp.read()
                 count += 1
 

@@ -107,10 +107,14 @@ class ChaosUpstream:
 
 
 class SidecarProcess:
-    def __init__(self, upstream_url: str, route: dict[str, Any], upstream: dict[str, Any] | None = None) -> None:
+    """``python -m proxy run`` (the code under ``repo``) on free loopback ports: one route, ``chaos``, to ``svc``."""
+
+    def __init__(self, upstream_url: str, route: dict[str, Any], upstream: dict[str, Any] | None = None, *,
+                 repo: Path = REPO) -> None:
         self.port = free_port()
         self.admin_port = free_port()
-        self.config = {
+        self.repo = repo
+        self.config: dict[str, Any] = {
             "version": 1,
             "admin": {"address": f"127.0.0.1:{self.admin_port}"},
             "drain": {"grace": "0s", "timeout": "1s"},
@@ -120,7 +124,7 @@ class SidecarProcess:
             "telemetry": {"tracing": {"enabled": False}, "access_log": {"enabled": False}},
         }
         self._dir = tempfile.TemporaryDirectory(prefix="outrigger-chaos-")
-        self._proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
@@ -129,14 +133,14 @@ class SidecarProcess:
     async def start(self, session: aiohttp.ClientSession) -> None:
         path = Path(self._dir.name) / "outrigger.yaml"
         path.write_text(yaml.safe_dump(self.config))
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self._proc = await asyncio.create_subprocess_exec(
+        env = {**os.environ, "PYTHONPATH": str(self.repo)}
+        self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "run", "--config", str(path), "--log-level", "warning",
-            cwd=REPO, env=env, stdout=asyncio.subprocess.DEVNULL)
+            cwd=self.repo, env=env, stdout=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + 15.0
         while time.monotonic() < deadline:
-            if self._proc.returncode is not None:
-                raise RuntimeError(f"sidecar exited with {self._proc.returncode}")
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}")
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 async with session.get(f"http://127.0.0.1:{self.admin_port}/readyz") as resp:
                     if resp.status == 200:
@@ -149,8 +153,14 @@ class SidecarProcess:
             data: dict[str, Any] = await resp.json()
             return data
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the sidecar process so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     async def stop(self) -> None:
-        proc = self._proc
+        proc = self.proc
         if proc is not None and proc.returncode is None:
             proc.terminate()
             try:

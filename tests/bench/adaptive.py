@@ -35,7 +35,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.bench.chaos import REPO, RESULTS, ChaosUpstream, Load, Row, SidecarProcess, offer, percentile, render
+from tests.bench.chaos import (
+    REPO,
+    RESULTS,
+    ChaosUpstream,
+    Load,
+    Result,
+    Row,
+    SidecarProcess,
+    offer,
+    percentile,
+    render,
+    run_scenarios,
+)
 
 RPS = 100  # per route
 
@@ -496,18 +508,11 @@ def markdown(rows: list[Row], details: dict[str, Any], header: dict[str, Any]) -
 
 async def main(only: list[str], seed: int, scale: float) -> int:
     load_before = os.getloadavg()
-    rows: list[Row] = []
-    details: dict[str, Any] = {}
-    for name in only:
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            started = time.monotonic()
-            scenario_rows, detail = await getattr(Bench(session, seed, scale), name)()
-            detail["wall_s"] = round(time.monotonic() - started, 1)
-            rows.extend(scenario_rows)
-            details[name] = detail
-        await asyncio.sleep(0.2)
+
+    async def run(session: aiohttp.ClientSession, name: str) -> Result:
+        return Result(*await getattr(Bench(session, seed, scale), name)())
+
+    rows, details = await run_scenarios(only, run)
     print(render([r for r in rows if not math.isnan(r.goal)]))
     header = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": seed, "scale": scale,
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),

@@ -422,24 +422,36 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-async def main(only: list[str], seed: int) -> int:
-    load_before = os.getloadavg()  # the figures are latencies: a busy machine shows in them
+async def run_scenarios(only: list[str], run: Callable[[aiohttp.ClientSession, str], Awaitable[Result]],
+                        ) -> tuple[list[Row], dict[str, Any]]:
+    """``run(session, name)`` for each scenario named, timed, each with a fresh client (no keep-alive
+    connection outlives the sidecar it was made to): all rows, and the details by scenario."""
     rows: list[Row] = []
     details: dict[str, Any] = {}
     for name in only:
-        # A fresh client per scenario: no keep-alive connection outlives the sidecar it was made to.
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
-            bench = Bench(session, seed)
-            started = time.monotonic()
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            result: Result = await getattr(bench, name)()
-            result.details["outcomes"] = dict(bench.last_outcomes)
+            started = time.monotonic()
+            result = await run(session, name)
             result.details["wall_s"] = round(time.monotonic() - started, 1)
             rows.extend(result.rows)
             details[name] = result.details
         gc.collect()
         await asyncio.sleep(0.2)
+    return rows, details
+
+
+async def main(only: list[str], seed: int) -> int:
+    load_before = os.getloadavg()  # the figures are latencies: a busy machine shows in them
+
+    async def run(session: aiohttp.ClientSession, name: str) -> Result:
+        bench = Bench(session, seed)
+        result: Result = await getattr(bench, name)()
+        result.details["outcomes"] = dict(bench.last_outcomes)
+        return result
+
+    rows, details = await run_scenarios(only, run)
     return write_report("chaos.json", rows, details, load_before, {"offered_rps": RPS, "seed": seed})
 
 

@@ -31,7 +31,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from tests.bench.chaos import Result, Row, SidecarProcess, offer, percentile, write_report
+from tests.bench.chaos import Result, Row, SidecarProcess, offer, percentile, run_scenarios, write_report
 from tests.support.ports import free_port
 
 RPS = 200
@@ -284,17 +284,12 @@ async def cpu_per_request(session: aiohttp.ClientSession, sidecar: SidecarProces
 
 async def main(only: list[str], idle_s: float) -> int:
     load_before = os.getloadavg()
-    rows: list[Row] = []
-    details: dict[str, Any] = {}
-    for name in only:
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            started = time.monotonic()
-            result = await getattr(Bench(session, idle_s), name)()
-            result.details["wall_s"] = round(time.monotonic() - started, 1)
-            rows.extend(result.rows)
-            details[name] = result.details
+
+    async def run(session: aiohttp.ClientSession, name: str) -> Result:
+        result: Result = await getattr(Bench(session, idle_s), name)()
+        return result
+
+    rows, details = await run_scenarios(only, run)
     return write_report("endpoints.json", rows, details, load_before, {"offered_rps": RPS})
 
 

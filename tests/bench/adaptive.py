@@ -40,6 +40,7 @@ from tests.bench.chaos import (
     RESULTS,
     ChaosUpstream,
     Load,
+    LoopbackUpstream,
     Result,
     Row,
     SidecarProcess,
@@ -72,22 +73,16 @@ def all_slow(rng: random.Random) -> tuple[int, float]:
     return 200, rng.uniform(0.2, 0.3)
 
 
-class CongestedUpstream:
+class CongestedUpstream(LoopbackUpstream):
     """Serves 16 at 100 ms; past 16 in flight every answer slows (+10% per extra), past 20 it sheds with 503."""
 
     KNEE, SHED, SERVICE_S = 16, 20, 0.1
 
     def __init__(self) -> None:
+        super().__init__()
         self.inflight = 0
         self.served: list[tuple[float, float]] = []  # (end time, service seconds) of 200s
         self.shed = 0
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._web: web.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
         if request.path == "/__stats":
@@ -105,17 +100,6 @@ class CongestedUpstream:
         end = time.monotonic()
         self.served.append((time.time(), end - start))  # wall clock: comparable across processes
         return web.Response(status=200, body=b"ok")
-
-    async def start(self) -> None:
-        self._web = web.Server(self._handle, access_log=None)
-        self._server = await asyncio.get_running_loop().create_server(self._web, "127.0.0.1", 0, backlog=2048)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._web is not None:
-            await self._web.shutdown(0.1)
-        if self._server is not None:
-            self._server.close()
 
     @staticmethod
     async def serve(port_file: str) -> None:

@@ -64,13 +64,10 @@ def down(rng: random.Random) -> tuple[int, float]:
     return 503, 0.0
 
 
-class ChaosUpstream:
-    """A loopback upstream whose behaviour can be swapped mid-run; it logs every arrival time."""
+class LoopbackUpstream:
+    """A bare aiohttp server on a loopback port the OS picks; a subclass answers in ``_handle``."""
 
-    def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.behaviour: Behaviour = healthy
-        self.arrivals: list[float] = []
+    def __init__(self) -> None:
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
@@ -80,19 +77,12 @@ class ChaosUpstream:
         return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
-        self.arrivals.append(time.monotonic())
-        status, delay = self.behaviour(self.rng)
-        if delay:
-            await asyncio.sleep(delay)
-        return web.Response(status=status, body=b"ok" if status < 400 else b"unavailable")
+        raise NotImplementedError
 
     async def start(self) -> None:
         self._web = web.Server(self._handle, access_log=None)
         self._server = await asyncio.get_running_loop().create_server(self._web, "127.0.0.1", 0, backlog=2048)
         self.port = self._server.sockets[0].getsockname()[1]
-
-    def hits_between(self, start: float, end: float) -> int:
-        return sum(1 for t in self.arrivals if start <= t < end)
 
     async def stop(self) -> None:
         if self._web is not None:
@@ -101,6 +91,26 @@ class ChaosUpstream:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+
+class ChaosUpstream(LoopbackUpstream):
+    """A loopback upstream whose behaviour can be swapped mid-run; it logs every arrival time."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.behaviour: Behaviour = healthy
+        self.arrivals: list[float] = []
+
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        self.arrivals.append(time.monotonic())
+        status, delay = self.behaviour(self.rng)
+        if delay:
+            await asyncio.sleep(delay)
+        return web.Response(status=status, body=b"ok" if status < 400 else b"unavailable")
+
+    def hits_between(self, start: float, end: float) -> int:
+        return sum(1 for t in self.arrivals if start <= t < end)
 
 
 # --- the sidecar, as a separate process ---------------------------------------------------------

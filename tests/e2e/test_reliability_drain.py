@@ -1,7 +1,7 @@
 """SIGTERM during steady load (up to 500 rps) through ``outrigger run``: nothing lost, exit 0, every span delivered.
 
-Shortened from the issue's 10 s of load to 5 s (SIGTERM at 2 s, 1 s grace, so
-the listener closes at about 3 s and load continues 2 s past it) to keep the
+Shortened from the issue's 10 s of load to 3 s (SIGTERM at 1 s, 1 s grace, so
+the listener closes at about 2 s and load continues 1 s past it) to keep the
 default run fast.  The generator aims at 500 rps open loop; on a busy machine it
 may reach less (it shares the test process with the upstream and the receiver),
 so the achieved rate is printed and the test asserts that load kept arriving
@@ -26,8 +26,8 @@ from tests.support.sidecar import base_config
 from tests.support.upstream import Reply, ScriptedUpstream
 
 RATE = 500
-SECONDS = 5.0
-SIGTERM_AT = 2.0
+SECONDS = 3.0
+SIGTERM_AT = 1.0
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from tests.support.upstream import Reply, ScriptedUpstream
 ACTIVE, PENDING = 10, 10
 CAPACITY = ACTIVE + PENDING
 CONCURRENCY = 10 * CAPACITY
-LOAD_S = 3.0
+LOAD_S = 2.0
 PENDING_TIMEOUT_S = 1.0
 
 

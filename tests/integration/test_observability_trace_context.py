@@ -49,15 +49,17 @@ async def test_trace_context_is_the_same_with_the_collector_up_down_or_absent_at
 ) -> None:
     config = base_config(upstream.url)
     tracing: dict[str, Any] = {"enabled": True, "sample_ratio": ratio}
+    env: dict[str, str] = {}
     if collector == "up":
         tracing["endpoint"] = receiver.endpoint
-    else:  # nothing listens there; exports fail fast
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")
-        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    else:  # nothing listens there; exports fail fast, and a bounded flush at stop drops what is left
+        env.update(OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="1", OTEL_BSP_SCHEDULE_DELAY="20", OTEL_BSP_EXPORT_TIMEOUT="100")
         tracing.update(protocol="http/protobuf", endpoint=f"http://127.0.0.1:{free_port()}")
+    # The exporter reads the sidecar's `env`, the span queue (OTEL_BSP_SCHEDULE_DELAY) reads os.environ.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     config["telemetry"]["tracing"] = tracing
-    # A bounded flush at stop: spans for a collector that is not there are dropped, not waited for.
-    sidecar = await sidecar_factory(config, env={} if collector == "up" else {"OTEL_BSP_EXPORT_TIMEOUT": "100"})
+    sidecar = await sidecar_factory(config, env=env)
     first = 0
     if collector == "down":  # a first traced request fails to export: the collector gate closes
         await send(client, sidecar, (("traceparent", SAMPLED_TP),))

@@ -188,7 +188,9 @@ class HttpOtlpReceiver:
         self._server.collected = self.collected
         self._server.content_types = []
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-http", daemon=True)
+        # A short poll interval: stop() (shutdown) returns within it.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="otlp-http",
+                                        daemon=True)
 
     @property
     def endpoint(self) -> str:

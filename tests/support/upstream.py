@@ -144,7 +144,8 @@ class ScriptedUpstream:
     async def start(self) -> None:
         app = web.Application(client_max_size=2**40)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=0.05)  # a handler still sleeping at the end is cut
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

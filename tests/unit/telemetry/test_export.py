@@ -72,7 +72,7 @@ class ScriptedCollector(http.server.ThreadingHTTPServer):
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()  # quick shutdown()
 
     @property
     def endpoint(self) -> str:

@@ -78,6 +78,7 @@ class SpanQueue(SpanProcessor):
         self._export_lock = threading.Lock()  # the worker and force_flush never export at once
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="outrigger-span-export", daemon=True)
+        self.sizes = (self._capacity, self._batch, self._delay_s)  # (queue, batch, delay seconds), as configured
         self._thread.start()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:

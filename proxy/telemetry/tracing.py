@@ -111,7 +111,9 @@ class Tracing:
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
         self.provider = TracerProvider(resource=sdk_setup.resource(config, env), sampler=sampler,
                                        shutdown_on_exit=False)
-        self.provider.add_span_processor(SpanQueue(self._guard, on_queue_full=self.export_state.queue_full))
+        # OTEL_BSP_* come from the same env as every other setting (the sidecar's, in tests their own).
+        self.span_queue = SpanQueue(self._guard, on_queue_full=self.export_state.queue_full, env=env)
+        self.provider.add_span_processor(self.span_queue)
         self.tracer = self.provider.get_tracer("outrigger", __version__)
 
     def start_server_span(self, name: str, headers: Headers) -> Span | None:

@@ -249,12 +249,11 @@ def test_shutdown_bound_comes_from_otel_bsp_export_timeout() -> None:
     assert Tracing(telemetry(), env={}, exporter=InMemorySpanExporter()).shutdown_timeout_s == 5.0
 
 
-def test_a_full_queue_drops_new_spans_and_counts_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
-    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+def test_a_full_queue_drops_new_spans_and_counts_them() -> None:
     metrics = Metrics(process_collectors=False)
     inner = BlockingExporter()
-    tracing = Tracing(telemetry(), metrics=metrics, env={}, exporter=inner)
+    tracing = Tracing(telemetry(), metrics=metrics, exporter=inner,
+                      env={"OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4"})
     first = tracing.start_server_span("GET r", CIMultiDict())
     assert first is not None
     for _ in range(4):  # wakes the worker, which then blocks in export
@@ -312,3 +311,14 @@ def test_a_log_limiter_logs_one_line_per_cause_per_interval_with_the_count_held_
     time.sleep(0.25)
     limiter.warning("a", "cause a")
     assert "49 more since the last report" in caplog.records[-1].getMessage()
+
+
+def test_the_span_queue_reads_otel_bsp_from_the_sidecars_env_not_the_process_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "9999")
+    tracing = Tracing(telemetry(), env={"OTEL_BSP_MAX_QUEUE_SIZE": "64", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "16",
+                                        "OTEL_BSP_SCHEDULE_DELAY": "250"}, exporter=InMemorySpanExporter())
+    try:
+        assert tracing.span_queue.sizes == (64, 16, 0.25)
+    finally:
+        tracing.shutdown(1.0)

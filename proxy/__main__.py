@@ -7,8 +7,6 @@ import asyncio
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 
 from proxy import __version__
@@ -111,6 +109,8 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 
 def cmd_wait_ready(args: argparse.Namespace) -> int:
     """Block until /readyz answers 200 (for the legacy-sidecar postStart hook)."""
+    import urllib.error  # only here: `outrigger run` starts faster without urllib.request
+    import urllib.request
     host, port = parse_address(args.address)
     url = f"http://{host}:{port}/readyz"
     deadline = time.monotonic() + args.timeout

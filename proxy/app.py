@@ -20,8 +20,6 @@ import msgspec
 from proxy.chain import Policy, build_chain
 from proxy.clock import Clock
 from proxy.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, config_hash
-from proxy.deadletter.policy import DeadLetter
-from proxy.deadletter.spool import Spool
 from proxy.edge.routing import Route, Router
 from proxy.policies.adaptive_timeout import AdaptiveTimeout
 from proxy.policies.backoff import backoff_from_config
@@ -51,6 +49,7 @@ from proxy.upstream.call import UpstreamCall, UpstreamPool
 from proxy.upstream.endpoints.policy import Balance
 
 if TYPE_CHECKING:  # redis-py is imported only when the config has a `redis:` block
+    from proxy.deadletter.spool import Spool
     from proxy.store.redis import RedisStore
 
 __all__ = ["Runtime", "build_runtime"]
@@ -187,6 +186,12 @@ class _Carry:
         return None
 
 
+def _spool(config: Config, metrics: Metrics) -> Spool:
+    from proxy.deadletter.spool import Spool  # only now: a config without dead letters never loads the spool
+    assert config.dead_letter is not None
+    return Spool(config.dead_letter, metrics)
+
+
 def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, clock: Clock,
                   rng: random.Random, previous: Runtime | None = None) -> Runtime:
     carry = _Carry(previous)
@@ -197,7 +202,7 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
     if config.dead_letter is not None:  # one spool per process: kept across reloads that leave it unchanged
         old_spool = previous.spool if previous is not None else None
         runtime.spool = old_spool if old_spool is not None and old_spool.config == config.dead_letter \
-            else Spool(config.dead_letter, metrics)
+            else _spool(config, metrics)
     old_redis = previous.redis if previous is not None else None
     if config.redis is not None:
         from proxy.store.redis import RedisStore  # only now: a config without Redis never loads redis-py
@@ -268,6 +273,7 @@ def _build_route(listener: ListenerConfig, config: RouteConfig, runtime: Runtime
     # Dead letter: outermost, outside even fallback, so it sees only final outcomes (after every
     # retry, refusal and fallback) and its header reaches the app on a fallback response too.
     if config.dead_letter is not None and runtime.spool is not None:
+        from proxy.deadletter.policy import DeadLetter  # loaded only where a route spools
         policies.append(DeadLetter(config.dead_letter, runtime.spool, route=config.name, listener=listener.name,
                                    prefix=config.match.path_prefix, rewrite_prefix=config.rewrite_prefix,
                                    metrics=metrics))

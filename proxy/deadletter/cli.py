@@ -21,7 +21,6 @@ from proxy.config import Config, ConfigError, load_config_file, parse_address
 from proxy.config.units import parse_duration
 from proxy.deadletter.index import EntryRef, SpoolIndex
 from proxy.deadletter.record import Entry, Mark, encode_mark
-from proxy.deadletter.replay import SidecarUnreachable, replay
 from proxy.deadletter.segment import SegmentWriter
 
 __all__ = ["add_dlq_parser"]
@@ -138,6 +137,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from proxy.deadletter.replay import SidecarUnreachable, replay  # http.client: not for every `outrigger run`
     spool = _Spool(args)
     refs = spool.select(args.route, args.since, entry_id=args.id)
     if args.id is not None and not refs:

@@ -105,8 +105,7 @@ class AttemptTelemetry:
         status = response.status
         metrics.attempt_results[status_result(status)].inc()
         if span is not None:
-            span.set_attribute("outrigger.connection_reused", response.reused)
             _timeout_attribute(span, request)
             peer = response.upstream.peer if response.upstream is not None else None
-            tracing.end_client_span(span, status, None, peer=peer)  # type: ignore[union-attr]
+            tracing.end_client_span(span, status, None, peer=peer, reused=response.reused)  # type: ignore[union-attr]
         return response

@@ -208,31 +208,36 @@ class Tracing:
             current = request.headers.get("traceparent")
             request.headers["traceparent"] = with_parent_id(current, own.span_id) if current is not None \
                 else format_traceparent(f"{own.trace_id:032x}", f"{own.span_id:016x}", int(own.trace_flags))
-        self.propagator.inject(request.headers, context=trace.set_span_in_context(span))  # b3
+        if self._parent_fields:  # b3 configured: the SDK propagator writes its headers too
+            self.propagator.inject(request.headers, context=trace.set_span_in_context(span))
         return span
 
     @staticmethod
     def end_client_span(span: Span, status: int | None, error: BaseException | None,
-                        error_type: str | None = None, peer: tuple[str, int] | None = None) -> None:
+                        error_type: str | None = None, peer: tuple[str, int] | None = None,
+                        reused: bool | None = None) -> None:
         """End an attempt's span; ``error_type`` names an attempt cancelled without an error of its own.
 
-        ``peer`` is the address the attempt's connection went to (``network.peer.*``), when it had one.
+        ``peer`` is the address the attempt's connection went to (``network.peer.*``), when it had one;
+        ``reused`` whether that connection was kept alive from an earlier request.
         """
+        attributes: dict[str, Any] = {}  # set at once: each set_attribute takes the span's lock
+        if reused is not None:
+            attributes["outrigger.connection_reused"] = reused
         if peer is not None:
-            span.set_attribute("network.peer.address", peer[0])
-            span.set_attribute("network.peer.port", peer[1])
+            attributes["network.peer.address"], attributes["network.peer.port"] = peer
         if error_type is not None:
-            span.set_attribute("error.type", error_type)
+            attributes["error.type"] = error_type
             span.set_status(Status(StatusCode.ERROR, error_type))
         if status is not None:
-            span.set_attribute("http.response.status_code", status)
+            attributes["http.response.status_code"] = status
             if status >= 400:  # semconv: 4xx and 5xx are errors on CLIENT spans
-                span.set_attribute("error.type", str(status))
+                attributes["error.type"] = str(status)
                 span.set_status(Status(StatusCode.ERROR))
         if error is not None:
-            code = getattr(error, "code", None) or type(error).__name__
-            span.set_attribute("error.type", code)
+            attributes["error.type"] = getattr(error, "code", None) or type(error).__name__
             span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
+        span.set_attributes(attributes)
         span.end()
 
     def shutdown(self, timeout_s: float | None = None) -> None:

@@ -22,6 +22,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -30,6 +31,8 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 __all__ = ["LeanCounter", "LeanCounterFamily", "LeanHistogram", "LeanHistogramFamily"]
+
+Child = TypeVar("Child")
 
 
 class LeanCounter:
@@ -65,7 +68,9 @@ class LeanHistogram:
             self.exemplars[index] = Exemplar(exemplar, amount, time.time())
 
 
-class _Family(Collector):
+class _Family(Collector, Generic[Child]):
+    """Children by label values; the subclass says how a child is made and rendered."""
+
     _type = ""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
@@ -73,8 +78,22 @@ class _Family(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Child] = {}
         if registry is not None:
             registry.register(self)
+
+    def _new_child(self) -> Child:
+        raise NotImplementedError
+
+    def labels(self, *values: str, **named: str) -> Child:
+        key = self._key(values, named)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._new_child()
+        return child
+
+    def remove(self, *values: str) -> None:
+        self._children.pop(self._key(values, {}), None)
 
     def _key(self, values: tuple[str, ...], named: dict[str, str]) -> tuple[str, ...]:
         if named:
@@ -94,25 +113,13 @@ class _Family(Collector):
         return [self._metric()]
 
 
-class LeanCounterFamily(_Family):
-    """A labelled counter family exposed as ``<name>_total`` (and ``<name>_created``)."""
+class LeanCounterFamily(_Family[LeanCounter]):
+    """A labelled counter family exposed as ``<name>_total``."""
 
     _type = "counter"
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry | None) -> None:
-        super().__init__(name, documentation, labelnames, registry)
-        self._children: dict[tuple[str, ...], LeanCounter] = {}
-
-    def labels(self, *values: str, **named: str) -> LeanCounter:
-        key = self._key(values, named)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = LeanCounter()
-        return child
-
-    def remove(self, *values: str) -> None:
-        self._children.pop(self._key(values, {}), None)
+    def _new_child(self) -> LeanCounter:
+        return LeanCounter()
 
     def collect(self) -> Iterator[Metric]:
         metric = self._metric()
@@ -121,7 +128,7 @@ class LeanCounterFamily(_Family):
         yield metric
 
 
-class LeanHistogramFamily(_Family):
+class LeanHistogramFamily(_Family[LeanHistogram]):
     """A labelled histogram family with fixed buckets (+Inf added), exemplars on buckets."""
 
     _type = "histogram"
@@ -136,17 +143,9 @@ class LeanHistogramFamily(_Family):
             bounds.append(math.inf)
         self._bounds = bounds
         self._le: list[str] = [floatToGoString(bound) for bound in bounds]  # type: ignore[no-untyped-call]
-        self._children: dict[tuple[str, ...], LeanHistogram] = {}
 
-    def labels(self, *values: str, **named: str) -> LeanHistogram:
-        key = self._key(values, named)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = LeanHistogram(self._bounds)
-        return child
-
-    def remove(self, *values: str) -> None:
-        self._children.pop(self._key(values, {}), None)
+    def _new_child(self) -> LeanHistogram:
+        return LeanHistogram(self._bounds)
 
     def collect(self) -> Iterator[Metric]:
         metric = self._metric()

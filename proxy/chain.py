@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.body_stream import PrefixedStream
+
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from proxy.timers import Expiry
-    from proxy.upstream.response import H1Response, Informational
+    from proxy.upstream.response import Informational
 
 __all__ = ["AttemptTarget", "AttemptsSent", "Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody",
-           "build_chain"]
+           "ResponseStream", "build_chain"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -57,14 +59,7 @@ class RequestBody:
         if self.stream is None:
             return self.data
         self.started = True
-        return self._chunks(self.stream)
-
-    async def _chunks(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        if self.prefix:
-            yield self.prefix
-        async for chunk in stream:
-            self.received += len(chunk)
-            yield chunk
+        return PrefixedStream(self, self.stream)
 
 
 class AttemptsSent:
@@ -184,6 +179,31 @@ class ProxyRequest:
             self.span.add_event(name, attributes or {})
 
 
+class ResponseStream(Protocol):
+    """The upstream's response body as the edge streams it to the app.
+
+    ``proxy.upstream.response.H1Response``, or a policy's wrapper around one
+    (the idempotency policy puts what it read back in front of the rest).
+    """
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    @property
+    def peer(self) -> tuple[str, int] | None: ...
+
+    def read_all_nowait(self) -> bytes: ...
+
+    async def read(self) -> bytes: ...
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ProxyResponse:
     """Response headers from the upstream (or a policy), body not yet streamed.
 
@@ -195,7 +215,7 @@ class ProxyResponse:
     __slots__ = ("_callbacks", "body", "error", "headers", "reused", "status", "upstream")
 
     def __init__(self, status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str], *,
-                 upstream: H1Response | None = None, body: bytes = b"") -> None:
+                 upstream: ResponseStream | None = None, body: bytes = b"") -> None:
         self.status = status
         self.headers = headers
         self.upstream = upstream

@@ -125,7 +125,7 @@ class TimerWheel:
     def _arm(self, bucket: int) -> None:
         if self._handle is not None:
             self._handle.cancel()
-        self._armed = bucket
+        self._armed = float(bucket)
         self._handle = self.loop.call_at(bucket * _RESOLUTION_S, self._fire)
 
     def _fire(self) -> None:

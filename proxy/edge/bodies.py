@@ -18,7 +18,6 @@ aborted, so it sees a broken response rather than a silently short one.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from proxy import errors
@@ -110,7 +109,7 @@ async def read_request_body(body: IncomingBody, length: int | None, buffer_limit
         raise errors.RequestTooLarge(f"request body of {length} bytes exceeds limits.max_body_bytes ({max_body})")
     if length is not None and length > buffer_limit:
         streamed = RequestBody(prefix=b"")
-        streamed.stream = _body_stream(body, streamed, max_body, 0)
+        streamed.stream = _BodyStream(body, streamed, max_body, 0)
         return streamed
     buffered = bytearray()
     while len(buffered) <= buffer_limit:
@@ -121,17 +120,35 @@ async def read_request_body(body: IncomingBody, length: int | None, buffer_limit
         if max_body is not None and len(buffered) > max_body:
             raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({max_body})")
     streamed = RequestBody(prefix=bytes(buffered))
-    streamed.stream = _body_stream(body, streamed, max_body, len(buffered))
+    streamed.stream = _BodyStream(body, streamed, max_body, len(buffered))
     return streamed
 
 
-async def _body_stream(body: IncomingBody, owner: RequestBody, max_body: int | None,
-                       seen: int) -> AsyncIterator[bytes]:
-    while chunk := await body.read(owner):
-        seen += len(chunk)
-        if max_body is not None and seen > max_body:
-            raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({max_body})")
-        yield chunk
+class _BodyStream:
+    """The rest of the app's body past what was buffered, checked against ``limits.max_body_bytes``.
+
+    (An iterator class rather than an async generator, which mypyc cannot compile.)
+    """
+
+    __slots__ = ("_body", "_max_body", "_owner", "_seen")
+
+    def __init__(self, body: IncomingBody, owner: RequestBody, max_body: int | None, seen: int) -> None:
+        self._body = body
+        self._owner = owner
+        self._max_body = max_body
+        self._seen = seen
+
+    def __aiter__(self) -> _BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._body.read(self._owner)
+        if not chunk:
+            raise StopAsyncIteration
+        self._seen += len(chunk)
+        if self._max_body is not None and self._seen > self._max_body:
+            raise errors.RequestTooLarge(f"request body exceeds limits.max_body_bytes ({self._max_body})")
+        return chunk
 
 
 class Sent(NamedTuple):

@@ -32,20 +32,17 @@ import collections
 import contextlib
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from multidict import CIMultiDict
 
-from proxy.chain import Handler, ProxyRequest, ProxyResponse
+from proxy.chain import Handler, ProxyRequest, ProxyResponse, ResponseStream
 from proxy.clock import Clock
 from proxy.config import IdempotencyConfig
 from proxy.errors import IdempotencyInProgress, IdempotencyKeyReused
 from proxy.store.base import KEY_PREFIX, StoreUnavailable, store_key
 from proxy.store.records import IdempotencyStore, StoredResponse, new_token
 from proxy.telemetry.shared_state import IdempotencyMetrics
-
-if TYPE_CHECKING:
-    from proxy.upstream.response import H1Response
 
 __all__ = ["REPLAY_HEADER", "Idempotency"]
 
@@ -61,10 +58,14 @@ class _Prefixed:
 
     __slots__ = ("_chunks", "_upstream", "reason")
 
-    def __init__(self, upstream: H1Response, chunks: list[bytes]) -> None:
+    def __init__(self, upstream: ResponseStream, chunks: list[bytes]) -> None:
         self._upstream = upstream
         self._chunks = collections.deque(chunks)
         self.reason = upstream.reason
+
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        return self._upstream.peer
 
     @property
     def complete(self) -> bool:
@@ -196,7 +197,7 @@ class Idempotency:
     def _handed_on(response: ProxyResponse, chunks: list[bytes]) -> ProxyResponse:
         assert response.upstream is not None
         # Duck-typed as the upstream response: the edge reads complete/read_all_nowait/read/reason.
-        response.upstream = cast("H1Response", _Prefixed(response.upstream, chunks))
+        response.upstream = _Prefixed(response.upstream, chunks)
         return response
 
     @staticmethod

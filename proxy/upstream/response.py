@@ -16,8 +16,14 @@ from typing import Any, Protocol
 
 from multidict import CIMultiDict
 
-from proxy import errors
 from proxy.streams import BodyBuffer
+from proxy.upstream.failures import (
+    InvalidResponse,
+    UploadFailed,
+    UpstreamBodyError,
+    UpstreamBodyProtocolError,
+    UpstreamBodyTimeout,
+)
 
 __all__ = ["H1Response", "Informational", "InvalidResponse", "ResponseSource", "UploadFailed", "UpstreamBodyError",
            "UpstreamBodyProtocolError", "UpstreamBodyTimeout"]
@@ -44,32 +50,6 @@ class ResponseSource(Protocol):
     def response_released(self, body_read: bool) -> None: ...
 
     def close(self) -> None: ...
-
-
-class UploadFailed(RuntimeError):
-    """The app's request body stream raised while it was being sent: an internal error, not an upstream one."""
-
-
-class InvalidResponse(Exception):
-    """The upstream's bytes are not a valid HTTP/1.1 response (the parse error's cause)."""
-
-
-class UpstreamBodyError(Exception):
-    """The response body broke off after its head was relayed; ``code`` is the public error code."""
-
-    code = errors.UpstreamReset.code
-
-
-class UpstreamBodyProtocolError(UpstreamBodyError):
-    """The body's framing was invalid (a bad chunk size...)."""
-
-    code = errors.UpstreamProtocolError.code
-
-
-class UpstreamBodyTimeout(UpstreamBodyError, TimeoutError):
-    """Nothing arrived within the route's ``timeout.idle`` while the body was being read."""
-
-    code = errors.UpstreamTimeout.code
 
 
 class H1Response(BodyBuffer):

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from multidict import CIMultiDict
 
-from proxy.chain import ProxyRequest, RequestBody
-from proxy.config import MatchConfig, RouteConfig, RouteDeadLetterConfig
+from proxy.chain import ProxyRequest, ProxyResponse, RequestBody
+from proxy.config import MatchConfig, RouteConfig, RouteDeadLetterConfig, UpstreamConfig
 from proxy.config.units import Size
 from proxy.deadletter.policy import DeadLetter
 from proxy.edge.routing import Route
 from proxy.telemetry.metrics import Metrics
+from proxy.upstream.call import UpstreamPool
 
 
 def _policy(prefix: str = "/", rewrite: str | None = None, **config: Any) -> DeadLetter:
@@ -57,13 +57,18 @@ _ROUTES = [("/", None), ("/api", "/v1"), ("/api/", "/v1/"), ("/api", "/v1/"), ("
 _PATHS = ["/api/orders?id=1", "/api", "/api/", "/apix", "/hooks/x/y", "/a%2Fb"]
 
 
+async def _unused_handler(request: ProxyRequest) -> ProxyResponse:
+    raise AssertionError("the route's chain is not called here")
+
+
 @pytest.mark.parametrize(("prefix", "rewrite", "path"), [
     (prefix, rewrite, path) for prefix, rewrite in _ROUTES for path in _PATHS if path.startswith(prefix)])
 def test_the_stored_target_reaches_the_same_upstream_path_through_the_route(
         prefix: str, rewrite: str | None, path: str) -> None:
     route = Route(name="r", listener="main", config=RouteConfig(name="r", upstream="u", rewrite_prefix=rewrite,
                                                                 match=MatchConfig(path_prefix=prefix)),
-                  pool=SimpleNamespace(name="u"), handler=None, metrics=None, buffer_limit=0)  # type: ignore[arg-type]
+                  pool=UpstreamPool("u", UpstreamConfig(url="http://127.0.0.1:9")), handler=_unused_handler,
+                  metrics=Metrics(process_collectors=False).for_route("r", "u"), buffer_limit=0)
     upstream_path = route.upstream_path(path)
     target = _policy(prefix=prefix, rewrite=rewrite)._listener_target(upstream_path)
     assert target.startswith(prefix)  # the same route matches it again

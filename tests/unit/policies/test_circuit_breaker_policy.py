@@ -25,6 +25,7 @@ from proxy.errors import (
 )
 from proxy.policies.breaker_state import BreakerState, CircuitBreaker
 from proxy.policies.circuit_breaker import CircuitBreakerPolicy
+from proxy.timers import Expiry, TimerWheel
 from tests.support.spans import EventSpan, record_events
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
@@ -232,10 +233,13 @@ async def test_time_queued_in_the_bulkhead_is_not_upstream_slowness() -> None:
     assert breaker.state is CLOSED
 
 
-class Fired:
+def fired() -> Expiry:
     """The deadline policy's timer after it fired."""
-
-    expired = True
+    task = asyncio.current_task()
+    assert task is not None
+    expiry = Expiry(TimerWheel(), task, 0)
+    expiry.expired = True
+    return expiry
 
 
 async def test_an_attempt_cut_off_by_the_deadline_while_on_the_upstream_is_a_failure() -> None:
@@ -248,7 +252,7 @@ async def test_an_attempt_cut_off_by_the_deadline_while_on_the_upstream_is_a_fai
 
     for _ in range(2):
         req = request()
-        req.deadline_timer = Fired()  # type: ignore[assignment]
+        req.deadline_timer = fired()
         with pytest.raises(asyncio.CancelledError):
             await policy(req, hangs_past_the_deadline)
     assert breaker.state is OPEN
@@ -269,7 +273,7 @@ async def test_an_attempt_cancelled_before_the_deadline_or_before_reaching_the_u
     for call_next in (app_left, queued_until_the_deadline):
         req = request()
         if call_next is queued_until_the_deadline:
-            req.deadline_timer = Fired()  # type: ignore[assignment]
+            req.deadline_timer = fired()
         with pytest.raises(asyncio.CancelledError):
             await policy(req, call_next)
     assert breaker.state is CLOSED and breaker.consecutive_failures == 0

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from proxy.checks import at_least_one
 from proxy.clock import FakeClock
 from proxy.policies.token_bucket import KeyedTokenBuckets, TokenBucket
 
@@ -122,13 +123,20 @@ def test_reserve_rejects_negative_wait() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rate", "burst"), [(0.0, 1), (-1.0, 1), (float("inf"), 1), (float("nan"), 1), (1.0, 0), (1.0, True)]
+    ("rate", "burst"), [(0.0, 1), (-1.0, 1), (float("inf"), 1), (float("nan"), 1), (1.0, 0), (1.0, -3)]
 )
 def test_bad_arguments_fail_in_the_constructor(rate: float, burst: int) -> None:
     with pytest.raises(ValueError):
         TokenBucket(rate, burst, FakeClock())
     with pytest.raises(ValueError):
         KeyedTokenBuckets(rate, burst, 10, FakeClock())
+
+
+def test_a_bool_is_no_count() -> None:
+    # Checked where the shared argument check runs, in Python: a compiled constructor (setup.py)
+    # has already turned an ``int``-typed True into 1 when it calls the check.
+    with pytest.raises(ValueError, match="burst must be an integer >= 1, got True"):
+        at_least_one("burst", True)
 
 
 def test_keyed_buckets_are_independent() -> None:

@@ -4,8 +4,8 @@
 #   docker build -t outrigger:dev .
 #   docker run --rm -p 9901:9901 outrigger:dev
 #
-# Two stages: the build stage installs the package and its wheels into a
-# virtualenv; the final stage carries only that venv on python:3.11-slim, runs
+# Two stages: the build stage installs the package (its request path compiled
+# with mypyc) and its wheels into a virtualenv; the final stage carries only that venv on python:3.11-slim, runs
 # as an unprivileged numeric user (so runAsNonRoot can verify it) and has no
 # shell tools the sidecar needs: lifecycle hooks use `outrigger sleep` and
 # `outrigger wait-ready` instead of sh/curl.
@@ -16,7 +16,11 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_COLOR=1
 WORKDIR /src
-# .dockerignore keeps tests, .git, venvs and caches out of this context.
+# A C compiler for mypyc, which compiles the request path at install time (setup.py: about a
+# quarter less CPU per request). Only this stage has it; the final stage copies the venv.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+# .dockerignore keeps tests, .git, venvs, caches and local builds out of this context.
 COPY . /src
 # The (empty) dead-letter spool directory, copied below owned by the runtime user.
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir . && mkdir -m 0700 /src/.dead-letter

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.compiled import COMPILED, running_compiled
 from proxy.config import Config, RouteConfig
 
 __all__ = ["config_changes", "describe_changes", "startup_details"]
@@ -29,6 +30,8 @@ def startup_details(config: Config, *, config_path: str | None, admin_port: int,
                                  "routes": [route.name for route in lst.routes]} for lst in config.listeners},
         "upstreams": {name: up.url for name, up in config.upstreams.items()},
         "tracing": tracing,
+        # The request path's modules running compiled (setup.py); 0 on a pure-Python install.
+        "compiled": {"modules": running_compiled(), "of": len(COMPILED)},
     }
 
 

@@ -274,6 +274,14 @@ PROXY_ROOT = _proxy_root()  # --proxy-tree replaces it
 CHILD_ENV = _child_env(PROXY_ROOT)
 
 
+def _compiled(env: dict[str, str]) -> str:
+    """How the measured tree's request path runs: compiled by mypyc (setup.py) or plain Python."""
+    probe = ("import proxy.compiled as c; "
+             "print(f'{c.running_compiled()} of {len(c.COMPILED)} request-path modules compiled (mypyc)')")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False)
+    return done.stdout.strip() or "plain Python (this tree predates compiled builds)"
+
+
 def spawn(cmd: Sequence[str], core: int, log_path: Path, *,
           stdout_devnull: bool = False) -> subprocess.Popen[bytes]:
     """Start ``cmd`` pinned to ``core``; nice and taskset exec, so the Popen pid is the program's pid."""
@@ -783,7 +791,8 @@ def markdown(rounds: list[dict[str, TargetResult]], goals: list[Goal], meta: dic
            f"{meta['when']} · {meta['machine']} · load: {meta['tools']['load']} · upstream: "
            f"{meta['tools']['upstream']} · traces: OTLP {meta.get('otlp_protocol', 'grpc')} to a local sink · "
            f"pinning: proxy on core {PROXY_CORE}, load generator + upstream + OTLP sink on core {LOAD_CORE}", "",
-           f"Measured tree: `{meta['proxy_root']}`. {len(rounds)} round{'s' * (len(rounds) > 1)}; the tables "
+           f"Measured tree: `{meta['proxy_root']}` ({meta.get('compiled', 'plain Python')}). "
+           f"{len(rounds)} round{'s' * (len(rounds) > 1)}; the tables "
            "below are the first round's, ratios against nginx and the naive aiohttp proxy measured in it.", "",
            "## Throughput and CPU (32 connections, "
            f"{meta['settings']['throughput_s']}s, first round)", "",
@@ -1019,6 +1028,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tools": tools,
         "otlp_protocol": args.otlp_protocol,
         "proxy_root": str(PROXY_ROOT),
+        "compiled": _compiled(CHILD_ENV),
         "rounds": len(rounds),
         "versions": {"envoy": _version([env.envoy, "--version"]) if env.envoy else None,
                      "nginx": _version([env.nginx, "-v"]) if env.nginx else None,

@@ -345,7 +345,14 @@ class _BuildSteps:
         self._cancelled = False
 
     def run(self, command: str, path_map: Mapping[str, Path], cwd: Path, env: Mapping[str, str]) -> None:
-        """Run one `&&`-joined RUN line with container paths mapped to host paths."""
+        """Run one `&&`-joined RUN line with container paths mapped to host paths.
+
+        A line that installs Debian packages is checked, not run: this host must already
+        have them (``.ci/run`` and the machine's image provide them), as the image would.
+        """
+        if command.lstrip().startswith("apt-get"):
+            self._check_debian_packages(command)
+            return
         for step in command.split("&&"):
             argv: list[str] = []
             for token in shlex.split(step):
@@ -371,6 +378,18 @@ class _BuildSteps:
                 f"build step failed: {' '.join(argv)}\n{stdout[-4000:]}\n{stderr[-4000:]}"
             )
 
+    @staticmethod
+    def _check_debian_packages(command: str) -> None:
+        for step in command.split("&&"):
+            argv = shlex.split(step)
+            if argv[:2] == ["apt-get", "install"]:
+                for package in (token for token in argv[2:] if not token.startswith("-")):
+                    found = subprocess.run(["dpkg-query", "-W", "-f", "${Status}", package], capture_output=True,
+                                           text=True, check=False)
+                    assert found.stdout.endswith(" installed"), (
+                        f"the build stage installs the Debian package {package}, which this host lacks: "
+                        f"apt-get install {package}")
+
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
@@ -387,7 +406,8 @@ def docker_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def build_image(docker_build: ParsedDockerfile, context: Path, root: Path, steps: _BuildSteps) -> ImageVenv:
     """Build the image's venv from the Dockerfile's own commands, in a fresh venv under ``root``.
 
-    The build stage's RUN lines run verbatim except that `/opt/venv` (the
+    The build stage's RUN lines run verbatim (a Debian package install is checked
+    against this host instead) except that `/opt/venv` (the
     venv) and the WORKDIR (the build context) point into ``root`` and
     ``context``, and `python` is this interpreter (same minor version as the image's).
     """

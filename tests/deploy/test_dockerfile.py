@@ -231,6 +231,8 @@ def test_lifecycle_hook_commands_in_the_manifests_exist_in_the_image(
     ".hypothesis/examples/0a/1b", ".pytest_cache/v/cache/nodeids", "tests/.pytest_cache/README.md",
     ".mypy_cache/3.11/proxy/app.data.json", ".ruff_cache/0.6.0/123", "build/lib/proxy/app.py",
     "dist/outrigger-0.1.0-py3-none-any.whl", "outrigger.egg-info/PKG-INFO", "proxy/outrigger.egg-info/PKG-INFO",
+    "proxy/edge/protocol.cpython-311-x86_64-linux-gnu.so", "0123abcd__mypyc.cpython-311-x86_64-linux-gnu.so",
+    "proxy/compiled-sources.json",
 ])
 def test_dockerignore_keeps_build_and_test_leftovers_out_of_the_build_context(leftover: str) -> None:
     from tests.deploy.conftest import dockerignored

@@ -1,0 +1,87 @@
+"""Build hook: compile the request path with mypyc, when a C compiler is at hand.
+
+Everything else about the package is in ``pyproject.toml``.  The modules in
+``proxy/compiled.py``'s ``COMPILED`` are the per-request path (edge -> policies -> upstream).  mypyc
+turns their type-annotated Python into C extension modules, which run the
+same code with about a quarter less CPU per proxied request
+(docs/benchmarks.md).  The source stays the only truth: the ``.py`` files are
+what is read, reviewed, type-checked and tested, and a machine without a C
+compiler (or ``OUTRIGGER_PURE_PYTHON=1``) installs and runs them as they are.
+
+What mypyc asks of these modules (ARCHITECTURE.md, "Compiled modules"):
+no async generators, no ``__slots__`` base shared with interpreted classes,
+no subclass in an interpreted module, exceptions with a second built-in base
+kept in interpreted modules (``proxy/upstream/failures.py``), and argument
+types that hold at run time: compiled functions check them.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import pathlib
+import runpy
+import shutil
+import sys
+import sysconfig
+
+from setuptools import setup
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The one list, in proxy/compiled.py (read as a file: the package cannot be imported before it is built).
+_COMPILED = runpy.run_path(os.path.join(_HERE, "proxy", "compiled.py"))
+COMPILED = list(_COMPILED["COMPILED"])
+
+
+def _compiler() -> str | None:
+    """Why the modules cannot be compiled here, or None when they can."""
+    if os.environ.get("OUTRIGGER_PURE_PYTHON", "") not in ("", "0"):
+        return "OUTRIGGER_PURE_PYTHON is set"
+    if sys.implementation.name != "cpython":
+        return f"mypyc needs CPython, not {sys.implementation.name}"
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc}) on PATH"
+    include = sysconfig.get_path("include")
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"no Python headers ({include}/Python.h; on Debian: python3-dev)"
+    return None
+
+
+def _remove_in_place_build() -> None:
+    """An earlier in-place build's extension modules would shadow the sources: remove them."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    here = pathlib.Path(_HERE)
+    built = [p for path in COMPILED for p in (here / path).parent.glob(pathlib.Path(path).stem + ".*")]
+    built += here.glob("*__mypyc.*")
+    for path in [p for p in built if p.name.endswith(suffixes)] + [here / _COMPILED["STAMP"]]:
+        path.unlink(missing_ok=True)
+
+
+def _ext_modules() -> list[object]:
+    if sys.argv[1:2] in (["egg_info"], ["dist_info"]):
+        return []  # pip asking for metadata only: no need to type-check and generate C for it
+    reason = _compiler()
+    if reason is not None:
+        print(f"outrigger: installing pure Python, not compiling the request path: {reason}", file=sys.stderr)
+        _remove_in_place_build()
+        return []
+    from mypyc.build import mypycify
+
+    flags = [
+        # The build environment holds only the build requirements, not the runtime libraries:
+        # their types are Any here.  The project's own mypy run (strict, with them installed)
+        # is the type check; this one only has to let mypyc compile, so it reports errors in
+        # the compiled modules alone and not the ones strictness finds in an Any-typed world.
+        "--ignore-missing-imports", "--follow-imports=silent", "--allow-subclassing-any",
+        "--no-warn-return-any", "--no-warn-unused-ignores", "--allow-untyped-calls",
+    ]
+    extensions = list(mypycify([*flags, *COMPILED], opt_level="3"))
+    # What was compiled, so that tests can tell when an in-place build has gone stale (proxy/compiled.py).
+    with open(os.path.join(_HERE, _COMPILED["STAMP"]), "w") as stamp:
+        json.dump(_COMPILED["source_digests"](pathlib.Path(_HERE)), stamp, indent=1, sort_keys=True)
+    return extensions
+
+
+setup(ext_modules=_ext_modules())

@@ -65,6 +65,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._active: EdgeRequest | None = None
         self._task: asyncio.Task[None] | None = None
         self._refusal: errors.ProxyError | None = None  # a parse error, answered once the queue is served
+        self._refused: Refused | None = None  # the refusal a parser callback raised (see data_received)
         self._closing = False  # nothing more is read; close once the queue is served
         self._paused = 0
         self.write_paused = False
@@ -149,9 +150,11 @@ class EdgeProtocol(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade_pause(data[exc.args[0]:] if exc.args else b"")
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            self._refuse(cause.error if isinstance(cause, Refused) else errors.BadRequest(
+        except httptools.HttpParserCallbackError:
+            # The refusal as the callback recorded it: the error's __context__ is not reliable
+            # (raising it while another exception is being handled replaces it).
+            refused, self._refused = self._refused, None
+            self._refuse(refused.error if refused is not None else errors.BadRequest(
                 "malformed HTTP request: unparsable request"))
         except httptools.HttpParserInvalidMethodError:
             if not self._extension_method(data, fresh):
@@ -181,8 +184,8 @@ class EdgeProtocol(asyncio.Protocol):
         headers = self._headers
         limits = self._limits
         if len(headers) >= limits.max_headers:
-            raise Refused(errors.HeadersTooLarge(
-                f"request has more than limits.max_headers ({limits.max_headers}) header fields"))
+            raise self._refusing(Refused(errors.HeadersTooLarge(
+                f"request has more than limits.max_headers ({limits.max_headers}) header fields")))
         self._head_size += len(name) + len(value) + 4
         # Undecodable bytes are kept as surrogates, so they reach the upstream byte for byte.
         headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
@@ -197,8 +200,11 @@ class EdgeProtocol(asyncio.Protocol):
         self._method = None
         limits = self._limits
         headers = CIMultiDict(self._headers)
-        http10, length = check_head(parser.get_http_version(), headers,
-                                    len(method) + len(self._url) + self._head_size + 14, limits.max_head)
+        try:
+            http10, length = check_head(parser.get_http_version(), headers,
+                                        len(method) + len(self._url) + self._head_size + 14, limits.max_head)
+        except Refused as refused:
+            raise self._refusing(refused) from None
         has_body = (length is None and "Transfer-Encoding" in headers) or bool(length)
         body = None
         if has_body:
@@ -229,6 +235,11 @@ class EdgeProtocol(asyncio.Protocol):
             self._lengths.append(0)
 
     # --- parse problems ---
+
+    def _refusing(self, refused: Refused) -> Refused:
+        """Record a callback's refusal for ``data_received``, and return it to raise."""
+        self._refused = refused
+        return refused
 
     def _head_spans_reads(self, size: int) -> None:
         limits = self.listener.limits

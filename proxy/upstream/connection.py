@@ -120,6 +120,7 @@ class H1Connection(asyncio.Protocol):
         self._received = False  # any byte of the current response arrived
         self._head_bytes = 0  # bytes received before the current response's head was complete
         self._message_done = False
+        self._stopped: Exception | None = None  # the stop a parser callback raised (see data_received)
         self._closed = False
         self._paused = False
         self._write_paused = False
@@ -167,11 +168,14 @@ class H1Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _Excess):
+            # Which stop a callback asked for, as it recorded it: the error's __context__ is not
+            # reliable (raising it while another exception is being handled replaces it).
+            stopped, self._stopped = self._stopped, None
+            if isinstance(stopped, _Excess):
                 self._excess()
-            elif isinstance(exc.__context__, _HeadDone):
+            elif isinstance(stopped, _HeadDone):
                 self._parser = httptools.HttpResponseParser(self)  # a HEAD response ends at its headers
-            elif isinstance(exc.__context__, _HeadTooLarge):
+            elif isinstance(stopped, _HeadTooLarge):
                 self._broken(InvalidResponse("response head too large"))
             else:
                 self._broken(exc)
@@ -257,21 +261,26 @@ class H1Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---
 
+    def _stop(self, reason: Exception) -> Exception:
+        """Record why a callback stops the parser, and return the exception to raise."""
+        self._stopped = reason
+        return reason
+
     def on_message_begin(self) -> None:
         if self._message_done:  # bytes past the end of the response in the same read
-            raise _Excess
+            raise self._stop(_Excess())
         self._headers = []
 
     # Decoded as aiohttp does (UTF-8, undecodable bytes kept as surrogates), so values reach
     # the app byte for byte.
     def on_status(self, status: bytes) -> None:
         if len(status) > _MAX_FIELD:
-            raise _HeadTooLarge
+            raise self._stop(_HeadTooLarge())
         self._reason = status.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > _MAX_FIELD or len(value) > _MAX_FIELD or len(self._headers) >= _MAX_HEADERS:
-            raise _HeadTooLarge
+            raise self._stop(_HeadTooLarge())
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -293,7 +302,7 @@ class H1Connection(asyncio.Protocol):
         coding = headers.get("Transfer-Encoding")
         if coding is not None and coding.strip().lower() != "chunked":
             # gzip, deflate...: the app could not tell it gets a coded body once the header is gone.
-            raise _UnsupportedCoding
+            raise self._stop(_UnsupportedCoding())
         self._keep_alive = parser.should_keep_alive()
         no_body = self._head_request or status in _NO_BODY_STATUS
         self._length_known = no_body or "Content-Length" in headers or coding is not None  # chunked
@@ -304,7 +313,7 @@ class H1Connection(asyncio.Protocol):
         if self._head_request:
             self._message_done = True
             response.finish()
-            raise _HeadDone
+            raise self._stop(_HeadDone())
 
     def on_body(self, body: bytes) -> None:
         response = self._response

@@ -388,3 +388,31 @@ async def test_utf8_header_values_and_reason_come_through_unchanged(raw: RawFact
     response = await get(pool)
     assert (response.reason, response.headers["X-Name"]) == ("Très bien", "Zoë")
     await body_of(response)
+
+
+async def test_bytes_past_the_response_are_excess_even_when_parsed_while_an_exception_is_handled(
+        raw: RawFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """The parser callback's stop is read from the connection, not from the error's ``__context__``.
+
+    Raising the parser's error while another exception is being handled (as compiled code can
+    leave one set) replaces that ``__context__``: the excess then went unnoticed and the
+    connection, with a forged response waiting in it, went back to the pool.
+    """
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(5)  # the test feeds the answer itself
+
+    _, pool = await raw(silent)
+    conn = await pool.acquire(1.0)
+    pending = asyncio.ensure_future(conn.request(b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n", None, chunked=False,
+                                                 head_request=False, idle_s=5.0))
+    await asyncio.sleep(0.05)
+    try:
+        raise RuntimeError("being handled")
+    except RuntimeError:
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                           b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+    response = await pending
+    assert await body_of(response) == b"ok"  # the response itself is whole and good
+    assert not conn.alive  # never pooled
+    assert any("more data than specified" in r.getMessage() for r in caplog.records)

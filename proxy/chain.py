@@ -8,7 +8,6 @@ at startup by ``proxy.app``.  A policy is any object with
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,8 +22,8 @@ if TYPE_CHECKING:
     from proxy.timers import Expiry
     from proxy.upstream.response import Informational
 
-__all__ = ["AttemptTarget", "AttemptsSent", "Handler", "Policy", "ProxyRequest", "ProxyResponse", "RequestBody",
-           "ResponseStream", "build_chain"]
+__all__ = ["AttemptTarget", "AttemptsSent", "Handler", "Layer", "Policy", "ProxyRequest", "ProxyResponse",
+           "RequestBody", "ResponseStream", "build_chain"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -253,10 +252,27 @@ class Policy(Protocol):
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse: ...
 
 
+class Layer:
+    """One policy bound to the handler below it: a handler that calls ``policy(request, call_next)``.
+
+    It returns the policy's coroutine rather than awaiting it, so a layer adds a call,
+    not a coroutine; and it passes both arguments positionally (a ``functools.partial``
+    with ``call_next=`` built and parsed a keyword dict per layer per request).
+    """
+
+    __slots__ = ("call_next", "policy")
+
+    def __init__(self, policy: Policy, call_next: Handler) -> None:
+        self.policy = policy
+        self.call_next = call_next
+
+    def __call__(self, request: ProxyRequest) -> Awaitable[ProxyResponse]:
+        return self.policy(request, self.call_next)
+
+
 def build_chain(policies: Sequence[Policy], innermost: Handler) -> Handler:
     """Nest ``policies`` (outermost first) around ``innermost`` into one handler."""
     handler = innermost
     for policy in reversed(policies):
-        # partial(policy, call_next=handler)(request) == policy(request, handler): no closure per layer
-        handler = functools.partial(policy, call_next=handler)
+        handler = Layer(policy, handler)
     return handler

@@ -8,14 +8,13 @@ attempt timeout.  These tests pin it, so a reordering is a deliberate change.
 
 from __future__ import annotations
 
-import functools
 import random
 from typing import Any
 
 from multidict import CIMultiDict
 
 from proxy.app import build_runtime
-from proxy.chain import ProxyRequest, ProxyResponse, RequestBody, build_chain
+from proxy.chain import Layer, ProxyRequest, ProxyResponse, RequestBody, build_chain
 from proxy.clock import FakeClock
 from proxy.edge.routing import Route
 from proxy.policies.bulkhead import Bulkhead
@@ -39,9 +38,9 @@ def layers(route: Route) -> list[Any]:
     """The chain's layers, outermost first, ending with the innermost handler."""
     found: list[Any] = []
     handler: Any = route.handler
-    while isinstance(handler, functools.partial):
-        found.append(handler.func)
-        handler = handler.keywords["call_next"]
+    while isinstance(handler, Layer):
+        found.append(handler.policy)
+        handler = handler.call_next
     found.append(handler)
     return found
 

@@ -329,7 +329,11 @@ async def test_a_released_response_whose_last_read_paused_the_transport_leaves_i
         while not response.complete:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.01)
-        response.release()  # unread, as a retried response is
+            if not response.complete:
+                # The reads split so that the buffer passed its high-water mark before the end
+                # arrived: reading paused, as it should. Take a chunk so the rest can come in.
+                await response.read()
+        response.release()  # the rest unread, as a retried response's is
     assert server.connections == 1  # each next request on the same connection got its answer
 
 

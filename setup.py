@@ -3,7 +3,7 @@
 Everything else about the package is in ``pyproject.toml``.  The modules in
 ``proxy/compiled.py``'s ``COMPILED`` are the per-request path (edge -> policies -> upstream).  mypyc
 turns their type-annotated Python into C extension modules, which run the
-same code with about a quarter less CPU per proxied request
+same code with markedly less CPU per proxied request
 (docs/benchmarks.md).  The source stays the only truth: the ``.py`` files are
 what is read, reviewed, type-checked and tested, and a machine without a C
 compiler (or ``OUTRIGGER_PURE_PYTHON=1``) installs and runs them as they are.
@@ -22,9 +22,7 @@ import json
 import os
 import pathlib
 import runpy
-import shutil
 import sys
-import sysconfig
 
 from setuptools import setup
 
@@ -32,21 +30,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # The one list, in proxy/compiled.py (read as a file: the package cannot be imported before it is built).
 _COMPILED = runpy.run_path(os.path.join(_HERE, "proxy", "compiled.py"))
 COMPILED = list(_COMPILED["COMPILED"])
-
-
-def _compiler() -> str | None:
-    """Why the modules cannot be compiled here, or None when they can."""
-    if os.environ.get("OUTRIGGER_PURE_PYTHON", "") not in ("", "0"):
-        return "OUTRIGGER_PURE_PYTHON is set"
-    if sys.implementation.name != "cpython":
-        return f"mypyc needs CPython, not {sys.implementation.name}"
-    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(cc) is None:
-        return f"no C compiler ({cc}) on PATH"
-    include = sysconfig.get_path("include")
-    if not os.path.exists(os.path.join(include, "Python.h")):
-        return f"no Python headers ({include}/Python.h; on Debian: python3-dev)"
-    return None
 
 
 def _remove_in_place_build() -> None:
@@ -62,7 +45,7 @@ def _remove_in_place_build() -> None:
 def _ext_modules() -> list[object]:
     if sys.argv[1:2] in (["egg_info"], ["dist_info"]):
         return []  # pip asking for metadata only: no need to type-check and generate C for it
-    reason = _compiler()
+    reason = _COMPILED["cannot_compile"]()
     if reason is not None:
         print(f"outrigger: installing pure Python, not compiling the request path: {reason}", file=sys.stderr)
         _remove_in_place_build()

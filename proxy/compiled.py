@@ -12,10 +12,13 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import json
+import os
+import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
-__all__ = ["COMPILED", "STAMP", "running_compiled", "source_digests", "stale"]
+__all__ = ["COMPILED", "STAMP", "cannot_compile", "running_compiled", "source_digests", "stale"]
 
 # Paths from the repository root, in the form mypyc takes them.
 COMPILED: tuple[str, ...] = (
@@ -51,6 +54,21 @@ COMPILED: tuple[str, ...] = (
     "proxy/upstream/pool.py",
     "proxy/upstream/response.py",
 )
+
+
+def cannot_compile() -> str | None:
+    """Why ``setup.py`` would install plain Python here, or None when it compiles."""
+    if os.environ.get("OUTRIGGER_PURE_PYTHON", "") not in ("", "0"):
+        return "OUTRIGGER_PURE_PYTHON is set"
+    if sys.implementation.name != "cpython":
+        return f"mypyc needs CPython, not {sys.implementation.name}"
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc}) on PATH"
+    include = sysconfig.get_path("include")
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"no Python headers ({include}/Python.h; on Debian: python3-dev)"
+    return None
 
 
 def _module(path: str) -> str:

@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.bench import profile_layers
 from tests.bench.goals import Goal, added, goal_tables, per_core, spread
 from tests.bench.goals import evaluate as evaluate_goals
 from tests.bench.goals import num as _num
@@ -736,8 +737,11 @@ def profile(target: Target, env: Env, pid: int, port: int) -> str | None:
         return None
     seconds = env.settings.throughput_s
     raw = env.output / f"profile-{target.key}.txt"
+    # A compiled request path runs as C functions, which only --native sees (profile_layers maps them
+    # back); py-spy then pauses the process for each sample (--native excludes --nonblocking).
+    compiled = not _compiled(CHILD_ENV).startswith(("0 ", "plain"))
     cmd = pinned([spy, "record", "--pid", str(pid), "--rate", "200", "--duration", str(seconds),
-                  "--format", "raw", "--output", str(raw), "--nonblocking"], LOAD_CORE)
+                  "--format", "raw", "--output", str(raw), "--native" if compiled else "--nonblocking"], LOAD_CORE)
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     run_load(port, env.settings.throughput_connections, seconds, env.use_wrk)
@@ -761,6 +765,8 @@ def summarize_profile(collapsed: str, top: int = 30) -> str:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        if profile_layers.layer(stack.split(";")) == profile_layers.IDLE:
+            continue  # a thread asleep in a wait (native stacks show them): no CPU
         frames = [re.sub(r"\s*\(([^)]*?)(?::\d+)?\)$", r" (\1)", f).replace(str(REPO) + "/", "")
                   for f in stack.split(";")]
         frames = [re.sub(r"/\S*/site-packages/", "", f) for f in frames]

@@ -4,14 +4,22 @@
 Markdown table: each sample of the collapsed stacks (``--profile`` writes them)
 is counted under the innermost Outrigger (or library) layer on its stack, so
 the edge and the upstream client include their socket writes.
+
+A compiled build (setup.py) is profiled with ``py-spy --native``: its modules
+show as mypyc's C functions (``CPyDef_retry___Retry___...``), which are mapped
+back to their source module here.  Native stacks also show threads sleeping in
+a wait; those samples are no CPU and are left out of the shares.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from proxy.compiled import COMPILED
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("span export thread (batching, OTLP encoding, HTTP POST)",
@@ -29,11 +37,25 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 LOOP = "event loop itself (uvloop: epoll, socket reads, task switching)"
 OTHER = "other (threads idle in waits, interpreter)"
+IDLE = "idle: a thread asleep in a lock or queue wait (no CPU; not in the shares)"
+_WAITS = ("PyThread_acquire_lock_timed", "SimpleQueue_get_impl", "pthread_cond_", "futex")
+# mypyc's C name of a compiled function: CPyDef_<module>___..., CPyDunder_am_send<module>___...
+_NATIVE = re.compile(r"^CPy(?:Def_|Py_|Dunder_am_send|Dunder_)(?P<module>[a-z][a-z0-9_]*?)___")
+_SOURCES = {Path(path).stem: path for path in COMPILED}
+
+
+def _source(frame: str) -> str:
+    """A compiled function's frame, with the source module it was compiled from appended."""
+    found = _NATIVE.match(frame)
+    path = _SOURCES.get(found.group("module")) if found else None
+    return f"{frame} ({path})" if path else frame
 
 
 def layer(frames: Sequence[str]) -> str:
     """The layer of one sampled stack (outermost frame first)."""
-    for frame in reversed(frames):
+    if any(wait in frame for frame in frames[-3:] for wait in _WAITS):  # (below it: libc, often unnamed)
+        return IDLE
+    for frame in map(_source, reversed(frames)):
         for name, needles in LAYERS:
             if any(needle in frame for needle in needles):
                 return name
@@ -50,16 +72,19 @@ def shares(lines: Iterable[str]) -> tuple[collections.Counter[str], int]:
         stack, _, count = line.rstrip().rpartition(" ")
         if not count.isdigit():
             continue  # a frame py-spy could not name, split over lines
-        total += int(count)
-        counts[layer(stack.split(";"))] += int(count)
+        where = layer(stack.split(";"))
+        counts[where] += int(count)
+        if where != IDLE:
+            total += int(count)
     return counts, total
 
 
 def table(lines: Iterable[str]) -> str:
     counts, total = shares(lines)
+    idle = counts.pop(IDLE, 0)
     rows = [f"| {100 * n / total:.1f}% | {name} |" for name, n in counts.most_common()] if total else []
     return "\n".join(["| share | layer (innermost Outrigger or library layer on the stack) |", "|---:|---|",
-                      *rows, "", f"samples: {total}"])
+                      *rows, "", f"samples: {total}" + (f" (and {idle} of threads asleep in waits)" if idle else "")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

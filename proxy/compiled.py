@@ -44,6 +44,8 @@ COMPILED: tuple[str, ...] = (
     "proxy/policies/stale_resend.py",
     "proxy/policies/timeout.py",
     "proxy/policies/token_bucket.py",
+    "proxy/policies/window.py",
+    "proxy/telemetry/access_log.py",
     "proxy/telemetry/attempts.py",
     "proxy/telemetry/lean.py",
     "proxy/telemetry/live.py",

@@ -19,30 +19,10 @@ from typing import IO
 import msgspec
 
 from proxy.tasks import cancel_and_wait
+from proxy.telemetry.access_entry import AccessEntry
 from proxy.telemetry.line_writer import LineWriter
 
 __all__ = ["AccessEntry", "AccessLog"]
-
-
-class AccessEntry(msgspec.Struct, kw_only=True):
-    """One access-log line; a request refused below the router leaves the request fields None."""
-
-    request_id: str | None = None
-    trace_id: str | None = None
-    span_id: str | None = None
-    method: str | None = None
-    path: str | None = None
-    route: str | None = None
-    upstream: str | None = None
-    endpoint: str | None = None  # the last attempt's endpoint, on balanced upstreams
-    status: int
-    attempts: int = 0
-    duration_ms: float = 0.0
-    upstream_duration_ms: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    error: str | None = None
-    time: str = ""  # set by AccessLog.record
 
 
 class AccessLog:

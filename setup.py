@@ -34,12 +34,12 @@ COMPILED = list(_COMPILED["COMPILED"])
 
 def _remove_in_place_build() -> None:
     """An earlier in-place build's extension modules would shadow the sources: remove them."""
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     here = pathlib.Path(_HERE)
-    built = [p for path in COMPILED for p in (here / path).parent.glob(pathlib.Path(path).stem + ".*")]
-    built += here.glob("*__mypyc.*")
-    for path in [p for p in built if p.name.endswith(suffixes)] + [here / _COMPILED["STAMP"]]:
-        path.unlink(missing_ok=True)
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    group = [p for p in here.glob("*__mypyc.*") if p.name.endswith(suffixes)]  # mypyc's shared library
+    for built in [p for source in COMPILED for p in _COMPILED["in_place_build"](here, source)] + group:
+        built.unlink()
+    (here / _COMPILED["STAMP"]).unlink(missing_ok=True)
 
 
 def _ext_modules() -> list[object]:

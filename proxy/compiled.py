@@ -18,7 +18,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-__all__ = ["COMPILED", "STAMP", "cannot_compile", "running_compiled", "source_digests", "stale"]
+__all__ = ["COMPILED", "STAMP", "cannot_compile", "in_place_build", "running_compiled", "source_digests", "stale"]
 
 # Paths from the repository root, in the form mypyc takes them.
 COMPILED: tuple[str, ...] = (
@@ -102,15 +102,20 @@ def source_digests(root: Path) -> dict[str, str]:
     return {path: hashlib.sha256((root / path).read_bytes()).hexdigest() for path in COMPILED}
 
 
+def in_place_build(root: Path, path: str) -> list[Path]:
+    """The extension modules an in-place build left beside ``path``, one of ``COMPILED`` (under ``root``)."""
+    source = root / path
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return [built for built in source.parent.glob(source.stem + ".*") if built.name.endswith(suffixes)]
+
+
 def stale(root: Path) -> list[str]:
     """Sources under ``root`` that differ from what its in-place build compiled (none when nothing is built).
 
     Python imports an extension module before a ``.py`` of the same name, so after
     an edit the old code would run: ``./dev test`` rebuilds.
     """
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    built = [path for path in COMPILED
-             if any(p.name.endswith(suffixes) for p in (root / path).parent.glob(Path(path).stem + ".*"))]
+    built = [path for path in COMPILED if in_place_build(root, path)]
     if not built:
         return []
     try:

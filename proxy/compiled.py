@@ -48,6 +48,7 @@ COMPILED: tuple[str, ...] = (
     "proxy/telemetry/access_log.py",
     "proxy/telemetry/attempts.py",
     "proxy/telemetry/lean.py",
+    "proxy/telemetry/otlp_wire.py",
     "proxy/telemetry/live.py",
     "proxy/telemetry/propagation.py",
     "proxy/telemetry/server_span.py",

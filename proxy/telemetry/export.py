@@ -1,7 +1,8 @@
 """The span export path: the queue finished spans wait in, and the OTLP/HTTP exporter that ships them.
 
-Where it sits: ``tracing.Tracing`` makes spans with the OTel SDK on the event
-loop; when a sampled span ends, ``SpanQueue.on_end`` appends it to a deque
+Where it sits: ``tracing.Tracing`` makes spans on the event loop
+(``lean_span``: the OTel API's span, handing the SDK's ``ReadableSpan`` to
+the span processors); when a sampled span ends, ``SpanQueue.on_end`` appends it to a deque
 (one append, no lock taken on the loop).  One daemon thread wakes when a
 batch is full or the schedule delay passes, and hands each batch to the
 exporter (wrapped by ``export_health.ExportGuard`` for failure accounting).

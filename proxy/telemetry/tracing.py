@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import (
     Decision,
     Sampler,
 )
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from proxy import __version__
@@ -38,6 +39,7 @@ from proxy.config import TelemetryConfig
 from proxy.telemetry import sdk_setup
 from proxy.telemetry.export import SpanQueue
 from proxy.telemetry.export_health import CollectorGate, ExportGuard, ExportState
+from proxy.telemetry.lean_span import SpanFactory
 from proxy.telemetry.propagation import (
     RANDOM,
     SAMPLED,
@@ -67,11 +69,27 @@ log = logging.getLogger("outrigger.tracing")
 
 
 
+def _parent_span(parent: TraceParent) -> SpanContext:
+    """The span context of the app's (W3C) parent span, for a span we start under it."""
+    return SpanContext(int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
+                       trace_flags=TraceFlags(parent.flags & (SAMPLED | RANDOM)))
+
+
 def _parent_context(parent: TraceParent) -> Context:
-    """The SDK context of the app's (W3C) parent span, for a span we start under it."""
-    return trace.set_span_in_context(NonRecordingSpan(SpanContext(
-        int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
-        trace_flags=TraceFlags(parent.flags & (SAMPLED | RANDOM)))))
+    """The SDK context of the app's (W3C) parent span, for an SDK sampler deciding under it."""
+    return trace.set_span_in_context(NonRecordingSpan(_parent_span(parent)))
+
+
+class _Provider(TracerProvider):
+    """The SDK's provider, which also tells the span factory about each processor added to it."""
+
+    def __init__(self, factory: SpanFactory, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.outrigger_spans = factory
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        self.outrigger_spans.add_processor(span_processor)
 
 
 class Tracing:
@@ -108,9 +126,12 @@ class Tracing:
         sampler, self._root_ratio = sdk_setup.sampler(config.tracing.sample_ratio, env)
         self._sampler = sampler
         self._gate = CollectorGate(self.export_state)
+        resource = sdk_setup.resource(config, env)
+        # sampler None: begin draws root decisions itself, and the provider's sampler only follows parents
+        self._spans = SpanFactory(resource, InstrumentationScope("outrigger", __version__),
+                                  None if self._root_ratio is not None else sampler)
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
-        self.provider = TracerProvider(resource=sdk_setup.resource(config, env), sampler=sampler,
-                                       shutdown_on_exit=False)
+        self.provider = _Provider(self._spans, resource=resource, sampler=sampler, shutdown_on_exit=False)
         # OTEL_BSP_* come from the same env as every other setting (the sidecar's, in tests their own).
         self.span_queue = SpanQueue(self._guard, on_queue_full=self.export_state.queue_full, env=env)
         self.provider.add_span_processor(self.span_queue)
@@ -151,8 +172,9 @@ class Tracing:
         if sampled is None and self._root_ratio is not None:
             sampled = self._random() < self._root_ratio  # an unsampled root costs one random draw
         if sampled is not False and (self._gate is None or self._gate.admit()):
-            context = _parent_context(parent) if parent is not None else remote
-            span = tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes())
+            parent_span = _parent_span(parent) if parent is not None else \
+                trace.get_current_span(remote).get_span_context() if remote is not None else None
+            span = self._spans.start(name, parent_span, SpanKind.SERVER, attributes())
             own = span.get_span_context()
             if span.is_recording():
                 # the SDK's flags: sampled, and random as the parent says (or for its own random root ids)
@@ -201,8 +223,8 @@ class Tracing:
             attributes["network.peer.address"] = host.strip("[]")
             attributes["network.peer.port"] = int(port)
             attributes["outrigger.endpoint"] = endpoint.address
-        span = self.tracer.start_span(span_name(request.method, None), context=trace.set_span_in_context(request.span),
-                                      kind=SpanKind.CLIENT, attributes=attributes)
+        span = self._spans.start(span_name(request.method, None), request.span.get_span_context(), SpanKind.CLIENT,
+                                 attributes)
         if self.w3c:  # the edge wrote the request's traceparent; each attempt names its own span as parent
             own = span.get_span_context()
             current = request.headers.get("traceparent")

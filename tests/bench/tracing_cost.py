@@ -16,7 +16,8 @@ shutdown, so every span is encoded and sent inside the window.
 Variants:
   sdk        the SDK's BatchSpanProcessor + the SDK's OTLP/HTTP exporter (before)
   sdk-queue  our SpanQueue + the SDK's OTLP/HTTP exporter (the processor's share)
-  lean       our SpanQueue + our OtlpHttpExporter (after: proxy/telemetry/export.py)
+  lean       our SpanQueue + our OtlpHttpExporter (proxy/telemetry/export.py)
+  lean-spans our spans (proxy/telemetry/lean_span.py) + SpanQueue + OtlpHttpExporter (what the sidecar runs)
   nospan     the same spans with no processor at all (the SDK span API alone)
 """
 
@@ -35,7 +36,7 @@ from typing import Any
 
 from tests.support.ports import free_port
 
-VARIANTS = ("nospan", "sdk", "sdk-queue", "lean")
+VARIANTS = ("nospan", "sdk", "sdk-queue", "lean", "lean-spans")
 
 
 def _run_variant(variant: str, endpoint: str, requests: int) -> dict[str, Any]:
@@ -46,10 +47,13 @@ def _run_variant(variant: str, endpoint: str, requests: int) -> dict[str, Any]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.trace import SpanKind
 
-    from proxy.telemetry.export import OtlpHttpExporter, SpanQueue
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "bench", "k8s.pod.name": "p-1"}),
-                              shutdown_on_exit=False)
+    from proxy.telemetry.export import OtlpHttpExporter, SpanQueue
+    from proxy.telemetry.lean_span import SpanFactory
+
+    resource = Resource.create({"service.name": "bench", "k8s.pod.name": "p-1"})
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     # A queue big enough for the whole run: every span is exported (none dropped), so the export
     # thread's figure is its cost for all of them, not for as many as it kept up with.
     queue = 2 * requests + 1
@@ -58,15 +62,25 @@ def _run_variant(variant: str, endpoint: str, requests: int) -> dict[str, Any]:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), max_queue_size=queue))
     elif variant == "sdk-queue":
         provider.add_span_processor(SpanQueue(OTLPSpanExporter(endpoint=endpoint), env=env))
-    elif variant == "lean":
+    elif variant in ("lean", "lean-spans"):
         provider.add_span_processor(SpanQueue(OtlpHttpExporter(endpoint), env=env))
     tracer = provider.get_tracer("outrigger")
+    factory = SpanFactory(resource, InstrumentationScope("outrigger"), None)
+    lean_queue = SpanQueue(OtlpHttpExporter(endpoint), env=env) if variant == "lean-spans" else None
+    if lean_queue is not None:
+        factory.add_processor(lean_queue)
+
+    def start(name: str, parent: trace.Span | None, kind: SpanKind, attributes: dict[str, Any]) -> trace.Span:
+        if variant == "lean-spans":
+            return factory.start(name, parent.get_span_context() if parent is not None else None, kind, attributes)
+        context = trace.set_span_in_context(parent) if parent is not None else None
+        return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
+
     process0, thread0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     for i in range(requests):
-        server = tracer.start_span("GET", kind=SpanKind.SERVER)
+        server = start("GET", None, SpanKind.SERVER, {})
         path = f"/items/{i % 50}"
-        client = tracer.start_span("GET", context=trace.set_span_in_context(server), kind=SpanKind.CLIENT,
-                                   attributes={"http.request.method": "GET", "url.full": "http://up:8080" + path,
+        client = start("GET", server, SpanKind.CLIENT, {"http.request.method": "GET", "url.full": "http://up:8080" + path,
                                                "url.path": path, "server.address": "up", "server.port": 8080,
                                                "outrigger.route": "default", "outrigger.upstream": "up",
                                                "outrigger.attempt": 1})
@@ -80,6 +94,8 @@ def _run_variant(variant: str, endpoint: str, requests: int) -> dict[str, Any]:
         server.end()
     loop_s = time.thread_time() - thread0
     provider.shutdown()  # flushes: every span is exported inside the measured window
+    if lean_queue is not None:
+        lean_queue.shutdown()
     total_s = time.process_time() - process0
     return {"variant": variant, "requests": requests, "spans": 2 * requests, "loop_s": loop_s,
             "export_s": max(0.0, total_s - loop_s), "wall_s": time.perf_counter() - wall0}

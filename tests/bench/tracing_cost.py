@@ -45,9 +45,8 @@ def _run_variant(variant: str, endpoint: str, requests: int) -> dict[str, Any]:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.trace import SpanKind
-
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanKind
 
     from proxy.telemetry.export import OtlpHttpExporter, SpanQueue
     from proxy.telemetry.lean_span import SpanFactory
@@ -80,10 +79,10 @@ def _run_variant(variant: str, endpoint: str, requests: int) -> dict[str, Any]:
     for i in range(requests):
         server = start("GET", None, SpanKind.SERVER, {})
         path = f"/items/{i % 50}"
-        client = start("GET", server, SpanKind.CLIENT, {"http.request.method": "GET", "url.full": "http://up:8080" + path,
-                                               "url.path": path, "server.address": "up", "server.port": 8080,
-                                               "outrigger.route": "default", "outrigger.upstream": "up",
-                                               "outrigger.attempt": 1})
+        client = start("GET", server, SpanKind.CLIENT, {
+            "http.request.method": "GET", "url.full": "http://up:8080" + path, "url.path": path,
+            "server.address": "up", "server.port": 8080, "outrigger.route": "default", "outrigger.upstream": "up",
+            "outrigger.attempt": 1})
         client.set_attribute("http.response.status_code", 200)
         client.end()
         server.update_name("GET default")

@@ -47,6 +47,7 @@ COMPILED: tuple[str, ...] = (
     "proxy/policies/window.py",
     "proxy/telemetry/access_log.py",
     "proxy/telemetry/attempts.py",
+    "proxy/telemetry/client_span.py",
     "proxy/telemetry/lean.py",
     "proxy/telemetry/otlp_wire.py",
     "proxy/telemetry/live.py",

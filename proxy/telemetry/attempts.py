@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.errors import DeadlineExceeded, ProxyError, UpstreamConnectFailure, UpstreamTimeout, UpstreamTlsError
+from proxy.telemetry import client_span
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.upstream.call import ConnectTimeout
 
@@ -83,7 +84,7 @@ class AttemptTelemetry:
                 metrics.timeouts["connect"].inc()
             if span is not None:
                 _timeout_attribute(span, request)
-                tracing.end_client_span(span, None, error)  # type: ignore[union-attr]
+                client_span.end(span, None, error)
             raise
         except BaseException:
             now = self._clock.now()
@@ -96,8 +97,8 @@ class AttemptTelemetry:
             # the attempt is on its span, not in the metric.
             if span is not None:
                 _timeout_attribute(span, request)
-                tracing.end_client_span(span, None, None,  # type: ignore[union-attr]
-                                        error_type=DeadlineExceeded.code if deadline else "cancelled")
+                client_span.end(span, None, None,
+                                error_type=DeadlineExceeded.code if deadline else "cancelled")
             raise
         elapsed = self._clock.now() - start
         request.upstream_s += elapsed
@@ -107,5 +108,5 @@ class AttemptTelemetry:
         if span is not None:
             _timeout_attribute(span, request)
             peer = response.upstream.peer if response.upstream is not None else None
-            tracing.end_client_span(span, status, None, peer=peer, reused=response.reused)  # type: ignore[union-attr]
+            client_span.end(span, status, None, peer=peer, reused=response.reused)
         return response

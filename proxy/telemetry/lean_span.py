@@ -48,6 +48,7 @@ __all__ = ["LeanSpan", "SpanFactory"]
 _SAMPLED = TraceFlags.SAMPLED
 _RANDOM = TraceFlags.RANDOM_TRACE_ID
 _UNSET = Status(StatusCode.UNSET)
+_FLAGS = tuple(TraceFlags(value) for value in range(4))  # sampled and random, made once
 
 
 class SpanFactory:
@@ -102,7 +103,7 @@ class SpanFactory:
         flags = _SAMPLED if sampled else 0
         if parent is None or parent.trace_flags.random_trace_id:
             flags |= _RANDOM  # our root ids are random; a child keeps its parent's flag
-        context = SpanContext(trace_id, self._id(64), is_remote=False, trace_flags=TraceFlags(flags),
+        context = SpanContext(trace_id, self._id(64), is_remote=False, trace_flags=_FLAGS[flags],
                               trace_state=trace_state)
         if not recording:
             return NonRecordingSpan(context)

@@ -32,11 +32,11 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
 
 from proxy import __version__
 from proxy.config import TelemetryConfig
-from proxy.telemetry import sdk_setup
+from proxy.telemetry import client_span, sdk_setup
 from proxy.telemetry.export import SpanQueue
 from proxy.telemetry.export_health import CollectorGate, ExportGuard, ExportState
 from proxy.telemetry.lean_span import SpanFactory
@@ -53,8 +53,8 @@ from proxy.telemetry.propagation import (
     unrecorded_traceparent,
     with_parent_id,
 )
-from proxy.telemetry.query import redact_query, redaction_set
-from proxy.telemetry.server_span import method_attributes, span_name
+from proxy.telemetry.query import redaction_set
+from proxy.telemetry.server_span import span_name
 from proxy.telemetry.settings import effective_service_name, effective_tracing
 
 if TYPE_CHECKING:
@@ -202,27 +202,11 @@ class Tracing:
     def start_client_span(self, request: ProxyRequest, route: str, pool: UpstreamPool) -> Span:
         """A CLIENT span for one attempt, injected into that attempt's outgoing headers."""
         assert self.tracer is not None and request.span is not None
-        attempt = request.attempt
-        path, _, query = request.path.partition("?")
-        attributes = method_attributes(request.method)
-        attributes.update({
-            # the query is kept with sensitive values redacted (telemetry.tracing.redact_query_params)
-            "url.full": pool.base + path + ("?" + redact_query(query, self.redact) if query else ""),
-            "server.address": pool.host,
-            "server.port": pool.port,
-            "network.protocol.version": "1.1",
-            "outrigger.route": route,
-            "outrigger.upstream": pool.name,
-            "outrigger.attempt": attempt,
-        })
-        if attempt > 1:
-            attributes["http.request.resend_count"] = attempt - 1
         endpoint = request.endpoint
-        if endpoint is not None:  # a balanced upstream: the address this attempt went to
-            host, _, port = endpoint.address.rpartition(":")
-            attributes["network.peer.address"] = host.strip("[]")
-            attributes["network.peer.port"] = int(port)
-            attributes["outrigger.endpoint"] = endpoint.address
+        attributes = client_span.start_attributes(
+            method=request.method, path=request.path, route=route, base=pool.base, host=pool.host, port=pool.port,
+            upstream=pool.name, attempt=request.attempt, endpoint=endpoint.address if endpoint is not None else None,
+            redact=self.redact)
         span = self._spans.start(span_name(request.method, None), request.span.get_span_context(), SpanKind.CLIENT,
                                  attributes)
         if self.w3c:  # the edge wrote the request's traceparent; each attempt names its own span as parent
@@ -234,33 +218,7 @@ class Tracing:
             self.propagator.inject(request.headers, context=trace.set_span_in_context(span))
         return span
 
-    @staticmethod
-    def end_client_span(span: Span, status: int | None, error: BaseException | None,
-                        error_type: str | None = None, peer: tuple[str, int] | None = None,
-                        reused: bool | None = None) -> None:
-        """End an attempt's span; ``error_type`` names an attempt cancelled without an error of its own.
-
-        ``peer`` is the address the attempt's connection went to (``network.peer.*``), when it had one;
-        ``reused`` whether that connection was kept alive from an earlier request.
-        """
-        attributes: dict[str, Any] = {}  # set at once: each set_attribute takes the span's lock
-        if reused is not None:
-            attributes["outrigger.connection_reused"] = reused
-        if peer is not None:
-            attributes["network.peer.address"], attributes["network.peer.port"] = peer
-        if error_type is not None:
-            attributes["error.type"] = error_type
-            span.set_status(Status(StatusCode.ERROR, error_type))
-        if status is not None:
-            attributes["http.response.status_code"] = status
-            if status >= 400:  # semconv: 4xx and 5xx are errors on CLIENT spans
-                attributes["error.type"] = str(status)
-                span.set_status(Status(StatusCode.ERROR))
-        if error is not None:
-            attributes["error.type"] = getattr(error, "code", None) or type(error).__name__
-            span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
-        span.set_attributes(attributes)
-        span.end()
+    end_client_span = staticmethod(client_span.end)
 
     def shutdown(self, timeout_s: float | None = None) -> None:
         """Flush and stop, within ``timeout_s`` (``OTEL_BSP_EXPORT_TIMEOUT``, default 5s).

@@ -171,14 +171,11 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
 
 def _span_start(proto: EdgeProtocol, req: EdgeRequest) -> dict[str, Any]:
     """The SERVER span's start attributes (called only for a sampled request)."""
-    transport = proto.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    sock = transport.get_extra_info("sockname") if transport is not None else None
     tracing = proto.listener.ctx.tracing
     return server_span.start_attributes(
         method=req.method, raw_target=origin_path(req.target), scheme="http", host_header=req.headers.get("Host"),
-        server_port=int(sock[1]) if sock else 0, client_address=proto.client_ip,
-        client_port=int(peer[1]) if peer else None, user_agent=req.headers.get("User-Agent"),
+        server_port=proto.server_port, client_address=proto.client_ip, client_port=proto.client_port,
+        user_agent=req.headers.get("User-Agent"),
         http_version="1.0" if req.http10 else "1.1", redact=tracing.redact if tracing is not None else frozenset())
 
 

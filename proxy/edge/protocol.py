@@ -50,6 +50,8 @@ class EdgeProtocol(asyncio.Protocol):
         self.loop = listener.loop
         self.transport: asyncio.Transport | None = None
         self.client_ip: str | None = None
+        self.client_port: int | None = None
+        self._server_port = -1  # the port the app connected to, read once when a span first needs it
         self._parser = self._new_parser()
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -76,6 +78,15 @@ class EdgeProtocol(asyncio.Protocol):
         self.tunnel: Any = None  # the splice an upgrade switched this connection to
         self.informational = self._informational  # bound once: the upstream client calls it for 1xx
 
+    @property
+    def server_port(self) -> int:
+        """The listener port this connection came in on (0 when unknown); one ``getsockname`` per connection."""
+        if self._server_port < 0:
+            transport = self.transport
+            sock = transport.get_extra_info("sockname") if transport is not None else None
+            self._server_port = int(sock[1]) if sock else 0
+        return self._server_port
+
     def _new_parser(self) -> httptools.HttpRequestParser:
         parser = httptools.HttpRequestParser(self)
         parser.set_dangerous_leniencies(lenient_version=True)  # HTTP/1.2 is 1.1 (RFC 9110 §2.5); checked below
@@ -91,7 +102,8 @@ class EdgeProtocol(asyncio.Protocol):
             self.transport = None
             return
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else None
+        if peer:
+            self.client_ip, self.client_port = peer[0], int(peer[1])
         self._arm_head_timer()  # a connection that never sends a complete head is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:

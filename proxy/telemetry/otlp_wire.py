@@ -26,7 +26,7 @@ from typing import Any
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 __all__ = ["encode_spans"]
 
@@ -34,7 +34,9 @@ _DOUBLE = struct.Struct("<d")
 _FIXED64 = struct.Struct("<Q")
 _FIXED32 = struct.Struct("<I")
 # OTLP's SpanKind is the API's enum shifted by one (0 is UNSPECIFIED there).
-_KIND = {kind: kind.value + 1 for kind in SpanKind}
+# Enum members hash in Python code; the caches below key them by identity (members are singletons).
+_KIND_BY_ID = {id(kind): kind.value + 1 for kind in SpanKind}
+_CODE_BY_ID = {id(code): code.value for code in StatusCode}
 # SpanFlags: the "has is_remote" bit is always set (as the SDK does), "is remote" when the parent is.
 _FLAGS_LOCAL = b"\x85\x01" + _FIXED32.pack(0x100)
 _FLAGS_REMOTE = b"\x85\x01" + _FIXED32.pack(0x300)
@@ -132,7 +134,7 @@ class SpanEncoder:
         self._resource_attrs, self._scope_attrs = _Pairs(0x0A), _Pairs(0x1A)
         self._span_attrs, self._event_attrs, self._link_attrs = _Pairs(0x4A), _Pairs(0x1A), _Pairs(0x22)
         # Per-span fields that take few values: (name, kind) and (status code, description).
-        self._names: dict[tuple[str, object], bytes] = {}
+        self._names: dict[tuple[str, int], bytes] = {}
         self._statuses: dict[tuple[int, str | None], bytes] = {}
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
@@ -181,12 +183,12 @@ class SpanEncoder:
         if parent is not None:
             parts.append(b"\x22\x08")
             parts.append(parent.span_id.to_bytes(8, "big"))
-        name_kind = (span.name, span.kind)
+        name_kind = (span.name, id(span.kind))
         head = self._names.get(name_kind)
         if head is None:
             if len(self._names) >= _PAIR_CACHE_MAX:
                 self._names.clear()
-            head = self._names[name_kind] = _string(0x2A, span.name) + b"\x30" + _varint(_KIND[span.kind])
+            head = self._names[name_kind] = _string(0x2A, span.name) + b"\x30" + _varint(_KIND_BY_ID[id(span.kind)])
         parts.append(head)
         parts.append(b"\x39" + _FIXED64.pack(span.start_time) + b"\x41" + _FIXED64.pack(span.end_time))
         parts.append(self._span_attrs.encode(span.attributes))
@@ -211,12 +213,12 @@ class SpanEncoder:
         if span.dropped_links:
             parts.append(b"\x70" + _varint(span.dropped_links))
         status = span.status
-        key = (status.status_code.value, status.description)
+        key = (id(status.status_code), status.description)
         encoded_status = self._statuses.get(key)
         if encoded_status is None:
             if len(self._statuses) >= _PAIR_CACHE_MAX:
                 self._statuses.clear()
-            code = key[0]
+            code = _CODE_BY_ID[key[0]]
             encoded_status = self._statuses[key] = _field(
                 0x7A, _string(0x12, status.description or "") + (b"\x18" + _varint(code) if code else b""))
         parts.append(encoded_status)

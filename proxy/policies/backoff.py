@@ -21,7 +21,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Protocol
 
-from proxy.checks import finite_non_negative
+from proxy.argument_checks import finite_non_negative
 from proxy.config.types import BackoffConfig
 
 __all__ = [

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from proxy.checks import finite_non_negative, finite_positive
+from proxy.argument_checks import finite_non_negative, finite_positive
 from proxy.clock import Clock
 from proxy.config.types import BudgetConfig
 from proxy.policies.window import RollingCounter

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from proxy.checks import finite_positive
+from proxy.argument_checks import finite_positive
 from proxy.clock import Clock
 
 __all__ = ["LatencySketch"]

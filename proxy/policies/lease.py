@@ -33,7 +33,7 @@ import math
 from collections import deque
 from typing import NamedTuple
 
-from proxy.checks import finite_positive
+from proxy.argument_checks import finite_positive
 from proxy.clock import Clock
 
 __all__ = ["Grant", "LeaseState"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from proxy.checks import at_least_one, finite_positive
+from proxy.argument_checks import at_least_one, finite_positive
 from proxy.clock import Clock
 
 __all__ = ["KeyedTokenBuckets", "TokenBucket"]

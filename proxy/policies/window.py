@@ -12,7 +12,7 @@ and at most ``window_s`` seconds; it is never counted for longer than the window
 
 from __future__ import annotations
 
-from proxy.checks import at_least_one, finite_positive
+from proxy.argument_checks import at_least_one, finite_positive
 from proxy.clock import Clock
 
 __all__ = ["RateWindow", "RollingCounter"]

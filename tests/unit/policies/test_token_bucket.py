@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from proxy.checks import at_least_one
+from proxy.argument_checks import at_least_one
 from proxy.clock import FakeClock
 from proxy.policies.token_bucket import KeyedTokenBuckets, TokenBucket
 

@@ -87,6 +87,11 @@ class Runtime:
     # timeout; carried over by reloads, so requests of old and new chains share it.
     timers: TimerWheel = field(default_factory=TimerWheel)
 
+    def global_limits(self) -> set[str]:
+        """The names of the global rate limits this runtime's routes take from its store (``self.redis``)."""
+        return {limiter.name for route in self.routes
+                if isinstance(limiter := route.state.rate_limit, GlobalRateLimit) and limiter.store is self.redis}
+
     def status(self, clock: Clock) -> dict[str, Any]:
         """Runtime state for /status: integer counts, seconds rounded, ISO times, routes keyed as in metrics."""
         upstreams = {}

@@ -133,11 +133,16 @@ def effective(new: Config, active: Config) -> Config:
 
 
 async def _discard(runtime: Runtime, active: Runtime) -> None:
-    """What a rejected reload built for ``runtime`` and ``active`` does not use: closed, so no thread lingers."""
+    """What a rejected reload built for ``runtime`` and ``active`` does not use: closed, so no thread
+    or heartbeat lingers."""
     spool = runtime.spool
     if spool is not None and spool is not active.spool:
         spool.stop()  # on the loop; nothing was ever submitted to it
         await asyncio.to_thread(spool.close)
+    if runtime.redis is not None and runtime.redis is not active.redis:
+        await runtime.redis.close()
+    if active.redis is not None:  # a global limit built for the rejected config started a heartbeat here
+        await active.redis.retain(active.global_limits())
 
 
 class Reloader:
@@ -277,6 +282,8 @@ class Reloader:
             self._retiring.retire_pools(runtime.retired_pools)
         if runtime.retired_redis is not None:  # `redis:` changed: the old client goes once in-flight finish
             self._retiring.client(runtime.retired_redis, config.drain.timeout)
+        if runtime.redis is not None:  # a global limit the reload removed: its heartbeat stops
+            await runtime.redis.retain(runtime.global_limits())
         if runtime.retired_spool is not None:  # `dead_letter:` changed or went: flushed, its thread ended
             self._retiring.spool(runtime.retired_spool, runtime.spool)
         if failed:

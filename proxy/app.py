@@ -80,11 +80,17 @@ class Runtime:
     endpoint_updates: list[tuple[UpstreamPool, UpstreamConfig]] = field(default_factory=list)
     breaker_events: BreakerEvents = field(default_factory=BreakerEvents)  # carried over by reloads
     spool: Spool | None = None  # the dead-letter spool (top-level dead_letter), shared by its routes
+    retired_spool: Spool | None = None  # the previous one, when a reload changed or removed it; to close()
     redis: RedisStore | None = None  # the shared store (top-level `redis:`), kept across reloads while unchanged
     retired_redis: RedisStore | None = None  # the previous one, when a reload changed `redis:`; to close()
     # The one timer wheel of the sidecar's event loop, for every route's deadline and attempt
     # timeout; carried over by reloads, so requests of old and new chains share it.
     timers: TimerWheel = field(default_factory=TimerWheel)
+
+    def global_limits(self) -> set[str]:
+        """The names of the global rate limits this runtime's routes take from its store (``self.redis``)."""
+        return {limiter.name for route in self.routes
+                if isinstance(limiter := route.state.rate_limit, GlobalRateLimit) and limiter.store is self.redis}
 
     def status(self, clock: Clock) -> dict[str, Any]:
         """Runtime state for /status: integer counts, seconds rounded, ISO times, routes keyed as in metrics."""
@@ -199,10 +205,12 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
     if previous is not None:
         runtime.breaker_events = previous.breaker_events
         runtime.timers = previous.timers
+    old_spool = previous.spool if previous is not None else None
     if config.dead_letter is not None:  # one spool per process: kept across reloads that leave it unchanged
-        old_spool = previous.spool if previous is not None else None
         runtime.spool = old_spool if old_spool is not None and old_spool.config == config.dead_letter \
             else _spool(config, metrics)
+    if old_spool is not None and old_spool is not runtime.spool:
+        runtime.retired_spool = old_spool  # its thread ends once in-flight requests are done with it
     old_redis = previous.redis if previous is not None else None
     if config.redis is not None:
         from proxy.store.redis import RedisStore  # only now: a config without Redis never loads redis-py

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from proxy.config.addresses import parse_address, same_socket, upstream_url_problem
-from proxy.config.issues import ConfigIssue
+from proxy.config.issues import ConfigIssue, path_key
 from proxy.config.types import AdminConfig, DeadLetterConfig, ListenerConfig, RouteConfig, UpstreamConfig
 from proxy.config.validators import is_header_name
 from proxy.upstream.tls import client_context
@@ -124,7 +124,7 @@ def check_route(route: RouteConfig, route_raw: dict[str, Any], path: str, upstre
         issues.append(ConfigIssue(f"{path}.rewrite_prefix", "must not contain '.' or '..' segments"))
     for name in (route.match.headers or {}):
         if not is_header_name(name):
-            issues.append(ConfigIssue(f"{path}.match.headers.{name}", "invalid header name"))
+            issues.append(ConfigIssue(f"{path}.match.headers.{path_key(name)}", "invalid header name"))
 
 
 def check_addresses(listeners: list[tuple[int, ListenerConfig]], admin: AdminConfig | None,

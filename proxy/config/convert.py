@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from proxy.config.hints import block_expected, field_named, hint, unknown_key
-from proxy.config.issues import ConfigIssue, join_path
+from proxy.config.issues import ConfigIssue, join_path, path_key
 from proxy.config.units import decode_hook
 
 __all__ = ["convert"]
@@ -48,7 +48,7 @@ def convert(raw: Any, tp: type[T], path: str, issues: list[ConfigIssue]) -> T | 
         for key, value in raw.items():
             field = fields.get(key)
             if field is None:
-                issues.append(ConfigIssue(join_path(path, str(key)), unknown_key(key, fields)))
+                issues.append(ConfigIssue(join_path(path, path_key(key)), unknown_key(key, fields)))
             else:
                 convert(value, field.type, join_path(path, str(key)), issues)
         if len(issues) > found:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ConfigError", "ConfigIssue", "join_path"]
+__all__ = ["ConfigError", "ConfigIssue", "join_path", "path_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +35,10 @@ def join_path(base: str, sub: str) -> str:
     if not base:
         return sub
     return base + sub if sub.startswith("[") else f"{base}.{sub}"
+
+
+def path_key(key: object) -> str:
+    """A mapping key as a path shows it: as written, but with control characters escaped
+    (``api\\n``), so that an issue about a key ending in a newline stays on one line."""
+    text = str(key)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

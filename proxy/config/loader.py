@@ -35,7 +35,7 @@ from proxy.config.checks import (
 from proxy.config.convert import convert
 from proxy.config.hints import unknown_key
 from proxy.config.inherit import UPSTREAM_BLOCKS, route_blocks, upstream_blocks
-from proxy.config.issues import ConfigError, ConfigIssue
+from proxy.config.issues import ConfigError, ConfigIssue, path_key
 from proxy.config.source import parse_document
 from proxy.config.types import (
     AdminConfig,
@@ -141,7 +141,7 @@ def _upstreams(raw: Any, defaults_raw: dict[str, Any], issues: list[ConfigIssue]
     if not mapping:
         issues.append(ConfigIssue("upstreams", "at least one upstream is required"))
     for name, body in mapping.items():
-        path = f"upstreams.{name}"
+        path = f"upstreams.{path_key(name)}"
         if not is_name(name):
             issues.append(ConfigIssue(path, "upstream names may use letters, digits, '_', '.', '-' (1-64)"))
             continue

@@ -30,7 +30,7 @@ __all__ = [
 RetryOn = Literal["connect-failure", "reset", "timeout", "gateway-error", "5xx", "retriable-status-codes"]
 StatusCode = Annotated[int, msgspec.Meta(ge=100, le=599)]
 Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-QueryParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^&=#\s]+$")]
+QueryParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^&=#\s]+\Z")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
@@ -352,8 +352,8 @@ class UpstreamConfig(Block, frozen=True):
 
 
 class MatchConfig(Block, frozen=True):
-    path_prefix: Annotated[str, msgspec.Meta(pattern=r"^/[^\s]*$")] = "/"
-    methods: tuple[Annotated[str, msgspec.Meta(pattern=r"^[A-Z]+$")], ...] | None = None
+    path_prefix: Annotated[str, msgspec.Meta(pattern=r"^/[^\s]*\Z")] = "/"
+    methods: tuple[Annotated[str, msgspec.Meta(pattern=r"^[A-Z]+\Z")], ...] | None = None
     headers: dict[str, str] | None = None
 
 
@@ -361,7 +361,7 @@ class RouteConfig(Block, frozen=True):
     name: Name
     upstream: str
     match: MatchConfig = msgspec.field(default_factory=MatchConfig)
-    rewrite_prefix: Annotated[str, msgspec.Meta(pattern=r"^/[^\s]*$")] | None = None
+    rewrite_prefix: Annotated[str, msgspec.Meta(pattern=r"^/[^\s]*\Z")] | None = None
     timeout: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     circuit_breaker: CircuitBreakerConfig = msgspec.field(default_factory=CircuitBreakerConfig)

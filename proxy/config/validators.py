@@ -18,22 +18,24 @@ __all__ = ["HEADER_NAME_PATTERN", "NAME_PATTERN", "HeaderName", "Name", "at_leas
 
 # --- names: upstreams, listeners, routes, shared limits (the `route` and `upstream` labels) ---
 
+# Patterns end in \Z, never $: msgspec searches with them, and Python's $ also matches before a
+# final newline ("api\n" would pass); the compiled ones are used with fullmatch.
 _NAME_CHAR = "[A-Za-z0-9_.-]"
 _NAME_MAX = 64
-NAME_PATTERN = f"^{_NAME_CHAR}+$"
+NAME_PATTERN = f"^{_NAME_CHAR}+\\Z"
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=_NAME_MAX, pattern=NAME_PATTERN)]
-_NAME = re.compile(f"^{_NAME_CHAR}{{1,{_NAME_MAX}}}$")
+_NAME = re.compile(f"{_NAME_CHAR}{{1,{_NAME_MAX}}}")
 
 
 def is_name(value: object) -> bool:
     """Whether ``value`` is a valid name: what a ``Name`` field accepts, for names that are mapping keys."""
-    return isinstance(value, str) and _NAME.match(value) is not None
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
 
 
 # --- header names: an RFC 9110 token ---
 
 _TCHAR = "[!#$%&'*+.^_`|~0-9A-Za-z-]"
-HEADER_NAME_PATTERN = f"^{_TCHAR}+$"
+HEADER_NAME_PATTERN = f"^{_TCHAR}+\\Z"
 HeaderName = Annotated[str, msgspec.Meta(min_length=1, pattern=HEADER_NAME_PATTERN)]
 _HEADER_NAME = re.compile(f"{_TCHAR}+")
 

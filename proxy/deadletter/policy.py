@@ -64,6 +64,15 @@ class DeadLetter:
         replay_id = request.headers.get(REPLAY_HEADER)
         if replay_id is not None:
             return await self._replay(request, call_next, replay_id)
+        spool = self._spool
+        spool.users += 1  # a spool a reload retires is closed only once no request may still spool into it
+        try:
+            return await self._serve(request, call_next)
+        finally:
+            spool.users -= 1
+
+    async def _serve(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        """The request, and its failure spooled when it is one ``dead_letter.on`` lists."""
         try:
             response = await call_next(request)
         except ProxyError as error:

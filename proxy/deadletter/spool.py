@@ -15,6 +15,12 @@ whose entries are all done, purged or older than ``max_age``.  A write that
 fails (disk full, read-only, directory gone) fails only that batch: its
 requests get their original failure without the header, the failure is
 counted and logged at most once a minute.
+
+A reload that changes or removes ``dead_letter`` retires the spool
+(``proxy.lifecycle.retiring``): once no request that may spool into it is in
+flight (``users``), it is closed: what is queued is committed, then the thread
+ends.  An entry that still comes its way after that goes to the spool that
+replaced it (``successor``).
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ class Spool:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()  # None: stop
         self._queued_bytes = 0  # changed on the event loop only (submit, and _resolve through the loop)
         self._closed = False
+        # Requests inside a dead-letter policy that spools here: a spool a reload retires is
+        # closed only once this is back to 0 (changed on the event loop only).
+        self.users = 0
+        self.successor: Spool | None = None  # the spool a reload replaced this one with
         self._publish()
         self._thread = threading.Thread(target=self._run, name="outrigger-dead-letter", daemon=True)
         self._thread.start()
@@ -78,10 +88,16 @@ class Spool:
     def submit(self, record: bytes, spooled: Any) -> asyncio.Future[bool] | None:
         """Queue ``record``; the future turns True once it is durable (False: the write failed).
 
-        None when the spool is full (or closed).  ``spooled`` is the counter
-        child incremented once the record is durable.
+        None when the spool is full (or closed and not replaced).  ``spooled`` is the counter
+        child incremented once the record is durable.  Once closed, records go to
+        ``successor``: the writer thread has ended and nothing queued here would be written.
         """
-        if not self.has_room(len(record)) or self._closed:
+        if self._closed:
+            if self.successor is not None:
+                return self.successor.submit(record, spooled)
+            self.warn("closed", f"dead-letter spool {self.config.dir} is closed; new entries are refused")
+            return None
+        if not self.has_room(len(record)):
             self.warn("full", f"dead-letter spool {self.config.dir} is full ({self.bytes} of "
                               f"{int(self.config.max_bytes)} bytes); new entries are refused")
             return None
@@ -168,6 +184,8 @@ class Spool:
         self._publish()
 
     def _publish(self) -> None:
+        if self.successor is not None:  # retired: the gauges show the spool that replaced it
+            return
         self._metrics.dead_letter_spool_bytes.set(self.bytes)
         self._metrics.dead_letter_entries.set(self.entries)
         self._metrics.dead_letter_oldest.set(self.oldest)
@@ -185,8 +203,21 @@ class Spool:
             if not future.done():
                 future.set_result(ok)
 
+    @property
+    def running(self) -> bool:
+        """Whether the writer thread is still alive."""
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Refuse new entries (they go to ``successor``); the writer commits what is queued, then ends.
+
+        Call it on the event loop, where ``submit`` runs, so no entry can be queued behind the stop.
+        """
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
     def close(self, timeout_s: float = 2.0) -> None:
-        """Commit what is queued, then stop the thread and release the segment."""
-        self._closed = True
-        self._queue.put(None)
+        """Commit what is queued, then stop the thread and release the segment (blocks up to ``timeout_s``)."""
+        self.stop()
         self._thread.join(timeout_s)

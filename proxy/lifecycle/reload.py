@@ -132,6 +132,19 @@ def effective(new: Config, active: Config) -> Config:
     return msgspec.structs.replace(new, admin=active.admin, telemetry=active.telemetry, limits=limits)
 
 
+async def _discard(runtime: Runtime, active: Runtime) -> None:
+    """What a rejected reload built for ``runtime`` and ``active`` does not use: closed, so no thread
+    or heartbeat lingers."""
+    spool = runtime.spool
+    if spool is not None and spool is not active.spool:
+        spool.stop()  # on the loop; nothing was ever submitted to it
+        await asyncio.to_thread(spool.close)
+    if runtime.redis is not None and runtime.redis is not active.redis:
+        await runtime.redis.close()
+    if active.redis is not None:  # a global limit built for the rejected config started a heartbeat here
+        await active.redis.retain(active.global_limits())
+
+
 class Reloader:
     def __init__(self, host: ReloadHost, retiring: Retiring, metrics: Metrics, *, config_path: str | None,
                  watch_interval_s: float) -> None:
@@ -230,6 +243,7 @@ class Reloader:
                 await pool.start()
         except Exception as exc:
             await close_quietly(runtime.new_pools)
+            await _discard(runtime, old)
             return self._failed(f"config reload failed while starting upstream pools: {exc}")
         started, runtime.new_pools = runtime.new_pools, []
         plan = plan_listeners({name: lst.slot.address for name, lst in host.listeners.items()}, config.listeners)
@@ -242,6 +256,7 @@ class Reloader:
                 for listener in bound.values():
                     await listener.cleanup()
                 await close_quietly(started)
+                await _discard(runtime, old)
                 return self._failed(
                     f"config reload rejected; keeping the active config: listeners[{opening.index}].address: "
                     f"cannot bind {opening.address}: {exc.strerror or exc}")
@@ -267,6 +282,10 @@ class Reloader:
             self._retiring.retire_pools(runtime.retired_pools)
         if runtime.retired_redis is not None:  # `redis:` changed: the old client goes once in-flight finish
             self._retiring.client(runtime.retired_redis, config.drain.timeout)
+        if runtime.redis is not None:  # a global limit the reload removed: its heartbeat stops
+            await runtime.redis.retain(runtime.global_limits())
+        if runtime.retired_spool is not None:  # `dead_letter:` changed or went: flushed, its thread ended
+            self._retiring.spool(runtime.retired_spool, runtime.spool)
         if failed:
             return self._failed("config applied, but listeners are down (/readyz is 503): " + "; ".join(failed))
         self._metrics.config_reloads.labels(result="success").inc()

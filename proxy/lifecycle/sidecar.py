@@ -205,6 +205,7 @@ class Sidecar:
         for up in self.runtime.upstreams.values():
             await up.pool.close()
         await close_quietly(list(self._retiring.pools))
+        await self._retiring.close_spools()  # spools a reload replaced, before the one they hand entries to
         if self.runtime.spool is not None:
             await asyncio.to_thread(self.runtime.spool.close)  # commits what is queued
         if self.runtime.redis is not None:

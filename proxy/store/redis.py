@@ -12,7 +12,8 @@ what a sidecar needs of a dependency it must survive:
   ``NOSCRIPT`` (redis-py's ``Script``), so a Redis restarted empty is fine;
 - a heartbeat per limit name (``ZADD`` into a sorted set with a member TTL)
   gives the live replica count that ``on_store_error: local`` divides by; the
-  last count is kept through an outage.
+  last count is kept through an outage.  A reload that removes every limit of a
+  name stops its heartbeat (``retain``).
 
 Any failure surfaces as ``StoreUnavailable``; callers decide what it means.
 """
@@ -26,7 +27,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -56,12 +57,13 @@ _SOCKET_BACKSTOP_S = 5.0  # redis-py's own read timeout, behind the per-call tim
 class ReplicaCount:
     """The live replicas sharing one limit name, as last counted by this sidecar's heartbeat."""
 
-    __slots__ = ("key", "live", "task")
+    __slots__ = ("key", "live", "retired", "task")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.live = 1  # this replica, until the first heartbeat answers
         self.task: asyncio.Task[None] | None = None
+        self.retired = False  # no limit of this name is in service: its heartbeat never starts again
 
 
 class RedisStore:
@@ -149,7 +151,7 @@ class RedisStore:
         return count
 
     def ensure_heartbeat(self, count: ReplicaCount) -> None:
-        if count.task is not None or self._closed:
+        if count.task is not None or self._closed or count.retired:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -159,7 +161,9 @@ class RedisStore:
 
     async def _beat(self, count: ReplicaCount) -> None:
         ttl_ms = int(_MEMBER_TTL_S * 1000)
-        while True:
+        # The flags end the loop, not only the cancellation: redis-py's asyncio client can swallow a
+        # CancelledError that arrives while it connects (the call then returns its result).
+        while not (count.retired or self._closed):
             if self._heartbeat is None:
                 self._connect()
             assert self._heartbeat is not None
@@ -169,7 +173,35 @@ class RedisStore:
                 pass  # the last count stands through the outage
             except Exception:  # a bug must not end the heartbeat for the life of the process
                 log.exception("replica heartbeat failed")
+            if count.retired or self._closed:
+                return
             await asyncio.sleep(_HEARTBEAT_S * (0.9 + 0.2 * self._rng.random()))
+
+    async def retain(self, names: Collection[str]) -> None:
+        """Keep the heartbeats of ``names`` (the limits in service) and stop the others.
+
+        A reload that removes every limit of a name calls this: that name's heartbeat stops and
+        this replica leaves its set (a fast recount for the others).  A request still in flight
+        on a removed limit cannot start it again; a limit of that name added later starts anew.
+        """
+        dropped = [self._replicas.pop(name) for name in list(self._replicas) if name not in names]
+        for count in dropped:
+            count.retired = True
+        await self._stop_heartbeats(dropped)
+
+    async def _stop_heartbeats(self, counts: Sequence[ReplicaCount]) -> None:
+        """Cancel the heartbeats of ``counts`` and leave their replica sets (best effort, bounded)."""
+        tasks = [count.task for count in counts if count.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # asyncio.wait, not `await task`: a cancellation of this caller must not be swallowed
+            await asyncio.wait(tasks)
+        if self._client is not None and counts:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self.timeout_s * 5):
+                    for count in counts:
+                        if self.breaker.state is BreakerState.CLOSED:
+                            await self._client.zrem(count.key, self.replica_id)
 
     # --- lifecycle ---
 
@@ -187,18 +219,8 @@ class RedisStore:
     async def close(self) -> None:
         """Stop the heartbeats, leave the replica sets (a fast recount for the others) and disconnect."""
         self._closed = True
-        tasks = [count.task for count in self._replicas.values() if count.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._stop_heartbeats(list(self._replicas.values()))
         if self._client is not None:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                async with asyncio.timeout(self.timeout_s * 5):
-                    for count in self._replicas.values():
-                        if self.breaker.state is BreakerState.CLOSED:
-                            await self._client.zrem(count.key, self.replica_id)
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await self._client.aclose()
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +140,96 @@ async def test_a_reload_keeps_the_spool_unless_its_block_changes_and_entries_sta
     async with client.put(f"http://127.0.0.1:{sidecar.port('main')}/y", data=b"{}") as resp:
         assert HEADER in resp.headers
     assert [e.target for e in _entries(first)] == ["/x"] and [e.target for e in _entries(second)] == ["/y"]
+
+
+def _spool_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "outrigger-dead-letter" and t.is_alive()}
+
+
+async def _within(predicate: Callable[[], bool], within_s: float = 5.0) -> bool:
+    """Whether ``predicate`` turns true within ``within_s`` (polled: a thread's end sets no event)."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def _ended(threads: set[threading.Thread]) -> bool:
+    return await _within(lambda: not any(t.is_alive() for t in threads))
+
+
+async def test_a_reload_that_replaces_or_removes_the_spool_ends_the_old_spools_thread(
+        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    upstream.default = Reply(status=503)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    before = _spool_threads()
+    config = _config(upstream.url, first, {"on": ["http_5xx"]})
+    sidecar = await sidecar_factory(config)
+    first_thread = _spool_threads() - before
+    assert len(first_thread) == 1
+    async with client.put(f"http://127.0.0.1:{sidecar.port('main')}/x", data=b"{}") as resp:
+        assert HEADER in resp.headers
+    config["dead_letter"]["dir"] = str(second)
+    assert await sidecar.apply(to_config(config))
+    assert await _ended(first_thread), "the replaced spool's writer thread is still running"
+    second_thread = _spool_threads() - before
+    assert len(second_thread) == 1 and not second_thread & first_thread
+    async with client.put(f"http://127.0.0.1:{sidecar.port('main')}/y", data=b"{}") as resp:
+        assert HEADER in resp.headers
+    del config["dead_letter"]
+    del config["listeners"][0]["routes"][0]["dead_letter"]
+    assert await sidecar.apply(to_config(config))
+    assert sidecar.runtime.spool is None
+    assert await _ended(second_thread), "the removed spool's writer thread is still running"
+    assert _spool_threads() - before == set()
+    assert [e.target for e in _entries(first)] == ["/x"] and [e.target for e in _entries(second)] == ["/y"]
+
+
+async def test_a_request_in_flight_across_the_reload_is_spooled_before_the_old_spool_closes(
+        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """The old spool waits for the requests that may still spool into it: nothing is lost by the swap."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    before = _spool_threads()
+    config = _config(upstream.url, first, {"on": ["http_5xx"]})
+    sidecar = await sidecar_factory(config)
+    first_thread = _spool_threads() - before
+    upstream.script(Reply(status=503, delay=0.5))
+
+    async def slow() -> str | None:
+        async with client.put(f"http://127.0.0.1:{sidecar.port('main')}/slow", data=b"{}") as resp:
+            return resp.headers.get(HEADER)
+
+    task = asyncio.create_task(slow())
+    assert await _within(lambda: bool(upstream.requests)), "the slow request never reached the upstream"
+    config["dead_letter"]["dir"] = str(second)
+    assert await sidecar.apply(to_config(config))
+    await asyncio.sleep(0.1)
+    assert all(t.is_alive() for t in first_thread)  # still in use by the request in flight
+    entry_id = await task
+    assert entry_id is not None
+    assert await _ended(first_thread)
+    assert [(e.id, e.target) for e in _entries(first)] == [(entry_id, "/slow")] and _entries(second) == []
+
+
+async def test_a_rejected_reload_leaves_no_spool_thread_behind(
+        upstream: ScriptedUpstream, sidecar_factory: Any, tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    config = _config(upstream.url, first, {"on": ["http_5xx"]})
+    sidecar = await sidecar_factory(config)
+    before = _spool_threads()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        config["dead_letter"]["dir"] = str(second)  # a new spool is built ...
+        config["listeners"][0]["address"] = f"127.0.0.1:{blocker.getsockname()[1]}"  # ... but binding fails
+        assert not await sidecar.apply(to_config(config))
+    assert sidecar.runtime.spool is not None and sidecar.runtime.spool.config.dir == str(first)
+    assert await _ended(_spool_threads() - before), "the rejected reload's spool thread is still running"

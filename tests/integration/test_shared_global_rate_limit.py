@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import random
+import socket
 import time
 from typing import Any
 
 import aiohttp
 
+from proxy.clock import SystemClock
 from proxy.lifecycle.sidecar import Sidecar
+from proxy.store.redis import RedisStore
 from tests.support.otlp_receiver import GrpcOtlpReceiver
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
@@ -267,3 +272,82 @@ async def test_reload_keeps_the_global_limit_and_its_store_while_their_config_is
     assert sidecar.runtime.redis is not store and sidecar.runtime.redis is not None
     assert sidecar.runtime.routes[0].state.rate_limit.store is sidecar.runtime.redis
     assert (await get(client, url(sidecar)))[0] == 200
+
+
+def _replica_count(redis: RedisServer, name: str) -> str | None:
+    return redis.command("ZCARD", f"outrigger:replicas:{name}")
+
+
+def _limited_route(name: str, prefix: str) -> dict[str, Any]:
+    return {"name": name, "match": {"path_prefix": prefix}, "upstream": "svc",
+            "rate_limit": {"requests_per_second": 50, "burst": 50, "scope": "global", "name": name}}
+
+
+async def test_a_reload_that_removes_a_global_limit_stops_its_heartbeat(
+        upstream: ScriptedUpstream, redis_server: RedisServer, sidecar_factory: Any,  # noqa: F811
+        client: aiohttp.ClientSession) -> None:
+    data = global_config(upstream, redis_server, requests_per_second=50, burst=50)
+    data["listeners"][0]["routes"].insert(0, _limited_route("billing", "/billing"))
+    sidecar = await sidecar_factory(data)
+    assert (await get(client, url(sidecar)))[0] == 200
+    assert (await get(client, url(sidecar, "/billing")))[0] == 200
+    store = sidecar.runtime.redis
+    assert store is not None
+    await asyncio.sleep(0.3)  # the first heartbeats answer
+    assert _replica_count(redis_server, "partner") == ":1" and _replica_count(redis_server, "billing") == ":1"
+    del data["listeners"][0]["routes"][1]["rate_limit"]  # "partner" is gone; "billing" stays
+    assert await sidecar.apply(to_config(data))
+    assert sidecar.runtime.redis is store
+    assert set(store.snapshot()["live_replicas"]) == {"billing"}
+    assert (await get(client, url(sidecar)))[0] == 200
+    await asyncio.sleep(1.5)  # longer than a heartbeat interval: a live one would have added this replica again
+    assert _replica_count(redis_server, "partner") == ":0"
+    assert _replica_count(redis_server, "billing") == ":1"  # a limit still in service keeps its heartbeat
+    data["listeners"][0]["routes"][1]["rate_limit"] = {"requests_per_second": 50, "burst": 50, "scope": "global",
+                                                       "name": "partner"}
+    assert await sidecar.apply(to_config(data))  # added again: it beats again
+    assert (await get(client, url(sidecar)))[0] == 200
+    await asyncio.sleep(0.3)
+    assert _replica_count(redis_server, "partner") == ":1"
+
+
+async def test_a_rejected_reload_leaves_no_heartbeat_for_the_limit_it_would_have_added(
+        upstream: ScriptedUpstream, redis_server: RedisServer, sidecar_factory: Any,  # noqa: F811
+        client: aiohttp.ClientSession) -> None:
+    data = global_config(upstream, redis_server, requests_per_second=50, burst=50)
+    sidecar = await sidecar_factory(data)
+    assert (await get(client, url(sidecar)))[0] == 200
+    store = sidecar.runtime.redis
+    assert store is not None
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        rejected = copy.deepcopy(data)
+        rejected["listeners"][0]["routes"].insert(0, _limited_route("extra", "/extra"))
+        rejected["listeners"][0]["address"] = f"127.0.0.1:{blocker.getsockname()[1]}"  # busy: the reload fails
+        assert not await asyncio.wait_for(sidecar.apply(to_config(rejected)), 10)
+    assert sidecar.runtime.redis is store
+    assert set(store.snapshot()["live_replicas"]) == {"partner"}
+    await asyncio.sleep(1.5)
+    assert _replica_count(redis_server, "extra") == ":0"
+    assert _replica_count(redis_server, "partner") == ":1"
+
+
+async def test_a_heartbeat_stopped_while_its_first_call_connects_ends(redis_server: RedisServer) -> None:  # noqa: F811
+    """redis-py can swallow a cancellation that arrives while it connects: stopping must not hang on that."""
+    config = to_config({**base_config("http://127.0.0.1:1"), "redis": {"url": redis_server.url, "timeout": "50ms"}})
+    assert config.redis is not None
+    for step in range(30):  # stopped 0 to 3 ms into the first call: some land while it connects
+        store = RedisStore(config.redis, SystemClock(), random.Random(step))
+        beat = store.replicas("partner").task
+        assert beat is not None
+        await asyncio.sleep(step / 10_000)
+        await asyncio.wait_for(store.retain([]), 3)  # the limit went away
+        assert beat.done() and store.snapshot()["live_replicas"] == {}
+        other = RedisStore(config.redis, SystemClock(), random.Random(step))
+        beat = other.replicas("partner").task
+        assert beat is not None
+        await asyncio.sleep(step / 10_000)
+        await asyncio.wait_for(other.close(), 3)  # the store went away
+        assert beat.done()
+        await store.close()

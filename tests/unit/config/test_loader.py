@@ -279,6 +279,48 @@ def test_env_value_with_a_hash_is_kept_whole_not_cut_as_a_comment() -> None:
     assert fallback is not None and fallback.body == "price # 5 {not: yaml}"
 
 
+def _set(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    for key in path[:-1]:
+        data = data[key]
+    data[path[-1]] = value
+
+
+@pytest.mark.parametrize(("path", "value", "where"), [
+    (("listeners", 0, "name"), "payments\n", "listeners[0].name"),
+    (("listeners", 0, "routes", 0, "name"), "charges\n", "listeners[0].routes[0].name"),
+    (("listeners", 0, "routes", 0, "match", "path_prefix"), "/v1/charges\n",
+     "listeners[0].routes[0].match.path_prefix"),
+    (("listeners", 0, "routes", 0, "match", "methods"), ["POST\n"], "listeners[0].routes[0].match.methods[0]"),
+    (("listeners", 0, "routes", 0, "rewrite_prefix"), "/charges\n", "listeners[0].routes[0].rewrite_prefix"),
+    (("listeners", 0, "routes", 0, "rate_limit"), {"requests_per_second": 5, "name": "partner\n"},
+     "listeners[0].routes[0].rate_limit.name"),
+    (("listeners", 0, "routes", 0, "rate_limit"), {"requests_per_second": 5, "key": {"header": "x-tenant\n"}},
+     "listeners[0].routes[0].rate_limit.key.header"),
+    (("telemetry",), {"tracing": {"redact_query_params": ["token\n"]}}, "telemetry.tracing.redact_query_params[0]"),
+])
+def test_a_value_with_a_trailing_newline_is_an_error_at_its_path(path: tuple[Any, ...], value: Any,
+                                                                 where: str) -> None:
+    """``$`` in a pattern matches before a final newline: a name from ``${VAR}`` ending in one got through."""
+    issues = _issues(lambda data: _set(data, path, value))
+    assert [issue.partition(": ")[0] for issue in issues] == [where], issues
+
+
+def test_an_upstream_name_with_a_trailing_newline_is_an_error_naming_it_on_one_line() -> None:
+    def edit(data: dict[str, Any]) -> None:
+        data["upstreams"] = {"payments\n": data["upstreams"]["payments"]}
+        for route in data["listeners"][0]["routes"]:
+            route["upstream"] = "payments\n"
+
+    issues = _issues(edit)
+    assert issues[0] == "upstreams.payments\\n: upstream names may use letters, digits, '_', '.', '-' (1-64)"
+    assert all("\n" not in issue for issue in issues)
+
+
+def test_a_match_header_name_with_a_trailing_newline_is_an_error_naming_it_on_one_line() -> None:
+    assert _issues(lambda data: _route(data).setdefault("match", {}).update(headers={"x-tenant\n": "a"})) == [
+        "listeners[0].routes[0].match.headers.x-tenant\\n: invalid header name"]
+
+
 def test_env_var_that_is_a_whole_plain_value_takes_the_type_it_spells() -> None:
     doc = _ENV_DOC.replace('  svc: {url: "${SVC_URL:-http://fallback:8080}"}',
                            '  svc:\n    url: "http://svc:8080"\n    max_connections: ${MAXC:-7}')

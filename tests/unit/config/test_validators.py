@@ -7,8 +7,10 @@ import pytest
 
 from proxy.config.validators import HeaderName, Name, at_least, is_header_name, is_name, not_above, positive
 
-NAMES = ["api", "a.b-c_d", "A9", "a" * 64, "", "a" * 65, "a b", "a/b", "é", "x:y", "route\t"]
-HEADERS = ["x-tenant", "X_Key", "!#$%&'*+.^_`|~", "", "a b", "a:b", "é", "(x)", "x\r"]
+# A trailing newline is the case a `$` in the pattern let through ("api\n" matched ^...$).
+NAMES = ["api", "a.b-c_d", "A9", "a" * 64, "", "a" * 65, "a b", "a/b", "é", "x:y", "route\t", "api\n",
+         "a" * 64 + "\n", "\napi"]
+HEADERS = ["x-tenant", "X_Key", "!#$%&'*+.^_`|~", "", "a b", "a:b", "é", "(x)", "x\r", "x-tenant\n"]
 
 
 def _accepts(tp: object, value: str) -> bool:

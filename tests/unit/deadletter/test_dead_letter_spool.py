@@ -93,6 +93,39 @@ async def test_an_unwritable_spool_fails_only_its_batch_and_logs_once(tmp_path: 
     spool.close()
 
 
+async def test_close_commits_what_is_queued_and_ends_the_writer_thread(tmp_path: Path) -> None:
+    metrics = Metrics(process_collectors=False)
+    spool = Spool(DeadLetterConfig(dir=str(tmp_path)), metrics)
+    counter = metrics.dead_letters.labels(route="r", result="spooled")
+    futures = [spool.submit(_record(f"id{i}"), counter) for i in range(50)]
+    spool.stop()  # on the loop, right behind the submits: nothing queued may be dropped
+    await asyncio.to_thread(spool.close)
+    assert not spool.running
+    assert all(await asyncio.gather(*[f for f in futures if f is not None]))
+    assert spool.records == 50 and _disk_bytes(tmp_path) == sum(len(_record(f"id{i}")) for i in range(50))
+
+
+async def test_a_closed_spool_hands_late_entries_to_its_successor(tmp_path: Path) -> None:
+    """A request routed before a reload may reach the spool after the old one closed: it lands in the new one."""
+    metrics = Metrics(process_collectors=False)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = Spool(DeadLetterConfig(dir=str(tmp_path / "old")), metrics)
+    new = Spool(DeadLetterConfig(dir=str(tmp_path / "new")), metrics)
+    counter = metrics.dead_letters.labels(route="r", result="spooled")
+    old.successor = new
+    old.stop()
+    late = old.submit(_record("late"), counter)
+    assert late is not None and await late
+    await asyncio.to_thread(old.close)
+    assert not old.running and new.running
+    assert _disk_bytes(tmp_path / "old") == 0 and new.records == 1
+    new.close()
+    removed = Spool(DeadLetterConfig(dir=str(tmp_path / "new")), metrics)
+    removed.close()  # closed with no successor (dead_letter removed): refused, never queued to a dead thread
+    assert removed.submit(_record("refused"), counter) is None
+
+
 def _config(tmp_path: Path, **top: Any) -> dict[str, Any]:
     route = {"name": "webhooks", "upstream": "svc", "dead_letter": {"on": ["upstream_timeout", "http_5xx"]}}
     data: dict[str, Any] = {"version": 1, "upstreams": {"svc": {"url": "http://127.0.0.1:1"}},

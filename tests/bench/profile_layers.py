@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("telemetry/export.py", "otlp_wire.py", "export_health.py")),
     ("log writer threads (access log and JSON logs to their streams)", ("line_writer.py",)),
     ("OTel spans on the event loop (start, attributes, end)",
-     ("telemetry/tracing.py", "server_span.py", "opentelemetry/")),
+     ("telemetry/tracing.py", "lean_span.py", "server_span.py", "client_span.py", "opentelemetry/")),
     ("metrics, live figures and access log",
      ("telemetry/metrics.py", "telemetry/lean.py", "telemetry/live.py", "access_log.py", "prometheus_client")),
     ("attempt telemetry (CLIENT span, attempt metrics)", ("telemetry/attempts.py",)),

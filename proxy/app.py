@@ -218,6 +218,29 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
         runtime.redis = old_redis if same else RedisStore(config.redis, clock, rng)
     if old_redis is not None and old_redis is not runtime.redis:
         runtime.retired_redis = old_redis
+    try:
+        _build_routing(config, runtime, carry, metrics=metrics, tracing=tracing, clock=clock, rng=rng)
+    except BaseException:
+        _abandon(runtime, previous)
+        raise
+    return runtime
+
+
+def _abandon(runtime: Runtime, previous: Runtime | None) -> None:
+    """A build that failed partway: the spool and Redis store it made (not the previous runtime's) are
+    stopped, so no writer thread or heartbeat outlives it.  (Heartbeats it started on the previous
+    runtime's store are the reloader's to stop: ``RedisStore.retain``.)"""
+    spool = runtime.spool
+    if spool is not None and (previous is None or spool is not previous.spool):
+        spool.close()  # nothing was submitted to it: the writer ends at once
+    store = runtime.redis
+    if store is not None and (previous is None or store is not previous.redis):
+        store.abandon()
+
+
+def _build_routing(config: Config, runtime: Runtime, carry: _Carry, *, metrics: Metrics, tracing: Tracing | None,
+                   clock: Clock, rng: random.Random) -> None:
+    """The upstreams (new pools, or the previous ones carried over) and every listener's routes."""
     for name, upstream in config.upstreams.items():
         old = carry.upstreams.get(name)
         if old is not None and old.pool.config == upstream:
@@ -240,7 +263,6 @@ def build_runtime(config: Config, *, metrics: Metrics, tracing: Tracing | None, 
                                rng=rng) for route in listener.routes]
         runtime.routes.extend(routes)
         runtime.routers[listener.name] = Router(routes)
-    return runtime
 
 
 def _build_upstream(name: str, config: UpstreamConfig, old: UpstreamRuntime | None, runtime: Runtime, *,

@@ -237,6 +237,8 @@ class Reloader:
         try:
             runtime = host.runtime_for(config, old)
         except Exception as exc:
+            if old.redis is not None:  # a global limit built before the failure started a heartbeat here
+                await old.redis.retain(old.global_limits())
             return self._failed(f"config reload failed while building the runtime: {exc}")
         try:
             for pool in runtime.new_pools:

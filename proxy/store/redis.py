@@ -216,6 +216,17 @@ class RedisStore:
         return {"breaker": self.breaker.state.value,
                 "live_replicas": {name: count.live for name, count in self._replicas.items()}}
 
+    def abandon(self) -> None:
+        """Stop a store that never went into service (a runtime build failed after making it), synchronously.
+
+        Its heartbeat tasks were made on the loop but have not run yet (the build never yielded), so they
+        are cancelled before they connect; none of them joined a replica set.
+        """
+        self._closed = True
+        for count in self._replicas.values():
+            if count.task is not None:
+                count.task.cancel()
+
     async def close(self) -> None:
         """Stop the heartbeats, leave the replica sets (a fast recount for the others) and disconnect."""
         self._closed = True

@@ -6,11 +6,15 @@ import asyncio
 import copy
 import random
 import socket
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
+from proxy import app
 from proxy.clock import SystemClock
 from proxy.lifecycle.sidecar import Sidecar
 from proxy.store.redis import RedisStore
@@ -351,3 +355,46 @@ async def test_a_heartbeat_stopped_while_its_first_call_connects_ends(redis_serv
         await asyncio.wait_for(other.close(), 3)  # the store went away
         assert beat.done()
         await store.close()
+
+
+async def test_a_runtime_build_that_fails_partway_leaves_no_spool_thread_and_no_heartbeat(
+        upstream: ScriptedUpstream, redis_server: RedisServer, sidecar_factory: Any,  # noqa: F811
+        client: aiohttp.ClientSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload whose runtime build raises after it made a spool, a Redis store and a global limit's
+    heartbeat (on the new store and on the active one) leaves none of them running."""
+    data = global_config(upstream, redis_server, requests_per_second=50, burst=50)
+    sidecar = await sidecar_factory(data)
+    assert (await get(client, url(sidecar)))[0] == 200
+    active = sidecar.runtime.redis
+    assert active is not None
+    before = {t for t in threading.enumerate() if t.name == "outrigger-dead-letter"}
+    real = app._build_route
+    built: list[str] = []
+
+    def fails_on_the_last_route(listener: Any, route: Any, *args: Any, **kwargs: Any) -> Any:
+        built.append(route.name)
+        if route.name == "last":
+            raise RuntimeError("planted: the build fails here")
+        return real(listener, route, *args, **kwargs)
+
+    monkeypatch.setattr(app, "_build_route", fails_on_the_last_route)
+    on_new_store = copy.deepcopy(data)
+    on_new_store["redis"]["timeout"] = "60ms"  # a changed `redis:` block: the build makes a new store
+    on_new_store["dead_letter"] = {"dir": str(tmp_path), "max_bytes": "64KiB"}  # and a new spool
+    on_new_store["listeners"][0]["routes"][0:0] = [_limited_route("fresh", "/fresh"),
+                                                   _limited_route("last", "/last")]
+    assert not await asyncio.wait_for(sidecar.apply(to_config(on_new_store)), 10)
+    assert built[-1] == "last" and "fresh" in built  # the failure came after a limit was built
+    on_active_store = copy.deepcopy(data)  # the same `redis:`: the build's limits beat on the active store
+    on_active_store["listeners"][0]["routes"][0:0] = [_limited_route("extra", "/extra"),
+                                                      _limited_route("last", "/last")]
+    assert not await asyncio.wait_for(sidecar.apply(to_config(on_active_store)), 10)
+    assert sidecar.runtime.redis is active
+    assert set(active.snapshot()["live_replicas"]) == {"partner"}
+    assert {t for t in threading.enumerate() if t.name == "outrigger-dead-letter" and t.is_alive()} <= before
+    await asyncio.sleep(1.5)  # longer than a heartbeat interval
+    assert _replica_count(redis_server, "fresh") == ":0"
+    assert _replica_count(redis_server, "extra") == ":0"
+    assert _replica_count(redis_server, "partner") == ":1"
+    monkeypatch.undo()
+    assert (await get(client, url(sidecar)))[0] == 200  # still serving on the active config

@@ -56,7 +56,7 @@ class DeadLetter:
         self._prefix, self._rewrite = prefix, rewrite_prefix
         self._wall = wall
         self._results = {result: metrics.dead_letters.labels(route=route, result=result)
-                         for result in ("spooled", "refused_full", "not_eligible")}
+                         for result in ("spooled", "refused_full", "refused_closed", "not_eligible")}
         self._replays = {result: metrics.dead_letter_replays.labels(route=route, result=result)
                          for result in ("done", "failed")}
 
@@ -137,8 +137,8 @@ class DeadLetter:
             omitted=sorted({name.lower() for name in headers if name.lower() in self._omit}),
         ))
         future = self._spool.submit(record, self._results["spooled"])
-        if future is None:
-            self._not_spooled(request, "refused_full")
+        if future is None:  # full, or closed by a reload that removed dead_letter after this request was routed
+            self._not_spooled(request, "refused_full" if self._spool.accepting else "refused_closed")
             return None
         timer = asyncio.get_running_loop().call_later(_WAIT_S, _give_up, future)
         try:

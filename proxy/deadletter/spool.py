@@ -85,6 +85,14 @@ class Spool:
     def has_room(self, size: int) -> bool:
         return self.bytes + self._queued_bytes + size <= self.config.max_bytes
 
+    @property
+    def accepting(self) -> bool:
+        """False once closed with no successor (a reload removed ``dead_letter``): ``submit`` refuses all."""
+        spool: Spool | None = self
+        while spool is not None and spool._closed:
+            spool = spool.successor
+        return spool is not None
+
     def submit(self, record: bytes, spooled: Any) -> asyncio.Future[bool] | None:
         """Queue ``record``; the future turns True once it is durable (False: the write failed).
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from multidict import CIMultiDict
 
 from proxy.chain import ProxyRequest, ProxyResponse, RequestBody
-from proxy.config import MatchConfig, RouteConfig, RouteDeadLetterConfig, UpstreamConfig
+from proxy.config import DeadLetterConfig, MatchConfig, RouteConfig, RouteDeadLetterConfig, UpstreamConfig
 from proxy.config.units import Size
 from proxy.deadletter.policy import DeadLetter
+from proxy.deadletter.spool import Spool
 from proxy.edge.routing import Route
 from proxy.telemetry.metrics import Metrics
 from proxy.upstream.call import UpstreamPool
@@ -73,3 +75,25 @@ def test_the_stored_target_reaches_the_same_upstream_path_through_the_route(
     target = _policy(prefix=prefix, rewrite=rewrite)._listener_target(upstream_path)
     assert target.startswith(prefix)  # the same route matches it again
     assert route.upstream_path(target) == upstream_path
+
+
+async def test_an_entry_refused_by_a_spool_a_reload_closed_is_counted_as_closed_not_full(tmp_path: Path) -> None:
+    metrics = Metrics(process_collectors=False)
+    spool = Spool(DeadLetterConfig(dir=str(tmp_path), max_bytes=Size(64 * 1024)), metrics)
+    policy = DeadLetter(RouteDeadLetterConfig(), spool=spool, route="r", listener="main", prefix="/",
+                        rewrite_prefix=None, metrics=metrics)
+
+    def count(result: str) -> float:
+        return metrics.registry.get_sample_value("outrigger_dead_letters_total", {"route": "r", "result": result}) \
+            or 0.0
+
+    assert spool.accepting
+    spool.close()  # a reload removed dead_letter: no successor
+    assert not spool.accepting
+    assert await policy._spool_or_raise(_request("PUT", RequestBody(b"{}")), "upstream_5xx", 1, "503") is None
+    assert (count("refused_closed"), count("refused_full")) == (1.0, 0.0)
+    (tmp_path / "next").mkdir()
+    successor = Spool(DeadLetterConfig(dir=str(tmp_path / "next")), metrics)
+    spool.successor = successor  # a reload replaced it instead: entries go on to the new spool
+    assert spool.accepting
+    successor.close()

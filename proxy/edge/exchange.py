@@ -174,7 +174,7 @@ def _span_start(proto: EdgeProtocol, req: EdgeRequest) -> dict[str, Any]:
     tracing = proto.listener.ctx.tracing
     return server_span.start_attributes(
         method=req.method, raw_target=origin_path(req.target), scheme="http", host_header=req.headers.get("Host"),
-        server_port=proto.server_port, client_address=proto.client_ip, client_port=proto.client_port,
+        server_port=proto.listener.port, client_address=proto.client_ip, client_port=proto.client_port,
         user_agent=req.headers.get("User-Agent"),
         http_version="1.0" if req.http10 else "1.1", redact=tracing.redact if tracing is not None else frozenset())
 

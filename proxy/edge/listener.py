@@ -89,6 +89,7 @@ class ListenerEdge:
         self.connections: set[EdgeProtocol] = set()
         self.inflight = 0  # requests being served (read by /status and the drain)
         self.tunnels = 0  # upgrade tunnels open (the drain waits for them too)
+        self.port = 0  # the bound port, set once bound (lifecycle.listeners; the SERVER span's server.port)
         self._limits = Limits(slot.limits)
         self._sweeper: asyncio.TimerHandle | None = None
 

@@ -51,7 +51,6 @@ class EdgeProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip: str | None = None
         self.client_port: int | None = None
-        self._server_port = -1  # the port the app connected to, read once when a span first needs it
         self._parser = self._new_parser()
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -77,15 +76,6 @@ class EdgeProtocol(asyncio.Protocol):
         self.last_active = self.loop.time()
         self.tunnel: Any = None  # the splice an upgrade switched this connection to
         self.informational = self._informational  # bound once: the upstream client calls it for 1xx
-
-    @property
-    def server_port(self) -> int:
-        """The listener port this connection came in on (0 when unknown); one ``getsockname`` per connection."""
-        if self._server_port < 0:
-            transport = self.transport
-            sock = transport.get_extra_info("sockname") if transport is not None else None
-            self._server_port = int(sock[1]) if sock else 0
-        return self._server_port
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         parser = httptools.HttpRequestParser(self)

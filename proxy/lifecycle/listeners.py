@@ -30,7 +30,11 @@ class Listener:
     slot: ListenerSlot
     edge: ListenerEdge  # the protocol factory and what its connections share
     server: asyncio.Server
-    port: int
+
+    @property
+    def port(self) -> int:
+        """The port it is bound to (the configured one, or the kernel's choice for port 0)."""
+        return self.edge.port
 
     async def stop_accepting(self) -> None:
         """Close the listening socket without resetting the connections already queued on it."""
@@ -57,7 +61,8 @@ async def bind_listener(name: str, address: str, limits: LimitsConfig, router: R
     slot = ListenerSlot(name, address, router, limits)
     edge = ListenerEdge(slot, context)
     server = await asyncio.get_running_loop().create_server(edge, host, port, reuse_address=True, backlog=1024)
-    return Listener(slot, edge, server, _bound_port(server))
+    edge.port = _bound_port(server)
+    return Listener(slot, edge, server)
 
 
 def _bound_port(server: Any) -> int:

@@ -196,7 +196,7 @@ class Idempotency:
     @staticmethod
     def _handed_on(response: ProxyResponse, chunks: list[bytes]) -> ProxyResponse:
         assert response.upstream is not None
-        # Duck-typed as the upstream response: the edge reads complete/read_all_nowait/read/reason.
+        # A ResponseStream like the upstream response it wraps: the edge streams it the same way.
         response.upstream = _Prefixed(response.upstream, chunks)
         return response
 

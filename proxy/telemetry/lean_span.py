@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, Sampler
@@ -43,12 +44,17 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
-__all__ = ["LeanSpan", "SpanFactory"]
+__all__ = ["LeanSpan", "SpanFactory", "parent_context"]
 
 _SAMPLED = TraceFlags.SAMPLED
 _RANDOM = TraceFlags.RANDOM_TRACE_ID
 _UNSET = Status(StatusCode.UNSET)
 _FLAGS = tuple(TraceFlags(value) for value in range(4))  # sampled and random, made once
+
+
+def parent_context(parent: SpanContext | None) -> Context | None:
+    """The SDK context holding a parent span context, as an SDK sampler takes it (None for a root)."""
+    return trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
 
 
 class SpanFactory:
@@ -94,8 +100,7 @@ class SpanFactory:
             recording = sampled
             trace_state = parent.trace_state if parent is not None else None
         else:
-            parent_context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
-            result = sampler.should_sample(parent_context, trace_id, name, kind, attributes, ())
+            result = sampler.should_sample(parent_context(parent), trace_id, name, kind, attributes, ())
             sampled = result.decision is Decision.RECORD_AND_SAMPLE
             recording = sampled or result.decision is Decision.RECORD_ONLY
             trace_state = result.trace_state

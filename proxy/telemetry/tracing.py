@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import (
@@ -32,14 +31,14 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import Span, SpanContext, SpanKind, TraceFlags
 
 from proxy import __version__
 from proxy.config import TelemetryConfig
 from proxy.telemetry import client_span, sdk_setup
 from proxy.telemetry.export import SpanQueue
 from proxy.telemetry.export_health import CollectorGate, ExportGuard, ExportState
-from proxy.telemetry.lean_span import SpanFactory
+from proxy.telemetry.lean_span import SpanFactory, parent_context
 from proxy.telemetry.propagation import (
     RANDOM,
     SAMPLED,
@@ -73,11 +72,6 @@ def _parent_span(parent: TraceParent) -> SpanContext:
     """The span context of the app's (W3C) parent span, for a span we start under it."""
     return SpanContext(int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
                        trace_flags=TraceFlags(parent.flags & (SAMPLED | RANDOM)))
-
-
-def _parent_context(parent: TraceParent) -> Context:
-    """The SDK context of the app's (W3C) parent span, for an SDK sampler deciding under it."""
-    return trace.set_span_in_context(NonRecordingSpan(_parent_span(parent)))
 
 
 class _Provider(TracerProvider):
@@ -157,24 +151,20 @@ class Tracing:
         if tracer is None:  # tracing off: a pass-through that drops only what is malformed
             return None, pass_through(headers) if w3c else None
         parent, tracestate = extract(headers) if w3c else (None, None)
-        remote: Context | None = None  # a b3 parent's context
+        remote: SpanContext | None = None  # a b3 parent
         random_flag = RANDOM  # our own root trace ids are random
         sampled: bool | None = None  # None: a root request, not decided yet
         if parent is not None:
             sampled, random_flag = parent.sampled, parent.flags & RANDOM
         elif self._parent_fields and any(field in headers for field in self._parent_fields):
-            remote = self.propagator.extract(headers)  # b3
-            remote_span = trace.get_current_span(remote).get_span_context()
-            if remote_span.is_valid:
-                sampled, random_flag = remote_span.trace_flags.sampled, 0
-            else:
-                remote = None
+            found = trace.get_current_span(self.propagator.extract(headers)).get_span_context()  # b3
+            if found.is_valid:
+                remote, sampled, random_flag = found, found.trace_flags.sampled, 0
         if sampled is None and self._root_ratio is not None:
             sampled = self._random() < self._root_ratio  # an unsampled root costs one random draw
         if sampled is not False and (self._gate is None or self._gate.admit()):
-            parent_span = _parent_span(parent) if parent is not None else \
-                trace.get_current_span(remote).get_span_context() if remote is not None else None
-            span = self._spans.start(name, parent_span, SpanKind.SERVER, attributes())
+            span = self._spans.start(name, _parent_span(parent) if parent is not None else remote, SpanKind.SERVER,
+                                     attributes())
             own = span.get_span_context()
             if span.is_recording():
                 # the SDK's flags: sampled, and random as the parent says (or for its own random root ids)
@@ -187,13 +177,13 @@ class Tracing:
         if parent is not None:
             trace_id: str | None = parent.trace_id
         elif remote is not None:
-            trace_id = f"{trace.get_current_span(remote).get_span_context().trace_id:032x}"
+            trace_id = f"{remote.trace_id:032x}"
         else:
             trace_id = None  # a new trace
         if sampled is None:  # the collector gate said no before an SDK sampler could decide
             assert self._sampler is not None
             trace_id = trace_id or new_trace_id()
-            context = _parent_context(parent) if parent is not None else remote
+            context = parent_context(_parent_span(parent) if parent is not None else remote)
             decision = self._sampler.should_sample(context, int(trace_id, 16), name).decision
             sampled = decision is Decision.RECORD_AND_SAMPLE
         return None, TraceHeaders(unrecorded_traceparent(trace_id, random_flag | (SAMPLED if sampled else 0)),
@@ -217,8 +207,6 @@ class Tracing:
         if self._parent_fields:  # b3 configured: the SDK propagator writes its headers too
             self.propagator.inject(request.headers, context=trace.set_span_in_context(span))
         return span
-
-    end_client_span = staticmethod(client_span.end)
 
     def shutdown(self, timeout_s: float | None = None) -> None:
         """Flush and stop, within ``timeout_s`` (``OTEL_BSP_EXPORT_TIMEOUT``, default 5s).

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from proxy.chain import ProxyRequest, RequestBody
 from proxy.config import TelemetryConfig, TracingConfig, UpstreamConfig
 from proxy.logs import LogLimiter
+from proxy.telemetry import client_span
 from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.tracing import Tracing
 from proxy.upstream.call import UpstreamPool
@@ -178,7 +179,7 @@ def test_client_span_is_injected_and_4xx_marks_it_as_error() -> None:
     context = client.get_span_context()
     flags = f"{context.trace_flags:02x}"
     assert request.headers["traceparent"] == f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}"
-    tracing.end_client_span(client, 404, None)
+    client_span.end(client, 404, None)
     server.end()
     tracing.shutdown()
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "GET" and s.attributes]

@@ -141,7 +141,7 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
     path = req.target.partition("?")[0]  # as sent: a decoded %3F must not pass for a query
     if span is not None:
         span_ctx = span.get_span_context()
-        exemplar = {"trace_id": f"{span_ctx.trace_id:032x}"}
+        exemplar = {"trace_id": span_ctx.trace_id.to_bytes(16, "big").hex()}
         server_span.finish(span, method=req.method, route_template=route.prefix if route else None,
                            route=route.name if route else None, upstream=route.upstream if route else None,
                            status=status, outcome=outcome, attempts=attempts)
@@ -152,7 +152,7 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
         ctx.access_log.record(AccessEntry(
             request_id=rid,
             trace_id=exemplar["trace_id"] if exemplar else None,
-            span_id=f"{span.get_span_context().span_id:016x}" if span is not None else None,
+            span_id=span.get_span_context().span_id.to_bytes(8, "big").hex() if span is not None else None,
             method=req.method,
             path=path[:512],
             route=route.name if route else None,

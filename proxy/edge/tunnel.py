@@ -92,7 +92,8 @@ async def open_tunnel(proto: EdgeProtocol, req: EdgeRequest, route: Route, targe
         conn.close()
         raise
     clock = proto.listener.ctx.clock
-    strip_sidecar_headers(response.headers)  # only the sidecar sets x-outrigger-* towards the app
+    if response.sidecar_headers:
+        strip_sidecar_headers(response.headers)  # only the sidecar sets x-outrigger-* towards the app
     if response.status != 101:
         proxied = ProxyResponse(response.status, response.headers, upstream=response)
         sent = await send_response(proto, req, proxied, rid, 1, keep_alive=keep_alive,

@@ -44,7 +44,7 @@ def status_result(status: int) -> str:
 def _exemplar(span: Span | None) -> dict[str, str] | None:
     if span is None:
         return None
-    return {"trace_id": f"{span.get_span_context().trace_id:032x}"}
+    return {"trace_id": span.get_span_context().trace_id.to_bytes(16, "big").hex()}
 
 
 def _timeout_attribute(span: Span, request: ProxyRequest) -> None:

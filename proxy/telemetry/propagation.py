@@ -144,7 +144,9 @@ def unrecorded_traceparent(trace_id: str | None, flags: int) -> str:
     ids (ids, not secrets; the OTel SDK's id generator does the same), no syscall.
     """
     while True:
-        raw = f"{_random_bits(64):016x}" if trace_id is not None else f"{_random_bits(192):048x}"
+        # to_bytes().hex(): fixed width, and about half the cost of a format spec
+        raw = _random_bits(64).to_bytes(8, "big").hex() if trace_id is not None \
+            else _random_bits(192).to_bytes(24, "big").hex()
         span_id, new_trace = raw[:16], raw[16:]
         if span_id != _ZERO_SPAN and new_trace != _ZERO_TRACE:
             return f"00-{trace_id or new_trace}-{span_id}-{_FLAG_TEXT[flags & 0xff]}"
@@ -152,13 +154,13 @@ def unrecorded_traceparent(trace_id: str | None, flags: int) -> str:
 
 def with_parent_id(traceparent: str, span_id: int) -> str:
     """``traceparent`` (version 00) with its parent id replaced by ``span_id``."""
-    return f"{traceparent[:36]}{span_id:016x}{traceparent[52:]}"
+    return f"{traceparent[:36]}{span_id.to_bytes(8, 'big').hex()}{traceparent[52:]}"
 
 
 def new_trace_id() -> str:
     """32 random hex digits, never all zero: a trace id whose random flag may be set."""
     while True:
-        value = f"{_random_bits(128):032x}"
+        value = _random_bits(128).to_bytes(16, "big").hex()
         if value != _ZERO_TRACE:
             return value
 

@@ -168,7 +168,8 @@ class Tracing:
             own = span.get_span_context()
             if span.is_recording():
                 # the SDK's flags: sampled, and random as the parent says (or for its own random root ids)
-                return span, TraceHeaders(format_traceparent(f"{own.trace_id:032x}", f"{own.span_id:016x}",
+                return span, TraceHeaders(format_traceparent(own.trace_id.to_bytes(16, "big").hex(),
+                                                             own.span_id.to_bytes(8, "big").hex(),
                                                              int(own.trace_flags)), tracestate) if w3c else None
             sampled = own.trace_flags.sampled  # an SDK sampler from OTEL_TRACES_SAMPLER said no
         if not w3c:

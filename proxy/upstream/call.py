@@ -186,7 +186,8 @@ class UpstreamCall:
         # through; anything else (a bug, or the app's upload stream failing: UploadFailed) is no
         # upstream fault either: it reaches the edge, which logs its traceback and answers 500
         # internal, with no retry and no breaker failure.
-        strip_sidecar_headers(response.headers)  # x-outrigger-* on a response comes from the sidecar only
+        if response.sidecar_headers:
+            strip_sidecar_headers(response.headers)  # x-outrigger-* on a response comes from the sidecar only
         proxied = ProxyResponse(response.status, response.headers, upstream=response)
         proxied.reused = reused
         return proxied

@@ -27,6 +27,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy import errors
+from proxy.edge.headers import SIDECAR_PREFIX
 from proxy.upstream.response import (
     H1Response,
     Informational,
@@ -51,6 +52,8 @@ __all__ = ["STALE_IDLE_S", "H1Connection", "StaleConnection", "transport_error"]
 # (plus one read of body bytes that may share its packet).
 _MAX_FIELD = 8190
 _MAX_HEADERS = 128
+_SIDECAR_PREFIX = SIDECAR_PREFIX.encode()
+_SIDECAR_LEN = len(_SIDECAR_PREFIX)
 _MAX_HEAD_READ = _MAX_HEADERS * (2 * _MAX_FIELD + 4) + _MAX_FIELD + 256 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -110,6 +113,7 @@ class H1Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[str, str]] = []
+        self._sidecar = False  # the head has an x-outrigger-* field (H1Response.sidecar_headers)
         self._reason = ""
         self._head: asyncio.Future[H1Response] | None = None
         self._response: H1Response | None = None
@@ -270,6 +274,7 @@ class H1Connection(asyncio.Protocol):
         if self._message_done:  # bytes past the end of the response in the same read
             raise self._stop(_Excess())
         self._headers = []
+        self._sidecar = False
 
     # Decoded as aiohttp does (UTF-8, undecodable bytes kept as surrogates), so values reach
     # the app byte for byte.
@@ -281,6 +286,8 @@ class H1Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > _MAX_FIELD or len(value) > _MAX_FIELD or len(self._headers) >= _MAX_HEADERS:
             raise self._stop(_HeadTooLarge())
+        if name[:1] in b"xX" and name[:_SIDECAR_LEN].lower() == _SIDECAR_PREFIX:
+            self._sidecar = True
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -289,6 +296,7 @@ class H1Connection(asyncio.Protocol):
         if status == 101 and self._upgrading:
             self._switched = True  # from the end of this head on, bytes belong to the tunnel
             response = self._response = H1Response(self, status, self._reason, CIMultiDict(self._headers))
+            response.sidecar_headers = self._sidecar
             if self._head is not None and not self._head.done():
                 self._head.set_result(response)
             return
@@ -307,6 +315,7 @@ class H1Connection(asyncio.Protocol):
         no_body = self._head_request or status in _NO_BODY_STATUS
         self._length_known = no_body or "Content-Length" in headers or coding is not None  # chunked
         response = self._response = H1Response(self, status, self._reason, headers)
+        response.sidecar_headers = self._sidecar
         head = self._head
         if head is not None and not head.done():
             head.set_result(response)
@@ -418,6 +427,7 @@ class H1Connection(asyncio.Protocol):
         self._idled_s = now - self.idle_since if self.requests else 0.0
         self.requests += 1
         self._headers = []
+        self._sidecar = False
         self._response = None
         self._message_done = False
         self._received = False

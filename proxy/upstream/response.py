@@ -55,7 +55,7 @@ class ResponseSource(Protocol):
 class H1Response(BodyBuffer):
     """Status, headers and a streamed body; ``release()`` or ``close()`` exactly once."""
 
-    __slots__ = ("_conn", "headers", "reason", "status")
+    __slots__ = ("_conn", "headers", "reason", "sidecar_headers", "status")
 
     def __init__(self, conn: ResponseSource, status: int, reason: str, headers: CIMultiDict[str]) -> None:
         super().__init__()
@@ -63,6 +63,9 @@ class H1Response(BodyBuffer):
         self.status = status
         self.reason = reason
         self.headers = headers
+        # An x-outrigger-* field is among the headers (noted while parsing): only then does
+        # strip_sidecar_headers need to walk them.
+        self.sidecar_headers = False
 
     @property
     def peer(self) -> tuple[str, int] | None:

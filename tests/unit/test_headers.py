@@ -172,3 +172,14 @@ def test_max_attempts_override_is_read_as_an_integer(raw: str, attempts: int) ->
 def test_garbage_max_attempts_override_is_a_bad_request(raw: str) -> None:
     with pytest.raises(BadRequest):
         parse_overrides(_h(("x-outrigger-max-attempts", raw)))
+
+
+def test_connection_listed_is_the_same_for_a_value_seen_before_and_combines_several_lines() -> None:
+    # One Connection value is parsed once and kept; the kept answer must stay right for the
+    # next head with that value, and several lines are never answered from one line's entry.
+    one = CIMultiDict([("Connection", "Keep-Alive, X-Internal")])
+    assert connection_listed(one) == connection_listed(one) == {"keep-alive", "x-internal"}
+    two = CIMultiDict([("Connection", "Keep-Alive, X-Internal"), ("Connection", "close")])
+    assert connection_listed(two) == {"keep-alive", "x-internal", "close"}
+    assert connection_listed(CIMultiDict([("Connection", " , ")])) == frozenset()
+    assert connection_listed(CIMultiDict()) == frozenset()

@@ -159,11 +159,14 @@ class RedisStore:
             return
         count.task = loop.create_task(self._beat(count))
 
+    def _beat_ends(self, count: ReplicaCount) -> bool:
+        return count.retired or self._closed
+
     async def _beat(self, count: ReplicaCount) -> None:
         ttl_ms = int(_MEMBER_TTL_S * 1000)
         # The flags end the loop, not only the cancellation: redis-py's asyncio client can swallow a
         # CancelledError that arrives while it connects (the call then returns its result).
-        while not (count.retired or self._closed):
+        while not self._beat_ends(count):
             if self._heartbeat is None:
                 self._connect()
             assert self._heartbeat is not None
@@ -173,7 +176,7 @@ class RedisStore:
                 pass  # the last count stands through the outage
             except Exception:  # a bug must not end the heartbeat for the life of the process
                 log.exception("replica heartbeat failed")
-            if count.retired or self._closed:
+            if self._beat_ends(count):  # (a method: the flags change while the call above waits)
                 return
             await asyncio.sleep(_HEARTBEAT_S * (0.9 + 0.2 * self._rng.random()))
 

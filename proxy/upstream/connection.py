@@ -155,6 +155,14 @@ class H1Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None and transport.get_extra_info("sslcontext") is None else -1
 
+    def switched(self) -> bool:
+        """Whether a 101 switched this connection to a tunnel.
+
+        A method, so that mypy does not carry a narrowing of ``_switched`` across a parser call
+        that sets it: mypyc compiles what mypy infers (warn_unreachable guards against it).
+        """
+        return self._switched
+
     def data_received(self, data: bytes) -> None:
         self._last_data = self.loop.time()
         if self._switched:  # after a 101 the bytes are the tunnel's, not HTTP
@@ -184,7 +192,7 @@ class H1Connection(asyncio.Protocol):
             else:
                 self._broken(exc)
         except httptools.HttpParserUpgrade as exc:
-            if self._switched:
+            if self.switched():  # (on_headers_complete may have set it during feed_data)
                 rest = data[exc.args[0]:] if exc.args else b""
                 if rest:
                     self._to_pipe(rest)
@@ -286,7 +294,9 @@ class H1Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > _MAX_FIELD or len(value) > _MAX_FIELD or len(self._headers) >= _MAX_HEADERS:
             raise self._stop(_HeadTooLarge())
-        if name[:1] in b"xX" and name[:_SIDECAR_LEN].lower() == _SIDECAR_PREFIX:
+        # name[0]: "x" or "X" first, a cheap test (``b"x" in b"xX"`` raises and catches a TypeError
+        # inside, which costs more); llhttp never hands over an empty name.
+        if name[0] in (0x78, 0x58) and name[:_SIDECAR_LEN].lower() == _SIDECAR_PREFIX:
             self._sidecar = True
         self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 

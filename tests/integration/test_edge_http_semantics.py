@@ -69,6 +69,34 @@ async def test_http11_response_of_unknown_length_is_chunked_and_the_connection_s
     writer.close()
 
 
+def _connection_tasks() -> int:
+    """Tasks serving an app connection (``EdgeProtocol._serve``, compiled or not)."""
+    return sum(1 for task in asyncio.all_tasks()
+               if "EdgeProtocol" in repr(task.get_coro()) and "_serve" in repr(task.get_coro()))
+
+
+async def test_a_keep_alive_connection_serves_requests_after_idle_gaps_and_leaves_no_task_when_closed(
+        raw_upstream: RawUpstream, sidecar_factory: Factory) -> None:
+    """One task serves a connection's requests in turn: it waits between them and ends with the connection."""
+    port = await _sidecar(sidecar_factory, raw_upstream)
+    assert _connection_tasks() == 0
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for i in range(3):
+        await asyncio.sleep(0.05)  # idle between requests: the connection's task waits for the next head
+        writer.write(b"GET /r%d HTTP/1.1\r\nHost: app\r\n\r\n" % i)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
+    assert _connection_tasks() == 1  # the idle connection's one task
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(100):
+        if _connection_tasks() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert _connection_tasks() == 0
+    assert [head.split(b" ")[1] for head in raw_upstream.heads] == [b"/r0", b"/r1", b"/r2"]
+
+
 async def test_valid_request_followed_in_the_same_read_by_an_unparsable_one_is_answered_first(
         raw_upstream: RawUpstream, sidecar_factory: Factory) -> None:
     port = await _sidecar(sidecar_factory, raw_upstream)

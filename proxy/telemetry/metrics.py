@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy.telemetry import line_writer
+from proxy.telemetry.labels import method_label, status_class
 from proxy.telemetry.lean import LeanCounter, LeanCounterFamily, LeanHistogram, LeanHistogramFamily
 from proxy.telemetry.live import LiveStats
 
@@ -42,21 +43,6 @@ DROP_REASONS = ("export_failed", "queue_full", "collector_down", "shutdown")
 ENDPOINT_STATES = ("healthy", "ejected", "slow_start")
 HEDGE_RESULTS = ("won", "lost", "suppressed")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-
-
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
-
-
-def status_class(status: int) -> str:
-    return _CLASSES.get(status // 100, "other")
-
-
-def method_label(method: str) -> str:
-    """The method as a label value; any non-standard token is ``_OTHER`` (semconv), so apps
-    sending made-up methods cannot grow the series count."""
-    return method if method in _METHODS else "_OTHER"
-
 
 class _LogDropsCollector(Collector):
     """``outrigger_log_lines_dropped_total{stream}``: read at scrape time from the process's log writers."""

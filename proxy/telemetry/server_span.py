@@ -14,7 +14,7 @@ from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 
-from proxy.telemetry.metrics import method_label
+from proxy.telemetry.labels import method_label
 from proxy.telemetry.query import redact_query
 
 __all__ = ["finish", "method_attributes", "span_name", "start_attributes"]

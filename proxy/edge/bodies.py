@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from proxy import errors
 from proxy.chain import ProxyResponse, RequestBody
-from proxy.edge.headers import ATTEMPTS_HEADER, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
+from proxy.edge.headers import ATTEMPTS_HEADER, CONNECTION, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
 from proxy.edge.responses import connection_line, head_bytes, status_line
 from proxy.streams import BodyBuffer
 from proxy.upstream.response import UpstreamBodyError, UpstreamBodyTimeout
@@ -165,7 +165,7 @@ async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyRes
     status = proxied.status
     lines = [status_line(status, upstream.reason if upstream is not None else None)]
     headers = proxied.headers
-    listed = connection_listed(headers) if "Connection" in headers else None
+    listed = connection_listed(headers) if CONNECTION in headers else None
     has_length = False
     kinds = _KINDS
     for name, value in headers.items():

@@ -18,7 +18,7 @@ from proxy import errors
 from proxy.chain import ProxyRequest
 from proxy.edge.bodies import NO_BODY, read_request_body, send_response
 from proxy.edge.guard import origin_path
-from proxy.edge.headers import parse_overrides, request_id, upstream_headers
+from proxy.edge.headers import HOST, parse_overrides, request_id, upstream_headers
 from proxy.edge.responses import error_bytes
 from proxy.edge.routing import Route
 from proxy.edge.tunnel import open_tunnel
@@ -183,7 +183,7 @@ async def _outgoing(proto: EdgeProtocol, req: EdgeRequest, route: Route, target:
                     span: Any) -> ProxyRequest:
     headers_in = req.headers
     timeout_s, max_attempts = parse_overrides(headers_in)
-    headers = upstream_headers(headers_in, client_ip=proto.client_ip, host=headers_in.get("Host"), rid=rid)
+    headers = upstream_headers(headers_in, client_ip=proto.client_ip, host=headers_in.get(HOST), rid=rid)
     # The request's whole time budget: timeout.total, tightened by x-outrigger-timeout-ms.
     total = route.config.timeout.total if timeout_s is None else min(timeout_s, route.config.timeout.total)
     if req.body is not None:

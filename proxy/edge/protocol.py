@@ -26,7 +26,7 @@ from proxy import errors
 from proxy.edge.bodies import IncomingBody
 from proxy.edge.exchange import serve
 from proxy.edge.guard import describe_parse_error, extension_method
-from proxy.edge.headers import new_request_id
+from proxy.edge.headers import EXPECT, TRANSFER_ENCODING, new_request_id
 from proxy.edge.request import EdgeRequest, Refused, check_head
 from proxy.edge.responses import error_bytes, head_bytes, header_lines, status_line
 
@@ -208,10 +208,10 @@ class EdgeProtocol(asyncio.Protocol):
                                         len(method) + len(self._url) + self._head_size + 14, limits.max_head)
         except Refused as refused:
             raise self._refusing(refused) from None
-        has_body = (length is None and "Transfer-Encoding" in headers) or bool(length)
+        has_body = (length is None and TRANSFER_ENCODING in headers) or bool(length)
         body = None
         if has_body:
-            expect = not http10 and headers.get("Expect", "").lower() == "100-continue"
+            expect = not http10 and headers.get(EXPECT, "").lower() == "100-continue"
             body = IncomingBody(self, expect)
         req = EdgeRequest(method, self._url.decode("utf-8", "surrogateescape"), http10, headers,
                           parser.should_keep_alive(), parser.should_upgrade(), length, body)

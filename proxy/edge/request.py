@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict
 
 from proxy import errors
+from proxy.edge.headers import CONTENT_LENGTH, HOST, TRANSFER_ENCODING
 
 if TYPE_CHECKING:
     from proxy.edge.bodies import IncomingBody
@@ -55,12 +56,12 @@ def check_head(version: str, headers: CIMultiDict[str], head_size: int, max_head
         raise Refused(errors.BadRequest("malformed HTTP request: HTTP version not supported; "
                                         "send HTTP/1.0 or HTTP/1.1"))
     http10 = version == "1.0"
-    hosts = headers.getall("Host", ())
+    hosts = headers.getall(HOST, ())
     if len(hosts) > 1:
         raise Refused(errors.BadRequest("malformed HTTP request: Duplicate 'Host' header found"))
     if not hosts and not http10:
         raise Refused(errors.BadRequest("malformed HTTP request: Missing 'Host' header in request"))
-    coding = headers.get("Transfer-Encoding")
+    coding = headers.get(TRANSFER_ENCODING)
     if coding is not None:
         codings = [c.strip().lower() for c in coding.split(",")]
         if codings[-1] != "chunked":
@@ -70,5 +71,5 @@ def check_head(version: str, headers: CIMultiDict[str], head_size: int, max_head
             raise Refused(errors.TransferCodingNotImplemented(
                 "request Transfer-Encoding other than chunked is not supported"))
         return http10, None
-    raw_length = headers.get("Content-Length")
+    raw_length = headers.get(CONTENT_LENGTH)
     return http10, int(raw_length) if raw_length is not None else None  # llhttp has checked its syntax

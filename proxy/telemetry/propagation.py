@@ -30,7 +30,7 @@ import re
 from collections.abc import Sequence
 from typing import TypeAlias
 
-from multidict import MultiMapping, MutableMultiMapping
+from multidict import MultiMapping, MutableMultiMapping, istr
 
 from proxy.logs import LogLimiter
 
@@ -42,8 +42,8 @@ __all__ = [
 
 log = logging.getLogger("outrigger.tracing")
 
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
+TRACEPARENT = istr("traceparent")  # istr: looked up on every request (see proxy.edge.headers.HOST)
+TRACESTATE = istr("tracestate")
 MAX_MEMBERS = 32
 SAMPLED = 0x01
 RANDOM = 0x02  # Level 2: the trace id's right-most 7 bytes are random

@@ -18,10 +18,12 @@ import random
 import ssl
 from urllib.parse import urlsplit
 
+from multidict import istr
+
 from proxy.chain import AttemptTarget, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
 from proxy.config import TimeoutConfig, UpstreamConfig, parse_address
-from proxy.edge.headers import strip_sidecar_headers
+from proxy.edge.headers import CONTENT_LENGTH, HOST, strip_sidecar_headers
 from proxy.tasks import cancel_and_wait
 from proxy.telemetry.metrics import EndpointMetrics
 from proxy.upstream.connection import transport_error
@@ -32,8 +34,8 @@ from proxy.upstream.tls import client_context
 
 __all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool"]
 
-ATTEMPT_HEADER = "x-outrigger-attempt"
-EXPECTED_TIMEOUT_HEADER = "x-outrigger-expected-timeout-ms"
+ATTEMPT_HEADER = istr("x-outrigger-attempt")  # istr: see proxy.edge.headers.HOST
+EXPECTED_TIMEOUT_HEADER = istr("x-outrigger-expected-timeout-ms")
 
 
 class UpstreamPool:
@@ -154,7 +156,7 @@ class UpstreamCall:
         request.attempts_sent.count += 1  # the one writer of this count (see chain.AttemptsSent)
         pool = self._pool
         headers = request.headers
-        headers["Host"] = pool.host_header
+        headers[HOST] = pool.host_header
         headers[ATTEMPT_HEADER] = str(request.attempt)
         remaining = request.deadline - self._clock.now()
         if remaining != float("inf"):
@@ -163,12 +165,12 @@ class UpstreamCall:
         payload = request.body.payload()
         chunked = False
         if payload is None:
-            if method not in _GET_METHODS and "Content-Length" not in headers:
+            if method not in _GET_METHODS and CONTENT_LENGTH not in headers:
                 headers["Content-Length"] = "0"
         elif isinstance(payload, bytes):
-            if "Content-Length" not in headers:
+            if CONTENT_LENGTH not in headers:
                 headers["Content-Length"] = str(len(payload))
-        elif "Content-Length" not in headers:
+        elif CONTENT_LENGTH not in headers:
             headers["Transfer-Encoding"] = "chunked"
             chunked = True
         head = "".join([f"{method} {self._target}{request.path} HTTP/1.1\r\n",

@@ -27,7 +27,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.edge.headers import SIDECAR_PREFIX
+from proxy.edge.headers import CONTENT_LENGTH, SIDECAR_PREFIX, TRANSFER_ENCODING
 from proxy.upstream.response import (
     H1Response,
     Informational,
@@ -317,13 +317,13 @@ class H1Connection(asyncio.Protocol):
             self._reason = ""
             return
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
-        coding = headers.get("Transfer-Encoding")
+        coding = headers.get(TRANSFER_ENCODING)
         if coding is not None and coding.strip().lower() != "chunked":
             # gzip, deflate...: the app could not tell it gets a coded body once the header is gone.
             raise self._stop(_UnsupportedCoding())
         self._keep_alive = parser.should_keep_alive()
         no_body = self._head_request or status in _NO_BODY_STATUS
-        self._length_known = no_body or "Content-Length" in headers or coding is not None  # chunked
+        self._length_known = no_body or CONTENT_LENGTH in headers or coding is not None  # chunked
         response = self._response = H1Response(self, status, self._reason, headers)
         response.sidecar_headers = self._sidecar
         head = self._head

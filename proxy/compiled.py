@@ -54,6 +54,7 @@ COMPILED: tuple[str, ...] = (
     "proxy/telemetry/live.py",
     "proxy/telemetry/otlp_wire.py",
     "proxy/telemetry/propagation.py",
+    "proxy/telemetry/request_trace.py",
     "proxy/telemetry/server_span.py",
     "proxy/upstream/call.py",
     "proxy/upstream/connection.py",

@@ -20,39 +20,24 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    Sampler,
-)
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import Span, SpanKind
 
 from proxy import __version__
 from proxy.config import TelemetryConfig
 from proxy.telemetry import client_span, sdk_setup
 from proxy.telemetry.export import SpanQueue
 from proxy.telemetry.export_health import CollectorGate, ExportGuard, ExportState
-from proxy.telemetry.lean_span import SpanFactory, parent_context
-from proxy.telemetry.propagation import (
-    RANDOM,
-    SAMPLED,
-    Headers,
-    TraceHeaders,
-    TraceParent,
-    extract,
-    format_traceparent,
-    new_trace_id,
-    pass_through,
-    unrecorded_traceparent,
-    with_parent_id,
-)
+from proxy.telemetry.lean_span import SpanFactory
+from proxy.telemetry.propagation import Headers, format_traceparent, with_parent_id
 from proxy.telemetry.query import redaction_set
+from proxy.telemetry.request_trace import RequestTracing
 from proxy.telemetry.server_span import span_name
 from proxy.telemetry.settings import effective_service_name, effective_tracing
 
@@ -64,14 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["Tracing"]
 
 log = logging.getLogger("outrigger.tracing")
-
-
-
-
-def _parent_span(parent: TraceParent) -> SpanContext:
-    """The span context of the app's (W3C) parent span, for a span we start under it."""
-    return SpanContext(int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
-                       trace_flags=TraceFlags(parent.flags & (SAMPLED | RANDOM)))
 
 
 class _Provider(TracerProvider):
@@ -103,92 +80,37 @@ class Tracing:
         self.tracer: trace.Tracer | None = None
         self.shutdown_timeout_s = sdk_setup.shutdown_timeout(env)
         self._guard: ExportGuard | None = None
-        self._root_ratio: float | None = None
-        self._gate: CollectorGate | None = None
-        self._random = random.random
         # Headers that carry a parent trace for the configured propagators (baggage alone does not).
         self._parent_fields = tuple(f for f in ("b3", "x-b3-traceid") if f in self.propagator.fields)
-        self._sampler: Sampler | None = None
         self.redact = redaction_set(config.tracing.redact_query_params)
         disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
         if exporter is None and not disabled and config.tracing.enabled:
             exporter = sdk_setup.exporter(config, env)
+        # begin(headers, name, attributes): the decision on one app request, compiled (see
+        # proxy.telemetry.request_trace); made again below once there are spans to record.
+        self.begin = RequestTracing(w3c=self.w3c, propagator=self.propagator, parent_fields=self._parent_fields).begin
         if exporter is None:
             return
         self.export_state = ExportState(metrics, report_interval_s)
         self._guard = ExportGuard(exporter, self.export_state)
-        sampler, self._root_ratio = sdk_setup.sampler(config.tracing.sample_ratio, env)
-        self._sampler = sampler
-        self._gate = CollectorGate(self.export_state)
+        sampler, root_ratio = sdk_setup.sampler(config.tracing.sample_ratio, env)
         resource = sdk_setup.resource(config, env)
         # sampler None: begin draws root decisions itself, and the provider's sampler only follows parents
         self._spans = SpanFactory(resource, InstrumentationScope("outrigger", __version__),
-                                  None if self._root_ratio is not None else sampler)
+                                  None if root_ratio is not None else sampler)
         # shutdown_on_exit=False: the sidecar shuts down explicitly (and boundedly) on drain.
         self.provider = _Provider(self._spans, resource=resource, sampler=sampler, shutdown_on_exit=False)
         # OTEL_BSP_* come from the same env as every other setting (the sidecar's, in tests their own).
         self.span_queue = SpanQueue(self._guard, on_queue_full=self.export_state.queue_full, env=env)
         self.provider.add_span_processor(self.span_queue)
         self.tracer = self.provider.get_tracer("outrigger", __version__)
+        self.begin = RequestTracing(w3c=self.w3c, propagator=self.propagator, parent_fields=self._parent_fields,
+                                    spans=self._spans, root_ratio=root_ratio, random=random.random,
+                                    gate=CollectorGate(self.export_state), sampler=sampler).begin
 
     def start_server_span(self, name: str, headers: Headers) -> Span | None:
         """The SERVER span for one app request, or None when not recording (see ``begin``)."""
         return self.begin(headers, name, dict)[0]
-
-    def begin(self, headers: Headers, name: str,
-              attributes: Callable[[], dict[str, Any]]) -> tuple[Span | None, TraceHeaders | None]:
-        """Decide on one app request: its SERVER span (None: not recorded) and the trace headers it sends.
-
-        The trace headers do not depend on whether the span is recorded: with
-        the collector down, or a root request not sampled, the request still
-        leaves with a valid ``traceparent`` (the app's trace, or a new one),
-        whose sampled flag is the sampling decision.  ``attributes`` is called
-        only for a span that is sampled, so an unsampled request builds none.
-        None for the headers: ``tracecontext`` is not a configured propagator.
-        """
-        w3c = self.w3c
-        tracer = self.tracer
-        if tracer is None:  # tracing off: a pass-through that drops only what is malformed
-            return None, pass_through(headers) if w3c else None
-        parent, tracestate = extract(headers) if w3c else (None, None)
-        remote: SpanContext | None = None  # a b3 parent
-        random_flag = RANDOM  # our own root trace ids are random
-        sampled: bool | None = None  # None: a root request, not decided yet
-        if parent is not None:
-            sampled, random_flag = parent.sampled, parent.flags & RANDOM
-        elif self._parent_fields and any(field in headers for field in self._parent_fields):
-            found = trace.get_current_span(self.propagator.extract(headers)).get_span_context()  # b3
-            if found.is_valid:
-                remote, sampled, random_flag = found, found.trace_flags.sampled, 0
-        if sampled is None and self._root_ratio is not None:
-            sampled = self._random() < self._root_ratio  # an unsampled root costs one random draw
-        if sampled is not False and (self._gate is None or self._gate.admit()):
-            span = self._spans.start(name, _parent_span(parent) if parent is not None else remote, SpanKind.SERVER,
-                                     attributes())
-            own = span.get_span_context()
-            if span.is_recording():
-                # the SDK's flags: sampled, and random as the parent says (or for its own random root ids)
-                return span, TraceHeaders(format_traceparent(own.trace_id.to_bytes(16, "big").hex(),
-                                                             own.span_id.to_bytes(8, "big").hex(),
-                                                             int(own.trace_flags)), tracestate) if w3c else None
-            sampled = own.trace_flags.sampled  # an SDK sampler from OTEL_TRACES_SAMPLER said no
-        if not w3c:
-            return None, None
-        # Not recorded (unsampled, or the collector is down): the same headers, with ids of our own.
-        if parent is not None:
-            trace_id: str | None = parent.trace_id
-        elif remote is not None:
-            trace_id = f"{remote.trace_id:032x}"
-        else:
-            trace_id = None  # a new trace
-        if sampled is None:  # the collector gate said no before an SDK sampler could decide
-            assert self._sampler is not None
-            trace_id = trace_id or new_trace_id()
-            context = parent_context(_parent_span(parent) if parent is not None else remote)
-            decision = self._sampler.should_sample(context, int(trace_id, 16), name).decision
-            sampled = decision is Decision.RECORD_AND_SAMPLE
-        return None, TraceHeaders(unrecorded_traceparent(trace_id, random_flag | (SAMPLED if sampled else 0)),
-                                  tracestate)
 
     def start_client_span(self, request: ProxyRequest, route: str, pool: UpstreamPool) -> Span:
         """A CLIENT span for one attempt, injected into that attempt's outgoing headers."""

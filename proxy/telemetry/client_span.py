@@ -1,21 +1,55 @@
 """CLIENT span attributes and ending, per the stable OpenTelemetry HTTP semantic conventions.
 
 Plain functions, compiled with the request path: ``tracing.Tracing.start_client_span``
-starts each attempt's span with ``start_attributes``, and ``attempts.AttemptTelemetry``
-ends it with ``end``.  Only called for a sampled request.  The attributes are
+starts each attempt's span with ``start`` (attributes from ``start_attributes``), and
+``attempts.AttemptTelemetry`` ends it with ``end``.  Only called for a sampled request.  The attributes are
 listed in docs/observability-spans.md.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from proxy.telemetry.lean_span import SpanFactory
+from proxy.telemetry.propagation import TRACEPARENT, format_traceparent, with_parent_id
 from proxy.telemetry.query import redact_query
-from proxy.telemetry.server_span import method_attributes
+from proxy.telemetry.server_span import method_attributes, span_name
 
-__all__ = ["end", "start_attributes"]
+if TYPE_CHECKING:
+    from proxy.chain import ProxyRequest
+    from proxy.upstream.call import UpstreamPool
+
+__all__ = ["end", "start", "start_attributes"]
+
+
+def start(spans: SpanFactory, request: ProxyRequest, route: str, pool: UpstreamPool, *, w3c: bool,
+          propagator: TextMapPropagator | None, redact: frozenset[str]) -> Span:
+    """A CLIENT span for one attempt of a sampled request, injected into that attempt's outgoing headers.
+
+    ``propagator``: the SDK propagator that writes b3 headers too, None when b3 is not configured.
+    """
+    parent = request.span
+    assert parent is not None
+    endpoint = request.endpoint
+    attributes = start_attributes(
+        method=request.method, path=request.path, route=route, base=pool.base, host=pool.host, port=pool.port,
+        upstream=pool.name, attempt=request.attempt, endpoint=endpoint.address if endpoint is not None else None,
+        redact=redact)
+    span = spans.start(span_name(request.method, None), parent.get_span_context(), SpanKind.CLIENT, attributes)
+    headers = request.headers
+    if w3c:  # the edge wrote the request's traceparent; each attempt names its own span as parent
+        own = span.get_span_context()
+        current = headers.get(TRACEPARENT)
+        headers[TRACEPARENT] = with_parent_id(current, own.span_id) if current is not None \
+            else format_traceparent(own.trace_id.to_bytes(16, "big").hex(), own.span_id.to_bytes(8, "big").hex(),
+                                    int(own.trace_flags))
+    if propagator is not None:
+        propagator.inject(headers, context=trace.set_span_in_context(span))
+    return span
 
 
 def start_attributes(*, method: str, path: str, route: str, base: str, host: str, port: int, upstream: str,

@@ -176,6 +176,40 @@ class LeanSpan(trace.Span, ReadableSpan):
     def start_time(self) -> int:
         return self._start_time
 
+    # ReadableSpan's, again: the same values, read by the OTLP encoder on the export thread,
+    # where these compiled getters cost less than ReadableSpan's interpreted ones.
+    @property
+    def end_time(self) -> int | None:
+        return self._end_time
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return tuple(self._events)
+
+    @property
+    def links(self) -> tuple[Link, ...]:
+        return tuple(self._links)
+
+    @property
+    def dropped_attributes(self) -> int:
+        return 0  # no limits are applied (see the module docstring)
+
+    @property
+    def dropped_events(self) -> int:
+        return 0
+
+    @property
+    def dropped_links(self) -> int:
+        return 0
+
+    @property
+    def resource(self) -> Resource:
+        return self._resource
+
     def get_span_context(self) -> SpanContext:
         return self._context
 

@@ -364,7 +364,7 @@ class EdgeProtocol(asyncio.Protocol):
                     self.last_active = self.loop.time()
                     self._next(req, keep_alive)  # may start the next request
                 # (Read through a method: mypy narrows self._active to None after the assignment
-                # above, and mypyc leaves out code that mypy thinks unreachable.)
+                # above, and mypyc would compile that into a check that raises when it is set.)
                 following = self._started()
                 if following is None:
                     if self.transport is None or self._closing or self.tunnel is not None:

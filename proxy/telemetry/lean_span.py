@@ -130,9 +130,9 @@ class LeanSpan(trace.Span, ReadableSpan):
     ``test_lean_span`` checks that it encodes to the same OTLP message as the SDK's span.
     """
 
-    __slots__ = ("_attributes", "_context", "_end_time", "_events", "_factory", "_instrumentation_info",
-                 "_instrumentation_scope", "_kind", "_links", "_name", "_parent", "_resource", "_start_time",
-                 "_status")
+    # No __slots__: mypyc compiles this class as a non-native one (its bases are interpreted
+    # classes), and its compiled methods read attributes from the instance __dict__; with slots
+    # they find no dict and raise SystemError (a fresh build does; an incremental one may not).
 
     def __init__(self, factory: SpanFactory, name: str, context: SpanContext, parent: SpanContext | None,
                  kind: SpanKind, attributes: dict[str, Any], start_time: int) -> None:

@@ -31,10 +31,10 @@ from proxy.telemetry.propagation import (
     unrecorded_traceparent,
 )
 
-__all__ = ["RequestTracing", "parent_span"]
+__all__ = ["RequestTracing"]
 
 
-def parent_span(parent: TraceParent) -> SpanContext:
+def _parent_span(parent: TraceParent) -> SpanContext:
     """The span context of the app's (W3C) parent span, for a span we start under it."""
     return SpanContext(int(parent.trace_id, 16), int(parent.span_id, 16), is_remote=True,
                        trace_flags=TraceFlags(parent.flags & (SAMPLED | RANDOM)))
@@ -86,7 +86,7 @@ class RequestTracing:
             sampled = self.random() < root_ratio  # an unsampled root costs one random draw
         gate = self.gate
         if sampled is not False and (gate is None or gate.admit()):
-            span = spans.start(name, parent_span(parent) if parent is not None else remote, SpanKind.SERVER,
+            span = spans.start(name, _parent_span(parent) if parent is not None else remote, SpanKind.SERVER,
                                attributes())
             own = span.get_span_context()
             if span.is_recording():
@@ -107,7 +107,7 @@ class RequestTracing:
             sampler = self.sampler
             assert sampler is not None
             trace_id = trace_id or new_trace_id()
-            context = parent_context(parent_span(parent) if parent is not None else remote)
+            context = parent_context(_parent_span(parent) if parent is not None else remote)
             decision = sampler.should_sample(context, int(trace_id, 16), name).decision
             sampled = decision is Decision.RECORD_AND_SAMPLE
         return None, TraceHeaders(unrecorded_traceparent(trace_id, random_flag | (SAMPLED if sampled else 0)),

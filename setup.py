@@ -59,10 +59,10 @@ def _ext_modules() -> list[object]:
         # the compiled modules alone and not the ones strictness finds in an Any-typed world.
         "--ignore-missing-imports", "--follow-imports=silent", "--allow-subclassing-any",
         "--no-warn-return-any", "--no-warn-unused-ignores", "--allow-untyped-calls",
-        # No cache: in a checkout, .mypy_cache holds the project run's types of the runtime
-        # libraries, and a build that read them compiled differently from a fresh one (a class
-        # with interpreted bases got native slot access locally and dict access in CI).
-        f"--cache-dir={os.devnull}",
+        # The same in every build: a fresh venv builds before its libraries are installed, while
+        # a checkout's venv (or its .mypy_cache) has them, and mypyc compiled a class with library
+        # bases differently in the two (it crashed only in the fresh build).  So never look.
+        "--no-site-packages", f"--cache-dir={os.devnull}",
     ]
     extensions = list(mypycify([*flags, *COMPILED], opt_level="3"))
     # What was compiled, so that tests can tell when an in-place build has gone stale (proxy/compiled.py).

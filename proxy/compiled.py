@@ -50,7 +50,6 @@ COMPILED: tuple[str, ...] = (
     "proxy/telemetry/client_span.py",
     "proxy/telemetry/labels.py",
     "proxy/telemetry/lean.py",
-    "proxy/telemetry/lean_span.py",
     "proxy/telemetry/live.py",
     "proxy/telemetry/otlp_wire.py",
     "proxy/telemetry/propagation.py",

@@ -130,9 +130,11 @@ class LeanSpan(trace.Span, ReadableSpan):
     ``test_lean_span`` checks that it encodes to the same OTLP message as the SDK's span.
     """
 
-    # No __slots__: mypyc compiles this class as a non-native one (its bases are interpreted
-    # classes), and its compiled methods read attributes from the instance __dict__; with slots
-    # they find no dict and raise SystemError (a fresh build does; an incremental one may not).
+    # Interpreted, not in proxy/compiled.py: mypyc compiled this subclass of library classes into
+    # code that raised SystemError on attribute reads in a fresh build (ARCHITECTURE.md).
+    __slots__ = ("_attributes", "_context", "_end_time", "_events", "_factory", "_instrumentation_info",
+                 "_instrumentation_scope", "_kind", "_links", "_name", "_parent", "_resource", "_start_time",
+                 "_status")
 
     def __init__(self, factory: SpanFactory, name: str, context: SpanContext, parent: SpanContext | None,
                  kind: SpanKind, attributes: dict[str, Any], start_time: int) -> None:
@@ -176,8 +178,8 @@ class LeanSpan(trace.Span, ReadableSpan):
     def start_time(self) -> int:
         return self._start_time
 
-    # ReadableSpan's, again: the same values, read by the OTLP encoder on the export thread,
-    # where these compiled getters cost less than ReadableSpan's interpreted ones.
+    # ReadableSpan's, again: the same values, read by the OTLP encoder on the export thread
+    # (plain reads, without ReadableSpan's copies and isinstance checks).
     @property
     def end_time(self) -> int | None:
         return self._end_time

@@ -25,6 +25,7 @@ from proxy.edge.tunnel import open_tunnel
 from proxy.logs import LogLimiter
 from proxy.telemetry import server_span
 from proxy.telemetry.access_log import AccessEntry
+from proxy.telemetry.propagation import span_id_hex, trace_id_hex
 
 if TYPE_CHECKING:
     from proxy.edge.protocol import EdgeProtocol
@@ -141,7 +142,7 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
     path = req.target.partition("?")[0]  # as sent: a decoded %3F must not pass for a query
     if span is not None:
         span_ctx = span.get_span_context()
-        exemplar = {"trace_id": span_ctx.trace_id.to_bytes(16, "big").hex()}
+        exemplar = {"trace_id": trace_id_hex(span_ctx.trace_id)}
         server_span.finish(span, method=req.method, route_template=route.prefix if route else None,
                            route=route.name if route else None, upstream=route.upstream if route else None,
                            status=status, outcome=outcome, attempts=attempts)
@@ -152,7 +153,7 @@ def _record(proto: EdgeProtocol, req: EdgeRequest, route: Route | None, outgoing
         ctx.access_log.record(AccessEntry(
             request_id=rid,
             trace_id=exemplar["trace_id"] if exemplar else None,
-            span_id=span.get_span_context().span_id.to_bytes(8, "big").hex() if span is not None else None,
+            span_id=span_id_hex(span.get_span_context().span_id) if span is not None else None,
             method=req.method,
             path=path[:512],
             route=route.name if route else None,

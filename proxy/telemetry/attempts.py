@@ -18,6 +18,7 @@ from proxy.clock import Clock
 from proxy.errors import DeadlineExceeded, ProxyError, UpstreamConnectFailure, UpstreamTimeout, UpstreamTlsError
 from proxy.telemetry import client_span
 from proxy.telemetry.metrics import RouteMetrics
+from proxy.telemetry.propagation import trace_id_hex
 from proxy.upstream.call import ConnectTimeout
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def status_result(status: int) -> str:
 def _exemplar(span: Span | None) -> dict[str, str] | None:
     if span is None:
         return None
-    return {"trace_id": span.get_span_context().trace_id.to_bytes(16, "big").hex()}
+    return {"trace_id": trace_id_hex(span.get_span_context().trace_id)}
 
 
 def _timeout_attribute(span: Span, request: ProxyRequest) -> None:

@@ -15,7 +15,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from proxy.telemetry.lean_span import SpanFactory
-from proxy.telemetry.propagation import TRACEPARENT, format_traceparent, with_parent_id
+from proxy.telemetry.propagation import TRACEPARENT, traceparent_of, with_parent_id
 from proxy.telemetry.query import redact_query
 from proxy.telemetry.server_span import method_attributes, span_name
 
@@ -44,9 +44,7 @@ def start(spans: SpanFactory, request: ProxyRequest, route: str, pool: UpstreamP
     if w3c:  # the edge wrote the request's traceparent; each attempt names its own span as parent
         own = span.get_span_context()
         current = headers.get(TRACEPARENT)
-        headers[TRACEPARENT] = with_parent_id(current, own.span_id) if current is not None \
-            else format_traceparent(own.trace_id.to_bytes(16, "big").hex(), own.span_id.to_bytes(8, "big").hex(),
-                                    int(own.trace_flags))
+        headers[TRACEPARENT] = with_parent_id(current, own.span_id) if current is not None else traceparent_of(own)
     if propagator is not None:
         propagator.inject(headers, context=trace.set_span_in_context(span))
     return span

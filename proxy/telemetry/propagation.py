@@ -28,16 +28,19 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from multidict import MultiMapping, MutableMultiMapping, istr
 
 from proxy.logs import LogLimiter
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
+
 __all__ = [
     "MAX_MEMBERS", "RANDOM", "SAMPLED", "Headers", "MutableHeaders", "TraceHeaders", "TraceParent", "extract",
-    "format_traceparent", "new_trace_id", "parse_traceparent", "parse_tracestate", "pass_through",
-    "unrecorded_traceparent", "with_parent_id",
+    "format_traceparent", "new_trace_id", "parse_traceparent", "parse_tracestate", "pass_through", "span_id_hex",
+    "trace_id_hex", "traceparent_of", "unrecorded_traceparent", "with_parent_id",
 ]
 
 log = logging.getLogger("outrigger.tracing")
@@ -137,6 +140,20 @@ def format_traceparent(trace_id: str, span_id: str, flags: int) -> str:
     return f"00-{trace_id}-{span_id}-{_FLAG_TEXT[flags & 0xff]}"
 
 
+# Ids as hex: int.to_bytes().hex() is fixed-width and about half the cost of a format spec.
+def trace_id_hex(trace_id: int) -> str:
+    return trace_id.to_bytes(16, "big").hex()
+
+
+def span_id_hex(span_id: int) -> str:
+    return span_id.to_bytes(8, "big").hex()
+
+
+def traceparent_of(context: SpanContext) -> str:
+    """The ``traceparent`` that names the span of ``context`` as the parent."""
+    return format_traceparent(trace_id_hex(context.trace_id), span_id_hex(context.span_id), int(context.trace_flags))
+
+
 def unrecorded_traceparent(trace_id: str | None, flags: int) -> str:
     """A ``traceparent`` for a request that is not recorded: the trace (a new one for None), a fresh span id.
 
@@ -154,13 +171,13 @@ def unrecorded_traceparent(trace_id: str | None, flags: int) -> str:
 
 def with_parent_id(traceparent: str, span_id: int) -> str:
     """``traceparent`` (version 00) with its parent id replaced by ``span_id``."""
-    return f"{traceparent[:36]}{span_id.to_bytes(8, 'big').hex()}{traceparent[52:]}"
+    return f"{traceparent[:36]}{span_id_hex(span_id)}{traceparent[52:]}"
 
 
 def new_trace_id() -> str:
     """32 random hex digits, never all zero: a trace id whose random flag may be set."""
     while True:
-        value = _random_bits(128).to_bytes(16, "big").hex()
+        value = trace_id_hex(_random_bits(128))
         if value != _ZERO_TRACE:
             return value
 

@@ -25,9 +25,10 @@ from proxy.telemetry.propagation import (
     TraceHeaders,
     TraceParent,
     extract,
-    format_traceparent,
     new_trace_id,
     pass_through,
+    trace_id_hex,
+    traceparent_of,
     unrecorded_traceparent,
 )
 
@@ -91,9 +92,7 @@ class RequestTracing:
             own = span.get_span_context()
             if span.is_recording():
                 # the SDK's flags: sampled, and random as the parent says (or for its own random root ids)
-                return span, TraceHeaders(format_traceparent(own.trace_id.to_bytes(16, "big").hex(),
-                                                             own.span_id.to_bytes(8, "big").hex(),
-                                                             int(own.trace_flags)), tracestate) if w3c else None
+                return span, TraceHeaders(traceparent_of(own), tracestate) if w3c else None
             sampled = own.trace_flags.sampled  # an SDK sampler from OTEL_TRACES_SAMPLER said no
         if not w3c:
             return None, None
@@ -102,7 +101,7 @@ class RequestTracing:
         if parent is not None:
             trace_id = parent.trace_id
         elif remote is not None:
-            trace_id = remote.trace_id.to_bytes(16, "big").hex()
+            trace_id = trace_id_hex(remote.trace_id)
         if sampled is None:  # the collector gate said no before an SDK sampler could decide
             sampler = self.sampler
             assert sampler is not None

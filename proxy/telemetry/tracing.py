@@ -86,9 +86,10 @@ class Tracing:
         if exporter is None and not disabled and config.tracing.enabled:
             exporter = sdk_setup.exporter(config, env)
         # begin(headers, name, attributes): the decision on one app request, compiled (see
-        # proxy.telemetry.request_trace); made again below once there are spans to record.
-        self.begin = RequestTracing(w3c=self.w3c, propagator=self.propagator, parent_fields=self._parent_fields).begin
+        # proxy.telemetry.request_trace); with no exporter, headers pass through and nothing is recorded.
         if exporter is None:
+            self.begin = RequestTracing(w3c=self.w3c, propagator=self.propagator,
+                                        parent_fields=self._parent_fields).begin
             return
         self.export_state = ExportState(metrics, report_interval_s)
         self._guard = ExportGuard(exporter, self.export_state)

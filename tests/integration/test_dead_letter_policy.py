@@ -160,16 +160,29 @@ async def _ended(threads: set[threading.Thread]) -> bool:
     return await _within(lambda: not any(t.is_alive() for t in threads))
 
 
-async def test_a_reload_that_replaces_or_removes_the_spool_ends_the_old_spools_thread(
-        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession, tmp_path: Path) -> None:
-    upstream.default = Reply(status=503)
+def _spool_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """The first spool's directory and the one a reload moves it to."""
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
     second.mkdir()
+    return first, second
+
+
+async def _spooling_sidecar(upstream: ScriptedUpstream, sidecar_factory: Any, spool: Path,
+                            ) -> tuple[Any, dict[str, Any], set[threading.Thread], set[threading.Thread]]:
+    """A sidecar spooling 5xx into ``spool``: its config, the spool threads before it started,
+    and its spool's writer thread."""
     before = _spool_threads()
-    config = _config(upstream.url, first, {"on": ["http_5xx"]})
+    config = _config(upstream.url, spool, {"on": ["http_5xx"]})
     sidecar = await sidecar_factory(config)
-    first_thread = _spool_threads() - before
+    return sidecar, config, before, _spool_threads() - before
+
+
+async def test_a_reload_that_replaces_or_removes_the_spool_ends_the_old_spools_thread(
+        upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    upstream.default = Reply(status=503)
+    first, second = _spool_dirs(tmp_path)
+    sidecar, config, before, first_thread = await _spooling_sidecar(upstream, sidecar_factory, first)
     assert len(first_thread) == 1
     async with client.put(f"http://127.0.0.1:{sidecar.port('main')}/x", data=b"{}") as resp:
         assert HEADER in resp.headers
@@ -192,13 +205,8 @@ async def test_a_reload_that_replaces_or_removes_the_spool_ends_the_old_spools_t
 async def test_a_request_in_flight_across_the_reload_is_spooled_before_the_old_spool_closes(
         upstream: ScriptedUpstream, sidecar_factory: Any, client: aiohttp.ClientSession, tmp_path: Path) -> None:
     """The old spool waits for the requests that may still spool into it: nothing is lost by the swap."""
-    first, second = tmp_path / "a", tmp_path / "b"
-    first.mkdir()
-    second.mkdir()
-    before = _spool_threads()
-    config = _config(upstream.url, first, {"on": ["http_5xx"]})
-    sidecar = await sidecar_factory(config)
-    first_thread = _spool_threads() - before
+    first, second = _spool_dirs(tmp_path)
+    sidecar, config, _, first_thread = await _spooling_sidecar(upstream, sidecar_factory, first)
     upstream.script(Reply(status=503, delay=0.5))
 
     async def slow() -> str | None:

@@ -552,6 +552,7 @@ class Target:
     rss: bool = False  # drive to the RSS marks (Outrigger and naive only)
     sample_ratio: float | None = None
     uvloop: bool = False
+    template: str = "outrigger.yaml"  # an Outrigger target's config, from templates/
 
 
 TARGETS = (
@@ -564,6 +565,10 @@ TARGETS = (
     Target("naive-uvloop", "naive aiohttp proxy + uvloop (info)", "naive", uvloop=True),
     Target("outrigger-100", "Outrigger, all policies, 100% traced", "outrigger", rss=True, sample_ratio=1.0),
     Target("outrigger-1", "Outrigger, all policies, 1% traced", "outrigger", rss=True, sample_ratio=0.01),
+    # Info: the edge and upstream client with every optional feature off, so the CPU the
+    # features cost when on is outrigger-1's figure minus this one, measured in the same run.
+    Target("outrigger-core", "Outrigger core: timeouts + bulkhead only (info)", "outrigger",
+           template="outrigger_core.yaml"),
 )
 
 
@@ -627,9 +632,9 @@ def start_target(target: Target, env: Env, port: int,
         admin = free_port()
         conf = env.tmp / f"{target.key}.yaml"
         otlp_port = env.sink_port if env.otlp_protocol == "grpc" else env.sink_http_port
-        conf.write_text(render("outrigger.yaml", {**values, "admin_port": admin, "otlp_port": otlp_port,
-                                                  "otlp_protocol": env.otlp_protocol,
-                                                  "sample_ratio": target.sample_ratio}))
+        conf.write_text(render(target.template, {**values, "admin_port": admin, "otlp_port": otlp_port,
+                                                 "otlp_protocol": env.otlp_protocol,
+                                                 "sample_ratio": target.sample_ratio}))
         # ``python -m proxy`` from the package this process imports (see PROXY_PATH), not an
         # installed console script that may point at another tree.  stdout carries the access
         # log: redirected to /dev/null, as the issue asks.

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from proxy.timers import Expiry
     from proxy.upstream.response import Informational
 
-__all__ = ["AttemptTarget", "AttemptsSent", "Handler", "Layer", "Policy", "ProxyRequest", "ProxyResponse",
+__all__ = ["AttemptTarget", "AttemptsSent", "FieldList", "Handler", "Layer", "Policy", "ProxyRequest", "ProxyResponse",
            "RequestBody", "ResponseStream", "build_chain"]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -203,25 +203,75 @@ class ResponseStream(Protocol):
     def close(self) -> None: ...
 
 
+class FieldList:
+    """An upstream's header fields as received, decoded into a ``CIMultiDict`` only when read.
+
+    Most responses reach the app without any policy reading a header: the edge then
+    writes ``fields`` as they came (``untouched``), skipping the decode, the mapping and
+    the re-encoding.  The first read of ``decoded()`` (a policy, the tunnel, stripping
+    forged ``x-outrigger-*`` fields) makes the mapping the one truth from then on.
+    """
+
+    __slots__ = ("_decoded", "fields")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self.fields = fields
+        self._decoded: CIMultiDict[str] | None = None
+
+    def decoded(self) -> CIMultiDict[str]:
+        """The fields as a mapping; undecodable bytes kept as surrogates, so they leave byte for byte."""
+        decoded = self._decoded
+        if decoded is None:
+            decoded = self._decoded = CIMultiDict([
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, value in self.fields])
+        return decoded
+
+    def untouched(self) -> list[tuple[bytes, bytes]] | None:
+        """The fields as received while nobody has read them as a mapping, else None."""
+        return self.fields if self._decoded is None else None
+
+
 class ProxyResponse:
     """Response headers from the upstream (or a policy), body not yet streamed.
 
     The edge streams ``upstream``'s body to the app and then calls
     ``release()``; a policy that discards a response (to retry) releases it.
-    Callbacks added with ``on_release`` run exactly once either way.
+    Callbacks added with ``on_release`` run exactly once either way.  An upstream's
+    response carries its ``FieldList``; ``headers`` decodes it on first use.
     """
 
-    __slots__ = ("_callbacks", "body", "error", "headers", "reused", "status", "upstream")
+    __slots__ = ("_callbacks", "_fields", "_headers", "body", "error", "reused", "status", "upstream")
 
-    def __init__(self, status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str], *,
-                 upstream: ResponseStream | None = None, body: bytes = b"") -> None:
+    def __init__(self, status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str] | None = None, *,
+                 upstream: ResponseStream | None = None, body: bytes = b"", fields: FieldList | None = None) -> None:
         self.status = status
-        self.headers = headers
+        self._headers = headers
+        self._fields = fields
         self.upstream = upstream
         self.body = body
         self.error: str | None = None  # the error code this response stands in for (fallback)
         self.reused = False  # came on a kept-alive (or preconnected) connection: no connect on its path
         self._callbacks: list[Callable[[], None]] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]:
+        headers = self._headers
+        if headers is None:
+            fields = self._fields
+            headers = self._headers = fields.decoded() if fields is not None else CIMultiDict()
+        return headers
+
+    @headers.setter
+    def headers(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> None:
+        self._headers = headers
+
+    def untouched_fields(self) -> list[tuple[bytes, bytes]] | None:
+        """The upstream's header fields as received, while no one has read or replaced ``headers``."""
+        fields = self._fields
+        if self._headers is None and fields is not None:
+            return fields.untouched()
+        return None
 
     def on_release(self, callback: Callable[[], None]) -> None:
         if self._callbacks is None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Final
 
 __all__ = ["HIGH_WATER", "LOW_WATER", "BodyBuffer"]
 
-HIGH_WATER = 256 * 1024  # buffered body that pauses reading from the socket
-LOW_WATER = 64 * 1024  # ... and that resumes it
+HIGH_WATER: Final = 256 * 1024  # buffered body that pauses reading from the socket
+LOW_WATER: Final = 64 * 1024  # ... and that resumes it
 
 
 class BodyBuffer:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["Expiry", "TimerWheel"]
 
-_RESOLUTION_S = 0.001
+_RESOLUTION_S: Final = 0.001
 
 
 class Expiry:

@@ -18,7 +18,9 @@ aborted, so it sees a broken response rather than a silently short one.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
+
+from multidict import MultiMapping
 
 from proxy import errors
 from proxy.chain import ProxyResponse, RequestBody
@@ -41,8 +43,19 @@ _BODYLESS_STATUS = frozenset({204, 304})
 _SKIP = HOP_BY_HOP | {REQUEST_ID_HEADER, ATTEMPTS_HEADER}
 
 
-_KEEP, _SKIP_IT, _LENGTH = 0, 1, 2
+# Final: mypyc compiles these to constants rather than a lookup in the module's dict per use.
+_KEEP: Final = 0  # passed on: _KEEP and _LENGTH (<= _LENGTH)
+_LENGTH: Final = 1
+_SKIP_IT: Final = 2
+_CONNECTION: Final = 3
 _KINDS: dict[str, int] = {}  # response header name as the upstream spells it -> what the edge does with it
+_RAW_KINDS: dict[bytes, int] = {}  # the same, for a name as received (bytes); Connection apart
+_HARMLESS: dict[bytes, bool] = {}  # a Connection value as received -> it lists no field the edge passes on
+# What the field loops found: a Content-Length among the fields passed on, none, or (the raw
+# loop only) a Connection field listing a name to drop, which the decoded loop then handles.
+_NO_LENGTH: Final = 0
+_HAS_LENGTH: Final = 1
+_DECODE: Final = 2
 
 
 def _kind(name: str) -> int:
@@ -53,6 +66,66 @@ def _kind(name: str) -> int:
     if len(_KINDS) < 4096:  # bounded: an upstream inventing names cannot grow it without end
         _KINDS[name] = kind
     return kind
+
+
+def _raw_kind(name: bytes) -> int:
+    text = name.decode("utf-8", "surrogateescape")
+    kind = _CONNECTION if text.lower() == "connection" else _kind(text)
+    if len(_RAW_KINDS) < 4096:
+        _RAW_KINDS[name] = kind
+    return kind
+
+
+def _harmless(value: bytes) -> bool:
+    """A Connection value listing only names the edge drops anyway (``keep-alive``, the usual one)."""
+    harmless = _HARMLESS.get(value)
+    if harmless is None:
+        names = [token.strip() for token in value.decode("utf-8", "surrogateescape").split(",")]
+        harmless = all(_kind(name) != _KEEP for name in names if name)
+        if len(_HARMLESS) < 256:  # bounded: made-up values cannot grow it without end
+            _HARMLESS[value] = harmless
+    return harmless
+
+
+def _raw_fields(fields: list[tuple[bytes, bytes]], parts: list[bytes]) -> int:
+    """Append the upstream's fields the app gets to ``parts``, as received (no decoding)."""
+    found = _NO_LENGTH
+    kinds = _RAW_KINDS
+    for name, value in fields:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _raw_kind(name)
+        if kind <= _LENGTH:  # _KEEP or _LENGTH
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
+            if kind == _LENGTH:
+                found = _HAS_LENGTH
+        elif kind == _CONNECTION and not _harmless(value):
+            return _DECODE
+    return found
+
+
+def _decoded_fields(headers: MultiMapping[str], parts: list[bytes]) -> int:
+    """The same for headers read (or made) as a mapping: a policy's response, or one it looked at."""
+    found = _NO_LENGTH
+    listed = connection_listed(headers) if CONNECTION in headers else None
+    lines: list[str] = []
+    kinds = _KINDS
+    for name, value in headers.items():
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name)
+        if kind == _KEEP:
+            if listed is not None and name.lower() in listed:
+                continue
+            lines.append(f"{name}: {value}\r\n")
+        elif kind == _LENGTH:
+            found = _HAS_LENGTH
+            lines.append(f"{name}: {value}\r\n")
+    parts.append("".join(lines).encode("utf-8", "surrogateescape"))
+    return found
 
 
 class IncomingBody(BodyBuffer):
@@ -151,11 +224,20 @@ class _BodyStream:
         return chunk
 
 
-class Sent(NamedTuple):
-    sent: int  # body bytes sent to the app
-    broken: str | None  # the error code if the body broke off (the app's connection was aborted)
-    head_sent_at: float  # clock time the response head left
-    keep_alive: bool  # the connection stays open after this response
+class Sent:
+    """How a response went out to the app.
+
+    A plain class, not a ``NamedTuple``: a named tuple's ``__new__`` is Python code,
+    an interpreted call on every request of the compiled path.
+    """
+
+    __slots__ = ("broken", "head_sent_at", "keep_alive", "sent")
+
+    def __init__(self, sent: int, broken: str | None, head_sent_at: float, keep_alive: bool) -> None:
+        self.sent = sent  # body bytes sent to the app
+        self.broken = broken  # the error code if the body broke off (the app's connection was aborted)
+        self.head_sent_at = head_sent_at  # clock time the response head left
+        self.keep_alive = keep_alive  # the connection stays open after this response
 
 
 async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyResponse, rid: str, attempts: int, *,
@@ -163,23 +245,15 @@ async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyRes
     """Write the upstream's response (or a policy's) to the app."""
     upstream = proxied.upstream
     status = proxied.status
-    lines = [status_line(status, upstream.reason if upstream is not None else None)]
-    headers = proxied.headers
-    listed = connection_listed(headers) if CONNECTION in headers else None
-    has_length = False
-    kinds = _KINDS
-    for name, value in headers.items():
-        kind = kinds.get(name)
-        if kind is None:
-            kind = _kind(name)
-        if kind == _KEEP:
-            if listed is not None and name.lower() in listed:
-                continue
-            lines.append(f"{name}: {value}\r\n")
-        elif kind == _LENGTH:
-            has_length = True
-            lines.append(f"{name}: {value}\r\n")
-    lines.append(f"{REQUEST_ID_HEADER}: {rid}\r\n{ATTEMPTS_HEADER}: {attempts}\r\n")
+    parts = [status_line(status, upstream.reason if upstream is not None else None).encode("utf-8", "surrogateescape")]
+    # An upstream's fields nobody read go out as they came; others are encoded from the mapping.
+    fields = proxied.untouched_fields()
+    found = _raw_fields(fields, parts) if fields is not None else _DECODE
+    if found == _DECODE:
+        del parts[1:]
+        found = _decoded_fields(proxied.headers, parts)
+    has_length = found == _HAS_LENGTH
+    lines = [f"{REQUEST_ID_HEADER}: {rid}\r\n{ATTEMPTS_HEADER}: {attempts}\r\n"]
     bodyless = req.method == "HEAD" or status in _BODYLESS_STATUS or status < 200
     chunked = False
     body = b""
@@ -200,7 +274,8 @@ async def send_response(proto: EdgeProtocol, req: EdgeRequest, proxied: ProxyRes
     connection = connection_line(keep_alive, req.http10)
     if connection is not None:
         lines.append(connection)
-    head = head_bytes(lines)
+    parts.append(head_bytes(lines))
+    head = b"".join(parts)
     clock = proto.listener.ctx.clock
     if whole:
         proto.write(head + body if body else head)

@@ -10,6 +10,7 @@ import os
 import random
 import re
 from collections.abc import Iterable
+from typing import Final
 
 from multidict import CIMultiDict, MultiMapping, istr
 
@@ -103,7 +104,9 @@ def valid_traceparent(value: str) -> bool:
         and not value.startswith("ff")
 
 
-_FORWARD, _DROP, _TRACE = 0, 1, 2
+_FORWARD: Final = 0
+_DROP: Final = 1
+_TRACE: Final = 2
 _REQUEST_KINDS: dict[str, int] = {}  # request header name as the app spells it -> what happens to it
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 from multidict import CIMultiDict
@@ -36,12 +36,15 @@ if TYPE_CHECKING:
 __all__ = ["EdgeProtocol"]
 
 log = logging.getLogger("outrigger.server")
-_BODY, _QUEUE, _UPGRADE = 1, 2, 4  # reasons reading from the app is paused
+# reasons reading from the app is paused (Final: compiled to constants, not module-dict lookups)
+_BODY: Final = 1
+_QUEUE: Final = 2
+_UPGRADE: Final = 4
 # After an answer that leaves request bytes unread (an error mid-upload, a refused head), the
 # connection is half-closed and what the app still sends is read and dropped for up to this
 # long before the socket closes.  Closing with unread bytes queued sends a RST, which can
 # destroy the answer before the app reads it (nginx's lingering_close exists for this).
-_LINGER_S = 2.0
+_LINGER_S: Final = 2.0
 
 
 class EdgeProtocol(asyncio.Protocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Final
 
 from proxy.argument_checks import finite_non_negative, finite_positive
 from proxy.clock import Clock
@@ -22,7 +23,7 @@ __all__ = ["RetryBudget"]
 
 # ratio*requests is float arithmetic (0.57*100 == 56.99999999999999); without this slack a
 # budget that is exactly spent on paper would refuse its last retry.
-_EPSILON = 1e-9
+_EPSILON: Final = 1e-9
 
 
 class RetryBudget:

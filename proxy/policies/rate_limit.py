@@ -15,7 +15,7 @@ counts and traces would-be refusals but lets them through.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Final
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
@@ -24,7 +24,7 @@ from proxy.errors import RateLimited
 from proxy.policies.token_bucket import KeyedTokenBuckets, TokenBucket
 from proxy.telemetry.metrics import RouteMetrics
 
-_MIN_LEFT_S = 0.001  # a queued request keeps at least this much of its deadline for the upstream
+_MIN_LEFT_S: Final = 0.001  # a queued request keeps at least this much of its deadline for the upstream
 
 
 class RateLimit:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Final
 
 from proxy.argument_checks import at_least_one, finite_positive
 from proxy.clock import Clock
@@ -25,7 +26,7 @@ __all__ = ["KeyedTokenBuckets", "TokenBucket"]
 
 # Float slack, in seconds, so that a token which is due "exactly now" is not refused by a rounding
 # ulp of the clock value (about 1e-10 s at a monotonic clock of 10^6 s).
-_EPSILON_S = 1e-9
+_EPSILON_S: Final = 1e-9
 
 
 class TokenBucket:

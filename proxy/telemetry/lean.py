@@ -21,14 +21,16 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
+
+from proxy.telemetry.live import LiveStats
 
 __all__ = ["LeanCounter", "LeanCounterFamily", "LeanHistogram", "LeanHistogramFamily"]
 
@@ -66,6 +68,42 @@ class LeanHistogram:
         self.sum += amount
         if exemplar:
             self.exemplars[index] = Exemplar(exemplar, amount, time.time())
+
+
+Series = tuple[LeanCounter, LeanHistogram]
+_MAX_CACHED: Final = 1024
+
+
+class RequestSeries:
+    """What one request adds to its route's metrics: the live figures, then the counter and the
+    duration histogram of its (method, status, outcome), bound by ``bind`` on first use.
+
+    Here rather than in ``metrics.RouteMetrics`` because this module is compiled: the call runs
+    on every request. ``bind`` also says whether the series may be cached (made-up methods are
+    not); at most ``_MAX_CACHED`` are.
+    """
+
+    __slots__ = ("_bind", "_cache", "_live")
+
+    def __init__(self, live: LiveStats, bind: Callable[[str, int, str], tuple[Series, bool]]) -> None:
+        self._live = live
+        self._bind = bind
+        self._cache: dict[tuple[str, int, str], Series] = {}
+
+    def done(self, method: str, status: int, outcome: str, seconds: float,
+             exemplar: dict[str, str] | None = None) -> None:
+        self._live.done(status, seconds)
+        key = (method, status, outcome)
+        series = self._cache.get(key)
+        if series is None:
+            series, cacheable = self._bind(method, status, outcome)
+            if cacheable and len(self._cache) < _MAX_CACHED:
+                self._cache[key] = series
+        series[0].inc()
+        series[1].observe(seconds, exemplar)
+
+    def cached(self) -> list[Series]:
+        return list(self._cache.values())
 
 
 class _Family(Collector, Generic[Child]):

@@ -44,15 +44,21 @@ class LineWriter:
     def write(self, lines: list[str]) -> int:
         """Queue newline-terminated ``lines`` in order until the buffer is full; the rest are
         dropped and counted.  Returns how many were queued."""
+        size = sum(map(len, lines))
         with self._cond:
-            queued = 0
-            for line in lines:
-                if self._size + len(line) > self._max:
-                    dropped_lines[self.name] = dropped_lines.get(self.name, 0) + len(lines) - queued
-                    break
-                self._pending.append(line)
-                self._size += len(line)
-                queued += 1
+            if self._size + size <= self._max:  # the usual case: all of them, without a loop in Python
+                self._pending.extend(lines)
+                self._size += size
+                queued = len(lines)
+            else:
+                queued = 0
+                for line in lines:
+                    if self._size + len(line) > self._max:
+                        dropped_lines[self.name] = dropped_lines.get(self.name, 0) + len(lines) - queued
+                        break
+                    self._pending.append(line)
+                    self._size += len(line)
+                    queued += 1
             if queued:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name=f"outrigger-{self.name}-writer",

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from proxy.telemetry import line_writer
 from proxy.telemetry.labels import method_label, status_class
-from proxy.telemetry.lean import LeanCounter, LeanCounterFamily, LeanHistogram, LeanHistogramFamily
+from proxy.telemetry.lean import LeanCounterFamily, LeanHistogramFamily, RequestSeries, Series
 from proxy.telemetry.live import LiveStats
 
 __all__ = [
@@ -294,7 +294,9 @@ class RouteMetrics:
         # In flight: the Gauge child and a plain integer together (inc()/dec()), for /status.
         self.inflight = self.live = LiveStats()
         self._retries: dict[str, Any] = {}
-        self._series: dict[tuple[str, int, str], tuple[LeanCounter, LeanHistogram]] = {}
+        self.series = RequestSeries(self.live, self._bind)
+        # request_done(method, status, outcome, seconds, exemplar=None): a compiled method (lean.py).
+        self.request_done = self.series.done
 
     def adaptive_timeout(self) -> Any:
         """The adaptive timeout's gauge child (bound only for a route with ``timeout.adaptive``)."""
@@ -312,22 +314,12 @@ class RouteMetrics:
                 route=self.route, upstream=self.upstream, reason=reason)
         child.inc()
 
-    def request_done(self, method: str, status: int, outcome: str, seconds: float,
-                     exemplar: dict[str, str] | None = None) -> None:
-        self.live.done(status, seconds)
-        series = self._series.get((method, status, outcome))
-        if series is None:
-            series = self._bind(method, status, outcome)
-        series[0].inc()
-        series[1].observe(seconds, exemplar)
-
-    def _bind(self, method: str, status: int, outcome: str) -> tuple[LeanCounter, LeanHistogram]:
-        """The request counter and duration histogram of one (method, status, outcome), cached."""
+    def _bind(self, method: str, status: int, outcome: str) -> tuple[Series, bool]:
+        """The request counter and duration histogram of one (method, status, outcome), and
+        whether ``RequestSeries`` may cache them (not for made-up methods: bounded)."""
         label, code = method_label(method), status_class(status)
         series = (self._metrics.requests.labels(route=self.route, upstream=self.upstream, method=label, code=code,
                                                 outcome=outcome),
                   self._metrics.request_duration.labels(route=self.route, upstream=self.upstream, method=label,
                                                         code=code))
-        if label == method and len(self._series) < 1024:  # bounded: made-up methods are not cached
-            self._series[(method, status, outcome)] = series
-        return series
+        return series, label == method

@@ -28,7 +28,7 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from multidict import MultiMapping, MutableMultiMapping, istr
 
@@ -48,8 +48,8 @@ log = logging.getLogger("outrigger.tracing")
 TRACEPARENT = istr("traceparent")  # istr: looked up on every request (see proxy.edge.headers.HOST)
 TRACESTATE = istr("tracestate")
 MAX_MEMBERS = 32
-SAMPLED = 0x01
-RANDOM = 0x02  # Level 2: the trace id's right-most 7 bytes are random
+SAMPLED: Final = 0x01
+RANDOM: Final = 0x02  # Level 2: the trace id's right-most 7 bytes are random
 _OWS = " \t"
 _HEX = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _MEMBER = re.compile(

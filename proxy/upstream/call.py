@@ -190,6 +190,6 @@ class UpstreamCall:
         # internal, with no retry and no breaker failure.
         if response.sidecar_headers:
             strip_sidecar_headers(response.headers)  # x-outrigger-* on a response comes from the sidecar only
-        proxied = ProxyResponse(response.status, response.headers, upstream=response)
+        proxied = ProxyResponse(response.status, upstream=response, fields=response.fields)
         proxied.reused = reused
         return proxied

@@ -21,13 +21,13 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
-from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.edge.headers import CONTENT_LENGTH, SIDECAR_PREFIX, TRANSFER_ENCODING
+from proxy.chain import FieldList
+from proxy.edge.headers import SIDECAR_PREFIX
 from proxy.upstream.response import (
     H1Response,
     Informational,
@@ -50,12 +50,28 @@ __all__ = ["STALE_IDLE_S", "H1Connection", "StaleConnection", "transport_error"]
 # more than 128 header fields is a protocol error.  llhttp hands a header over only once
 # it is complete, so a head that never ends is cut off at the most such a head can be
 # (plus one read of body bytes that may share its packet).
-_MAX_FIELD = 8190
-_MAX_HEADERS = 128
+_MAX_FIELD: Final = 8190
+_MAX_HEADERS: Final = 128
 _SIDECAR_PREFIX = SIDECAR_PREFIX.encode()
-_SIDECAR_LEN = len(_SIDECAR_PREFIX)
 _MAX_HEAD_READ = _MAX_HEADERS * (2 * _MAX_FIELD + 4) + _MAX_FIELD + 256 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+
+# What the client itself needs to know of a response field, by its name as the upstream spells it.
+_OTHER: Final = 0
+_SIDECAR_FIELD: Final = 1
+_LENGTH_FIELD: Final = 2
+_CODING_FIELD: Final = 3
+_FIELD_KINDS: dict[bytes, int] = {}
+
+
+def _field_kind(name: bytes) -> int:
+    """Classify a field name once (the same few names come back on every response)."""
+    lower = name.lower()
+    kind = _SIDECAR_FIELD if lower.startswith(_SIDECAR_PREFIX) else _LENGTH_FIELD if lower == b"content-length" \
+        else _CODING_FIELD if lower == b"transfer-encoding" else _OTHER
+    if len(_FIELD_KINDS) < 4096:  # bounded: an upstream inventing names cannot grow it without end
+        _FIELD_KINDS[name] = kind
+    return kind
 
 
 # A reused connection counts as possibly closed by the upstream's keep-alive timeout only when it
@@ -112,8 +128,10 @@ class H1Connection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []  # as received (chain.FieldList)
         self._sidecar = False  # the head has an x-outrigger-* field (H1Response.sidecar_headers)
+        self._has_length = False  # the head has a Content-Length field
+        self._coding: bytes | None = None  # the head's (first) Transfer-Encoding value
         self._reason = ""
         self._head: asyncio.Future[H1Response] | None = None
         self._response: H1Response | None = None
@@ -283,6 +301,8 @@ class H1Connection(asyncio.Protocol):
             raise self._stop(_Excess())
         self._headers = []
         self._sidecar = False
+        self._has_length = False
+        self._coding = None
 
     # Decoded as aiohttp does (UTF-8, undecodable bytes kept as surrogates), so values reach
     # the app byte for byte.
@@ -294,18 +314,25 @@ class H1Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > _MAX_FIELD or len(value) > _MAX_FIELD or len(self._headers) >= _MAX_HEADERS:
             raise self._stop(_HeadTooLarge())
-        # name[0]: "x" or "X" first, a cheap test (``b"x" in b"xX"`` raises and catches a TypeError
-        # inside, which costs more); llhttp never hands over an empty name.
-        if name[0] in (0x78, 0x58) and name[:_SIDECAR_LEN].lower() == _SIDECAR_PREFIX:
-            self._sidecar = True
-        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        kind = _FIELD_KINDS.get(name)
+        if kind is None:
+            kind = _field_kind(name)
+        if kind != _OTHER:
+            if kind == _SIDECAR_FIELD:
+                self._sidecar = True
+            elif kind == _LENGTH_FIELD:
+                self._has_length = True
+            elif self._coding is None:
+                self._coding = value
+        # Kept as bytes: decoded (UTF-8, undecodable bytes as surrogates) only if something reads them.
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
         if status == 101 and self._upgrading:
             self._switched = True  # from the end of this head on, bytes belong to the tunnel
-            response = self._response = H1Response(self, status, self._reason, CIMultiDict(self._headers))
+            response = self._response = H1Response(self, status, self._reason, FieldList(self._headers))
             response.sidecar_headers = self._sidecar
             if self._head is not None and not self._head.done():
                 self._head.set_result(response)
@@ -313,18 +340,19 @@ class H1Connection(asyncio.Protocol):
         if 100 <= status < 200:
             self._informational = True  # 100 Continue and friends: wait for the real response
             if self._informational_cb is not None and status != 101:
-                self._informational_cb(status, self._reason, self._headers)
+                self._informational_cb(status, self._reason, [
+                    (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                    for name, value in self._headers])
             self._reason = ""
             return
-        headers: CIMultiDict[str] = CIMultiDict(self._headers)
-        coding = headers.get(TRANSFER_ENCODING)
-        if coding is not None and coding.strip().lower() != "chunked":
+        coding = self._coding
+        if coding is not None and coding.strip().lower() != b"chunked":
             # gzip, deflate...: the app could not tell it gets a coded body once the header is gone.
             raise self._stop(_UnsupportedCoding())
         self._keep_alive = parser.should_keep_alive()
         no_body = self._head_request or status in _NO_BODY_STATUS
-        self._length_known = no_body or CONTENT_LENGTH in headers or coding is not None  # chunked
-        response = self._response = H1Response(self, status, self._reason, headers)
+        self._length_known = no_body or self._has_length or coding is not None  # chunked
+        response = self._response = H1Response(self, status, self._reason, FieldList(self._headers))
         response.sidecar_headers = self._sidecar
         head = self._head
         if head is not None and not head.done():
@@ -438,6 +466,8 @@ class H1Connection(asyncio.Protocol):
         self.requests += 1
         self._headers = []
         self._sidecar = False
+        self._has_length = False
+        self._coding = None
         self._response = None
         self._message_done = False
         self._received = False

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from multidict import CIMultiDict
 
+from proxy.chain import FieldList
 from proxy.streams import BodyBuffer
 from proxy.upstream.failures import (
     InvalidResponse,
@@ -55,17 +56,21 @@ class ResponseSource(Protocol):
 class H1Response(BodyBuffer):
     """Status, headers and a streamed body; ``release()`` or ``close()`` exactly once."""
 
-    __slots__ = ("_conn", "headers", "reason", "sidecar_headers", "status")
+    __slots__ = ("_conn", "fields", "reason", "sidecar_headers", "status")
 
-    def __init__(self, conn: ResponseSource, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+    def __init__(self, conn: ResponseSource, status: int, reason: str, fields: FieldList) -> None:
         super().__init__()
         self._conn: ResponseSource | None = conn
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.fields = fields  # as received; ``headers`` decodes them on first use
         # An x-outrigger-* field is among the headers (noted while parsing): only then does
         # strip_sidecar_headers need to walk them.
         self.sidecar_headers = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        return self.fields.decoded()
 
     @property
     def peer(self) -> tuple[str, int] | None:

@@ -257,3 +257,41 @@ async def test_error_reply_to_head_has_its_length_but_no_body(raw_upstream: RawU
     refused, ok = raw.split(b"\r\n\r\n", 1)
     assert refused.startswith(b"HTTP/1.1 404") and int(header(refused, b"content-length") or 0) > 0
     assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"\r\n\r\nok")
+
+
+def _answer_with(raw_upstream: RawUpstream, fields: bytes) -> None:
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await raw_upstream.read_head(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
+    raw_upstream.behaviour = behaviour
+
+
+async def test_response_fields_no_policy_read_reach_the_app_as_sent_in_order_with_repeats(
+        raw_upstream: RawUpstream, sidecar_factory: Factory) -> None:
+    # No policy reads these headers, so the edge writes the fields as received (chain.FieldList):
+    # names spelled as sent, repeats and order kept, hop-by-hop and the upstream's own ids dropped.
+    _answer_with(raw_upstream, b"Set-Cookie: a=1\r\nX-MiXed-Case: v\r\nConnection: keep-alive\r\n"
+                               b"set-cookie: b=2\r\nKeep-Alive: timeout=5\r\nX-Request-Id: upstreams-own\r\n")
+    port = await _sidecar(sidecar_factory, raw_upstream)
+    raw = await exchange(port, b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-MiXed-Case: v\r\nset-cookie: b=2\r\n"
+                           b"Content-Length: 2\r\n")
+    assert b"Keep-Alive" not in head and b"upstreams-own" not in head
+    assert header(head, b"connection") == b"close"  # the edge's own, for this client
+    assert len(header(head, b"x-request-id") or b"") == 32
+
+
+async def test_response_fields_the_sidecar_had_to_read_are_written_from_the_mapping_the_same_way(
+        raw_upstream: RawUpstream, sidecar_factory: Factory) -> None:
+    # A forged x-outrigger-* field makes the upstream call read (and strip) the headers: the edge
+    # then writes the decoded mapping, with the same result for every other field.
+    _answer_with(raw_upstream, b"Set-Cookie: a=1\r\nX-Outrigger-Attempts: 99\r\nX-MiXed-Case: caf\xe9\r\n"
+                               b"set-cookie: b=2\r\nConnection: keep-alive\r\n")
+    port = await _sidecar(sidecar_factory, raw_upstream)
+    raw = await exchange(port, b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-MiXed-Case: caf\xe9\r\nset-cookie: b=2\r\n"
+                           b"Content-Length: 2\r\n")
+    assert header(head, b"x-outrigger-attempts") == b"1"

@@ -24,11 +24,11 @@ def test_route_children_are_bound_once_and_reused() -> None:
     route = metrics.for_route("r", "u")
     route.request_done("GET", 200, "upstream", 0.01)
     route.request_done("GET", 201, "upstream", 0.02)
-    counters = {id(series[0]) for series in route._series.values()}
-    assert len(route._series) == 2 and len(counters) == 1  # one label set (2xx): one child, reused
+    counters = {id(series[0]) for series in route.series.cached()}
+    assert len(route.series.cached()) == 2 and len(counters) == 1  # one label set (2xx): one child, reused
     for n in range(2000):  # made-up methods all land on _OTHER and never grow the cache
         route.request_done(f"M{n}", 200, "upstream", 0.01)
-    assert len(route._series) == 2
+    assert len(route.series.cached()) == 2
     value = metrics.registry.get_sample_value(
         "outrigger_requests_total",
         {"route": "r", "upstream": "u", "method": "GET", "code": "2xx", "outcome": "upstream"},

@@ -124,7 +124,7 @@ def upstream_headers(incoming: MultiMapping[str], *, client_ip: str | None, host
                      rid: str, scheme: str = "http") -> CIMultiDict[str]:
     """The app's headers as the upstream should see them."""
     listed = connection_listed(incoming) if CONNECTION in incoming else None
-    out: CIMultiDict[str] = CIMultiDict()
+    kept: list[tuple[str, str]] = []  # one CIMultiDict from a list: cheaper than an add() per field
     kinds = _REQUEST_KINDS
     for name, value in incoming.items():
         kind = kinds.get(name)
@@ -134,7 +134,8 @@ def upstream_headers(incoming: MultiMapping[str], *, client_ip: str | None, host
             continue
         if kind == _TRACE and not valid_traceparent(value):
             continue  # malformed trace context is dropped, not forwarded
-        out.add(name, value)
+        kept.append((name, value))
+    out: CIMultiDict[str] = CIMultiDict(kept)
     if client_ip:
         prior = incoming.getall(X_FORWARDED_FOR, ())
         out[X_FORWARDED_FOR] = ", ".join((*prior, client_ip))

@@ -173,9 +173,10 @@ class UpstreamCall:
         elif CONTENT_LENGTH not in headers:
             headers["Transfer-Encoding"] = "chunked"
             chunked = True
-        head = "".join([f"{method} {self._target}{request.path} HTTP/1.1\r\n",
-                        *[f"{name}: {value}\r\n" for name, value in headers.items()], "\r\n"]
-                       ).encode("utf-8", "surrogateescape")
+        # map(": ".join) runs in C, about half the cost of a formatted line per field. Never empty:
+        # Host is set above.
+        head = (f"{method} {self._target}{request.path} HTTP/1.1\r\n" + "\r\n".join(map(": ".join, headers.items()))
+                + "\r\n\r\n").encode("utf-8", "surrogateescape")
         fresh, request.fresh_connection = request.fresh_connection, False
         try:
             conn = await pool.connections(request.endpoint).acquire(self._connect, fresh=fresh)

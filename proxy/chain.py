@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["AttemptTarget", "AttemptsSent", "FieldList", "Handler", "Layer", "Policy", "ProxyRequest", "ProxyResponse",
            "RequestBody", "ResponseStream", "build_chain"]
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class RequestBody:

@@ -35,12 +35,12 @@ if TYPE_CHECKING:
 
 __all__ = ["NO_BODY", "IncomingBody", "Sent", "read_request_body", "send_response"]
 
-log = logging.getLogger("outrigger.server")
-NO_BODY = RequestBody(None)  # immutable in practice: payload() of a bodiless request is always None
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BODYLESS_STATUS = frozenset({204, 304})
+log: Final = logging.getLogger("outrigger.server")
+NO_BODY: Final = RequestBody(None)  # immutable in practice: payload() of a bodiless request is always None
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BODYLESS_STATUS: Final = frozenset({204, 304})
 # Replaced by the edge's own values; hop-by-hop ones never cross.
-_SKIP = HOP_BY_HOP | {REQUEST_ID_HEADER, ATTEMPTS_HEADER}
+_SKIP: Final = HOP_BY_HOP | {REQUEST_ID_HEADER, ATTEMPTS_HEADER}
 
 
 # Final: mypyc compiles these to constants rather than a lookup in the module's dict per use.
@@ -48,9 +48,9 @@ _KEEP: Final = 0  # passed on: _KEEP and _LENGTH (<= _LENGTH)
 _LENGTH: Final = 1
 _SKIP_IT: Final = 2
 _CONNECTION: Final = 3
-_KINDS: dict[str, int] = {}  # response header name as the upstream spells it -> what the edge does with it
-_RAW_KINDS: dict[bytes, int] = {}  # the same, for a name as received (bytes); Connection apart
-_HARMLESS: dict[bytes, bool] = {}  # a Connection value as received -> it lists no field the edge passes on
+_KINDS: Final[dict[str, int]] = {}  # response header name as the upstream spells it -> what the edge does with it
+_RAW_KINDS: Final[dict[bytes, int]] = {}  # the same, for a name as received (bytes); Connection apart
+_HARMLESS: Final[dict[bytes, bool]] = {}  # a Connection value as received -> it lists no field the edge passes on
 # What the field loops found: a Content-Length among the fields passed on, none, or (the raw
 # loop only) a Connection field listing a name to drop, which the decoded loop then handles.
 _NO_LENGTH: Final = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy import errors
 from proxy.chain import ProxyRequest
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["serve"]
 
-log = logging.getLogger("outrigger.server")
-_limited = LogLimiter(log, interval_s=10.0)
+log: Final = logging.getLogger("outrigger.server")
+_limited: Final = LogLimiter(log, interval_s=10.0)
 
 
 def _resolve(proto: EdgeProtocol, req: EdgeRequest) -> tuple[Route, str]:

@@ -7,6 +7,7 @@ methods) and ``proxy.edge.exchange`` (targets).  Nothing here does I/O.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from proxy import errors
 
@@ -15,11 +16,11 @@ __all__ = ["describe_parse_error", "extension_method", "origin_path"]
 # A '.' or '..' segment, with the dots or the separators percent-encoded or as backslashes
 # (some upstreams decode %2F or treat '\' as '/', and would then walk up the tree), and with
 # a ';' path parameter after it (Tomcat, Jetty and Spring resolve '..;' as '..').
-_DOT_SEGMENT = re.compile(r"(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:(?:;|%3b)[^/\\]*)?(?:$|/|\\|%2f|%5c)",
+_DOT_SEGMENT: Final = re.compile(r"(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:(?:;|%3b)[^/\\]*)?(?:$|/|\\|%2f|%5c)",
                           re.IGNORECASE)
 # An absolute-form target: scheme "://" authority, then the path (RFC 9112 §3.2.2).
-_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
-TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: a method name
+_ABSOLUTE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: a method name
 
 
 def origin_path(target: str) -> str:
@@ -41,7 +42,7 @@ def origin_path(target: str) -> str:
     return target
 
 
-_TLS_RECORD = (b"\x16\x03",)
+_TLS_RECORD: Final = (b"\x16\x03",)
 
 
 def describe_parse_error(reason: str, data_start: bytes) -> str:

@@ -22,42 +22,42 @@ __all__ = [
     "valid_traceparent",
 ]
 
-REQUEST_ID_HEADER = "x-request-id"
-TIMEOUT_HEADER = "x-outrigger-timeout-ms"
-MAX_ATTEMPTS_HEADER = "x-outrigger-max-attempts"
-ATTEMPTS_HEADER = "x-outrigger-attempts"
+REQUEST_ID_HEADER: Final = "x-request-id"
+TIMEOUT_HEADER: Final = "x-outrigger-timeout-ms"
+MAX_ATTEMPTS_HEADER: Final = "x-outrigger-max-attempts"
+ATTEMPTS_HEADER: Final = "x-outrigger-attempts"
 # Keys the request path looks up on every request, as istr: a multidict compares an istr key
 # without lower-casing it first (about 30 ns less per lookup, some twenty lookups a request).
-HOST = istr("Host")
-CONNECTION = istr("Connection")
-CONTENT_LENGTH = istr("Content-Length")
-TRANSFER_ENCODING = istr("Transfer-Encoding")
-EXPECT = istr("Expect")
-X_FORWARDED_FOR = istr("X-Forwarded-For")
-X_FORWARDED_PROTO = istr("X-Forwarded-Proto")
-X_FORWARDED_HOST = istr("X-Forwarded-Host")
-_REQUEST_ID_KEY = istr(REQUEST_ID_HEADER)
-_TIMEOUT_KEY = istr(TIMEOUT_HEADER)
-_MAX_ATTEMPTS_KEY = istr(MAX_ATTEMPTS_HEADER)
+HOST: Final = istr("Host")
+CONNECTION: Final = istr("Connection")
+CONTENT_LENGTH: Final = istr("Content-Length")
+TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+EXPECT: Final = istr("Expect")
+X_FORWARDED_FOR: Final = istr("X-Forwarded-For")
+X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
+X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
+_REQUEST_ID_KEY: Final = istr(REQUEST_ID_HEADER)
+_TIMEOUT_KEY: Final = istr(TIMEOUT_HEADER)
+_MAX_ATTEMPTS_KEY: Final = istr(MAX_ATTEMPTS_HEADER)
 # Response headers with this prefix are Outrigger's word to the app (x-outrigger-error, -fallback,
 # -attempts): only the sidecar may set them, so an upstream's own are dropped.
-SIDECAR_PREFIX = "x-outrigger-"
+SIDECAR_PREFIX: Final = "x-outrigger-"
 
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
     "proxy-connection", "proxy-authenticate", "proxy-authorization",
 })
 # Headers meant for Outrigger itself; they never travel upstream.  The edge answers
 # ``Expect: 100-continue`` and the upstream call sets its own Host.
-_CONTROL = frozenset({TIMEOUT_HEADER, MAX_ATTEMPTS_HEADER, "host", "expect"})
+_CONTROL: Final = frozenset({TIMEOUT_HEADER, MAX_ATTEMPTS_HEADER, "host", "expect"})
 # fullmatch, not match: ``$`` would also accept a trailing newline.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 # ASCII only: str.isdigit() and float() also accept "²", "1_0" or "inf", which are not header syntax.
-_MILLIS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,3})?")
-_ATTEMPTS = re.compile(r"[0-9]{1,3}")
-_MAX_TIMEOUT_MS = 24 * 3600 * 1000
-_random_bits = random.Random(os.urandom(32)).getrandbits
+_MILLIS: Final = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,3})?")
+_ATTEMPTS: Final = re.compile(r"[0-9]{1,3}")
+_MAX_TIMEOUT_MS: Final = 24 * 3600 * 1000
+_random_bits: Final = random.Random(os.urandom(32)).getrandbits
 
 
 def connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
@@ -73,7 +73,7 @@ def connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
     return listed
 
 
-_LISTED: dict[str, frozenset[str]] = {}  # one Connection value -> the names it lists
+_LISTED: Final[dict[str, frozenset[str]]] = {}  # one Connection value -> the names it lists
 
 
 def _is_hop(name: str, listed: frozenset[str]) -> bool:
@@ -107,7 +107,7 @@ def valid_traceparent(value: str) -> bool:
 _FORWARD: Final = 0
 _DROP: Final = 1
 _TRACE: Final = 2
-_REQUEST_KINDS: dict[str, int] = {}  # request header name as the app spells it -> what happens to it
+_REQUEST_KINDS: Final[dict[str, int]] = {}  # request header name as the app spells it -> what happens to it
 
 
 def _request_kind(name: str) -> int:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EdgeProtocol"]
 
-log = logging.getLogger("outrigger.server")
+log: Final = logging.getLogger("outrigger.server")
 # reasons reading from the app is paused (Final: compiled to constants, not module-dict lookups)
 _BODY: Final = 1
 _QUEUE: Final = 2

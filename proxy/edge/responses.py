@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from http import HTTPStatus
+from typing import Final
 
 from proxy.edge.headers import ATTEMPTS_HEADER
 from proxy.errors import ErrorReply
 
 __all__ = ["CLOSE", "KEEP_ALIVE", "error_bytes", "head_bytes", "reason_of", "status_line"]
 
-_REASONS = {int(status): status.phrase for status in HTTPStatus}
-CLOSE = "Connection: close\r\n"
-KEEP_ALIVE = "Connection: keep-alive\r\n"
+_REASONS: Final = {int(status): status.phrase for status in HTTPStatus}
+CLOSE: Final = "Connection: close\r\n"
+KEEP_ALIVE: Final = "Connection: keep-alive\r\n"
 
 
 def reason_of(status: int) -> str:

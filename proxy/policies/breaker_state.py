@@ -32,6 +32,7 @@ import enum
 import math
 import random
 from collections.abc import Callable
+from typing import Final
 
 from proxy.clock import Clock
 from proxy.config.types import CircuitBreakerConfig
@@ -39,7 +40,7 @@ from proxy.policies.window import RateWindow
 
 __all__ = ["BreakerState", "CircuitBreaker"]
 
-_JITTER = 0.5
+_JITTER: Final = 0.5
 
 
 class BreakerState(enum.Enum):

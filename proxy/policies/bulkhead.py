@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
@@ -25,7 +25,7 @@ from proxy.errors import Overflow, UpstreamConnectFailure, UpstreamTimeout
 from proxy.policies.aimd import AimdLimit
 from proxy.telemetry.metrics import UpstreamMetrics
 
-_DROP_STATUSES = frozenset({503, 429})
+_DROP_STATUSES: Final = frozenset({503, 429})
 
 
 class Bulkhead:

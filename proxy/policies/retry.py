@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Final
 
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.clock import Clock
@@ -29,9 +30,9 @@ from proxy.policies.backoff import Backoff, parse_ratelimit_reset, parse_retry_a
 from proxy.policies.budget import RetryBudget
 from proxy.telemetry.metrics import RouteMetrics
 
-_GATEWAY = frozenset({502, 503, 504})
-_REASON = {"connect-failure": "connect_failure", "reset": "reset", "timeout": "timeout"}
-_RETRY_AFTER_STATUSES = frozenset({429, 503})
+_GATEWAY: Final = frozenset({502, 503, 504})
+_REASON: Final = {"connect-failure": "connect_failure", "reset": "reset", "timeout": "timeout"}
+_RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
 
 
 class Retry:

@@ -22,12 +22,14 @@ tries are counted as attempts and traced as CLIENT spans.  The resend:
 
 from __future__ import annotations
 
+from typing import Final
+
 from proxy.chain import Handler, ProxyRequest, ProxyResponse
 from proxy.policies.budget import RetryBudget
 from proxy.telemetry.metrics import RouteMetrics
 from proxy.upstream.connection import StaleConnection
 
-REASON = "stale_connection"
+REASON: Final = "stale_connection"
 
 
 class StaleResend:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import IO
+from typing import IO, Final
 
 import msgspec
 
@@ -25,7 +25,7 @@ from proxy.telemetry.line_writer import LineWriter
 __all__ = ["AccessEntry", "AccessLog"]
 
 # "000Z" ... "999Z": the timestamp's milliseconds, looked up instead of formatted per line
-_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))
+_MILLIS: Final = tuple(f"{ms:03d}Z" for ms in range(1000))
 
 
 class AccessLog:

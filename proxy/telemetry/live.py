@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import collections
 import math
+from typing import Final
 
 __all__ = ["WINDOW", "LiveStats"]
 
-WINDOW = 1024
+WINDOW: Final = 1024
 
 
 class LiveStats:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -30,17 +30,17 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 __all__ = ["encode_spans"]
 
-_DOUBLE = struct.Struct("<d")
-_FIXED64 = struct.Struct("<Q")
-_FIXED32 = struct.Struct("<I")
+_DOUBLE: Final = struct.Struct("<d")
+_FIXED64: Final = struct.Struct("<Q")
+_FIXED32: Final = struct.Struct("<I")
 # OTLP's SpanKind is the API's enum shifted by one (0 is UNSPECIFIED there).
 # Enum members hash in Python code; the caches below key them by identity (members are singletons).
-_KIND_BY_ID = {id(kind): kind.value + 1 for kind in SpanKind}
-_CODE_BY_ID = {id(code): code.value for code in StatusCode}
+_KIND_BY_ID: Final = {id(kind): kind.value + 1 for kind in SpanKind}
+_CODE_BY_ID: Final = {id(code): code.value for code in StatusCode}
 # SpanFlags: the "has is_remote" bit is always set (as the SDK does), "is remote" when the parent is.
-_FLAGS_LOCAL = b"\x85\x01" + _FIXED32.pack(0x100)
-_FLAGS_REMOTE = b"\x85\x01" + _FIXED32.pack(0x300)
-_PAIR_CACHE_MAX = 4096
+_FLAGS_LOCAL: Final = b"\x85\x01" + _FIXED32.pack(0x100)
+_FLAGS_REMOTE: Final = b"\x85\x01" + _FIXED32.pack(0x300)
+_PAIR_CACHE_MAX: Final = 4096
 
 
 def _varint(value: int) -> bytes:

@@ -43,24 +43,24 @@ __all__ = [
     "trace_id_hex", "traceparent_of", "unrecorded_traceparent", "with_parent_id",
 ]
 
-log = logging.getLogger("outrigger.tracing")
+log: Final = logging.getLogger("outrigger.tracing")
 
-TRACEPARENT = istr("traceparent")  # istr: looked up on every request (see proxy.edge.headers.HOST)
-TRACESTATE = istr("tracestate")
-MAX_MEMBERS = 32
+TRACEPARENT: Final = istr("traceparent")  # istr: looked up on every request (see proxy.edge.headers.HOST)
+TRACESTATE: Final = istr("tracestate")
+MAX_MEMBERS: Final = 32
 SAMPLED: Final = 0x01
 RANDOM: Final = 0x02  # Level 2: the trace id's right-most 7 bytes are random
-_OWS = " \t"
-_HEX = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-_MEMBER = re.compile(
+_OWS: Final = " \t"
+_HEX: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_MEMBER: Final = re.compile(
     r"[a-z0-9][a-z0-9_\-*/@]{0,255}"  # key = ( lcalpha / DIGIT ) 0*255 ( keychar )
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"  # value = 0*255(chr) nblk-chr
 )
-_random_bits = random.Random(os.urandom(32)).getrandbits
-_ZERO_TRACE = "0" * 32
-_ZERO_SPAN = "0" * 16
-_FLAG_TEXT = tuple(f"{flags:02x}" for flags in range(256))
-_rejections = LogLimiter(log, interval_s=60.0)
+_random_bits: Final = random.Random(os.urandom(32)).getrandbits
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_SPAN: Final = "0" * 16
+_FLAG_TEXT: Final = tuple(f"{flags:02x}" for flags in range(256))
+_rejections: Final = LogLimiter(log, interval_s=60.0)
 Headers: TypeAlias = MultiMapping[str]
 MutableHeaders: TypeAlias = MutableMultiMapping[str]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+from typing import Final
 from urllib.parse import urlsplit
 
 from multidict import istr
@@ -34,8 +35,8 @@ from proxy.upstream.tls import client_context
 
 __all__ = ["ConnectTimeout", "UpstreamCall", "UpstreamPool"]
 
-ATTEMPT_HEADER = istr("x-outrigger-attempt")  # istr: see proxy.edge.headers.HOST
-EXPECTED_TIMEOUT_HEADER = istr("x-outrigger-expected-timeout-ms")
+ATTEMPT_HEADER: Final = istr("x-outrigger-attempt")  # istr: see proxy.edge.headers.HOST
+EXPECTED_TIMEOUT_HEADER: Final = istr("x-outrigger-expected-timeout-ms")
 
 
 class UpstreamPool:
@@ -134,7 +135,7 @@ class UpstreamPool:
             await self._h1.close()
 
 
-_GET_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 when bodiless (as aiohttp)
+_GET_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no Content-Length: 0 when bodiless (as aiohttp)
 
 
 class UpstreamCall:

@@ -38,7 +38,7 @@ from proxy.upstream.response import (
     UpstreamBodyTimeout,
 )
 
-log = logging.getLogger("outrigger.upstream")
+log: Final = logging.getLogger("outrigger.upstream")
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import H1Pool
@@ -52,16 +52,16 @@ __all__ = ["STALE_IDLE_S", "H1Connection", "StaleConnection", "transport_error"]
 # (plus one read of body bytes that may share its packet).
 _MAX_FIELD: Final = 8190
 _MAX_HEADERS: Final = 128
-_SIDECAR_PREFIX = SIDECAR_PREFIX.encode()
-_MAX_HEAD_READ = _MAX_HEADERS * (2 * _MAX_FIELD + 4) + _MAX_FIELD + 256 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
+_SIDECAR_PREFIX: Final = SIDECAR_PREFIX.encode()
+_MAX_HEAD_READ: Final = _MAX_HEADERS * (2 * _MAX_FIELD + 4) + _MAX_FIELD + 256 * 1024
+_NO_BODY_STATUS: Final = frozenset({204, 304})
 
 # What the client itself needs to know of a response field, by its name as the upstream spells it.
 _OTHER: Final = 0
 _SIDECAR_FIELD: Final = 1
 _LENGTH_FIELD: Final = 2
 _CODING_FIELD: Final = 3
-_FIELD_KINDS: dict[bytes, int] = {}
+_FIELD_KINDS: Final[dict[bytes, int]] = {}
 
 
 def _field_kind(name: bytes) -> int:

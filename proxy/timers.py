@@ -30,6 +30,9 @@ from typing import Any, Final
 __all__ = ["Expiry", "TimerWheel"]
 
 _RESOLUTION_S: Final = 0.001
+# Bound once: a static each, rather than a module attribute looked up on every start().
+_current_task: Final = asyncio.current_task
+_ceil: Final = math.ceil
 
 
 class Expiry:
@@ -101,9 +104,9 @@ class TimerWheel:
     def start(self, delay_s: float, *, yield_to_io: bool = False) -> Expiry:
         """A timeout for the current task, ``delay_s`` from now (``yield_to_io``: see the module docstring)."""
         loop = self.loop
-        task = asyncio.current_task(loop)
+        task = _current_task(loop)
         assert task is not None, "a timeout needs a running task on the wheel's loop"
-        bucket = math.ceil((loop.time() + delay_s) / _RESOLUTION_S)
+        bucket = _ceil((loop.time() + delay_s) / _RESOLUTION_S)
         expiry = Expiry(self, task, bucket, yield_to_io)
         pending = self._buckets.get(bucket)
         if pending is None:

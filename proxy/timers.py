@@ -25,13 +25,20 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+import sys
 from typing import Any, Final
 
 __all__ = ["Expiry", "TimerWheel"]
 
 _RESOLUTION_S: Final = 0.001
 # Bound once: a static each, rather than a module attribute looked up on every start().
-_current_task: Final = asyncio.current_task
+if sys.version_info >= (3, 12):
+    _current_task: Final = asyncio.current_task  # C code from 3.12 on
+else:
+    # 3.11's asyncio.current_task is a Python function returning this C dict's entry for the
+    # loop: a Python frame on every start(), which is on every request (stdlib-internal, and
+    # fixed for 3.11 as it only gets security fixes).
+    _current_task: Final = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 _ceil: Final = math.ceil
 
 

@@ -259,39 +259,35 @@ async def test_error_reply_to_head_has_its_length_but_no_body(raw_upstream: RawU
     assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"\r\n\r\nok")
 
 
-def _answer_with(raw_upstream: RawUpstream, fields: bytes) -> None:
+async def _head_when_upstream_sends(sidecar_factory: Factory, raw_upstream: RawUpstream, fields: bytes) -> bytes:
+    """The response head the app gets when the upstream answers 200 with ``fields``."""
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await raw_upstream.read_head(reader):
             writer.write(b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok")
             await writer.drain()
     raw_upstream.behaviour = behaviour
-
-
-async def test_response_fields_no_policy_read_reach_the_app_as_sent_in_order_with_repeats(
-        raw_upstream: RawUpstream, sidecar_factory: Factory) -> None:
-    # No policy reads these headers, so the edge writes the fields as received (chain.FieldList):
-    # names spelled as sent, repeats and order kept, hop-by-hop and the upstream's own ids dropped.
-    _answer_with(raw_upstream, b"Set-Cookie: a=1\r\nX-MiXed-Case: v\r\nConnection: keep-alive\r\n"
-                               b"set-cookie: b=2\r\nKeep-Alive: timeout=5\r\nX-Request-Id: upstreams-own\r\n")
     port = await _sidecar(sidecar_factory, raw_upstream)
     raw = await exchange(port, b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
-    head = raw.partition(b"\r\n\r\n")[0]
-    assert head.startswith(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-MiXed-Case: v\r\nset-cookie: b=2\r\n"
-                           b"Content-Length: 2\r\n")
+    return raw.partition(b"\r\n\r\n")[0]
+
+
+@pytest.mark.parametrize("fields, first_lines", [
+    # No layer reads these headers, so the edge writes the fields as received (chain.FieldList).
+    (b"Set-Cookie: a=1\r\nX-MiXed-Case: v\r\nConnection: keep-alive\r\nset-cookie: b=2\r\n",
+     b"Set-Cookie: a=1\r\nX-MiXed-Case: v\r\nset-cookie: b=2\r\n"),
+    # A forged x-outrigger-* field makes the upstream call read (and strip) the headers: the edge
+    # then writes the decoded mapping, with the same bytes for every other field.
+    (b"Set-Cookie: a=1\r\nX-Outrigger-Attempts: 99\r\nX-MiXed-Case: caf\xe9\r\nset-cookie: b=2\r\n",
+     b"Set-Cookie: a=1\r\nX-MiXed-Case: caf\xe9\r\nset-cookie: b=2\r\n"),
+], ids=["fields-as-received", "fields-read-by-the-sidecar"])
+async def test_response_fields_reach_the_app_as_sent_in_order_with_repeats(
+        raw_upstream: RawUpstream, sidecar_factory: Factory, fields: bytes, first_lines: bytes) -> None:
+    # Names spelled as sent, repeats and order kept; hop-by-hop fields and the upstream's own
+    # x-request-id and x-outrigger-* dropped, the edge's own written after them.
+    head = await _head_when_upstream_sends(sidecar_factory, raw_upstream, (
+        fields + b"Keep-Alive: timeout=5\r\nX-Request-Id: upstreams-own\r\n"))
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n" + first_lines + b"Content-Length: 2\r\n")
     assert b"Keep-Alive" not in head and b"upstreams-own" not in head
     assert header(head, b"connection") == b"close"  # the edge's own, for this client
     assert len(header(head, b"x-request-id") or b"") == 32
-
-
-async def test_response_fields_the_sidecar_had_to_read_are_written_from_the_mapping_the_same_way(
-        raw_upstream: RawUpstream, sidecar_factory: Factory) -> None:
-    # A forged x-outrigger-* field makes the upstream call read (and strip) the headers: the edge
-    # then writes the decoded mapping, with the same result for every other field.
-    _answer_with(raw_upstream, b"Set-Cookie: a=1\r\nX-Outrigger-Attempts: 99\r\nX-MiXed-Case: caf\xe9\r\n"
-                               b"set-cookie: b=2\r\nConnection: keep-alive\r\n")
-    port = await _sidecar(sidecar_factory, raw_upstream)
-    raw = await exchange(port, b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
-    head = raw.partition(b"\r\n\r\n")[0]
-    assert head.startswith(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-MiXed-Case: caf\xe9\r\nset-cookie: b=2\r\n"
-                           b"Content-Length: 2\r\n")
     assert header(head, b"x-outrigger-attempts") == b"1"

@@ -48,6 +48,7 @@ _KEEP: Final = 0  # passed on: _KEEP and _LENGTH (<= _LENGTH)
 _LENGTH: Final = 1
 _SKIP_IT: Final = 2
 _CONNECTION: Final = 3
+_CONNECTION_NAME: Final = CONNECTION.lower()
 _KINDS: Final[dict[str, int]] = {}  # response header name as the upstream spells it -> what the edge does with it
 _RAW_KINDS: Final[dict[bytes, int]] = {}  # the same, for a name as received (bytes); Connection apart
 _HARMLESS: Final[dict[bytes, bool]] = {}  # a Connection value as received -> it lists no field the edge passes on
@@ -70,7 +71,7 @@ def _kind(name: str) -> int:
 
 def _raw_kind(name: bytes) -> int:
     text = name.decode("utf-8", "surrogateescape")
-    kind = _CONNECTION if text.lower() == "connection" else _kind(text)
+    kind = _CONNECTION if text.lower() == _CONNECTION_NAME else _kind(text)
     if len(_RAW_KINDS) < 4096:
         _RAW_KINDS[name] = kind
     return kind

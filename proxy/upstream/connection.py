@@ -27,7 +27,7 @@ import httptools
 
 from proxy import errors
 from proxy.chain import FieldList
-from proxy.edge.headers import SIDECAR_PREFIX
+from proxy.edge.headers import CONTENT_LENGTH, SIDECAR_PREFIX, TRANSFER_ENCODING
 from proxy.upstream.response import (
     H1Response,
     Informational,
@@ -62,13 +62,15 @@ _SIDECAR_FIELD: Final = 1
 _LENGTH_FIELD: Final = 2
 _CODING_FIELD: Final = 3
 _FIELD_KINDS: Final[dict[bytes, int]] = {}
+_LENGTH_NAME: Final = CONTENT_LENGTH.lower().encode()
+_CODING_NAME: Final = TRANSFER_ENCODING.lower().encode()
 
 
 def _field_kind(name: bytes) -> int:
     """Classify a field name once (the same few names come back on every response)."""
     lower = name.lower()
-    kind = _SIDECAR_FIELD if lower.startswith(_SIDECAR_PREFIX) else _LENGTH_FIELD if lower == b"content-length" \
-        else _CODING_FIELD if lower == b"transfer-encoding" else _OTHER
+    kind = _SIDECAR_FIELD if lower.startswith(_SIDECAR_PREFIX) else _LENGTH_FIELD if lower == _LENGTH_NAME \
+        else _CODING_FIELD if lower == _CODING_NAME else _OTHER
     if len(_FIELD_KINDS) < 4096:  # bounded: an upstream inventing names cannot grow it without end
         _FIELD_KINDS[name] = kind
     return kind

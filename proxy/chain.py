@@ -22,8 +22,20 @@ if TYPE_CHECKING:
     from proxy.timers import Expiry
     from proxy.upstream.response import Informational
 
-__all__ = ["AttemptTarget", "AttemptsSent", "FieldList", "Handler", "Layer", "Policy", "ProxyRequest", "ProxyResponse",
-           "RequestBody", "ResponseStream", "build_chain"]
+__all__ = [
+    "AttemptTarget",
+    "AttemptsSent",
+    "FieldList",
+    "Handler",
+    "Layer",
+    "Policy",
+    "ProxyRequest",
+    "ProxyResponse",
+    "RequestBody",
+    "ResponseStream",
+    "build_chain",
+    "decode_fields",
+]
 
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -203,6 +215,12 @@ class ResponseStream(Protocol):
     def close(self) -> None: ...
 
 
+def decode_fields(fields: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Header fields as text: UTF-8, undecodable bytes kept as surrogates, so they leave byte for byte."""
+    return [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in fields]
+
+
 class FieldList:
     """An upstream's header fields as received, decoded into a ``CIMultiDict`` only when read.
 
@@ -219,12 +237,10 @@ class FieldList:
         self._decoded: CIMultiDict[str] | None = None
 
     def decoded(self) -> CIMultiDict[str]:
-        """The fields as a mapping; undecodable bytes kept as surrogates, so they leave byte for byte."""
+        """The fields as a mapping (``decode_fields``), built on the first call."""
         decoded = self._decoded
         if decoded is None:
-            decoded = self._decoded = CIMultiDict([
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-                for name, value in self.fields])
+            decoded = self._decoded = CIMultiDict(decode_fields(self.fields))
         return decoded
 
     def untouched(self) -> list[tuple[bytes, bytes]] | None:

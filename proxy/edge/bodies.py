@@ -24,7 +24,14 @@ from multidict import MultiMapping
 
 from proxy import errors
 from proxy.chain import ProxyResponse, RequestBody
-from proxy.edge.headers import ATTEMPTS_HEADER, CONNECTION, HOP_BY_HOP, REQUEST_ID_HEADER, connection_listed
+from proxy.edge.headers import (
+    ATTEMPTS_HEADER,
+    CONNECTION,
+    HOP_BY_HOP,
+    REQUEST_ID_HEADER,
+    connection_listed,
+    connection_names,
+)
 from proxy.edge.responses import connection_line, head_bytes, status_line
 from proxy.streams import BodyBuffer
 from proxy.upstream.response import UpstreamBodyError, UpstreamBodyTimeout
@@ -81,8 +88,8 @@ def _harmless(value: bytes) -> bool:
     """A Connection value listing only names the edge drops anyway (``keep-alive``, the usual one)."""
     harmless = _HARMLESS.get(value)
     if harmless is None:
-        names = [token.strip() for token in value.decode("utf-8", "surrogateescape").split(",")]
-        harmless = all(_kind(name) != _KEEP for name in names if name)
+        names = connection_names(value.decode("utf-8", "surrogateescape"))
+        harmless = all(_kind(name) != _KEEP for name in names)
         if len(_HARMLESS) < 256:  # bounded: made-up values cannot grow it without end
             _HARMLESS[value] = harmless
     return harmless

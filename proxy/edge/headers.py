@@ -18,8 +18,8 @@ from proxy.errors import BadRequest
 
 __all__ = [
     "ATTEMPTS_HEADER", "MAX_ATTEMPTS_HEADER", "REQUEST_ID_HEADER", "TIMEOUT_HEADER", "connection_listed",
-    "parse_overrides", "request_id", "response_headers", "strip_sidecar_headers", "upstream_headers",
-    "valid_traceparent",
+    "connection_names", "parse_overrides", "request_id", "response_headers", "strip_sidecar_headers",
+    "upstream_headers", "valid_traceparent",
 ]
 
 REQUEST_ID_HEADER: Final = "x-request-id"
@@ -60,6 +60,11 @@ _MAX_TIMEOUT_MS: Final = 24 * 3600 * 1000
 _random_bits: Final = random.Random(os.urandom(32)).getrandbits
 
 
+def connection_names(value: str) -> frozenset[str]:
+    """The lower-cased names one ``Connection`` value lists."""
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+
+
 def connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
     """Lower-cased header names the ``Connection`` header lists (they are hop-by-hop too)."""
     values = headers.getall(CONNECTION, ())
@@ -67,7 +72,7 @@ def connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
         cached = _LISTED.get(values[0])
         if cached is not None:
             return cached
-    listed = frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
+    listed = frozenset().union(*map(connection_names, values))
     if len(values) == 1 and len(_LISTED) < 256:  # bounded: made-up values cannot grow it without end
         _LISTED[values[0]] = listed
     return listed

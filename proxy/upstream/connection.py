@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httptools
 
 from proxy import errors
-from proxy.chain import FieldList
+from proxy.chain import FieldList, decode_fields
 from proxy.edge.headers import CONTENT_LENGTH, SIDECAR_PREFIX, TRANSFER_ENCODING
 from proxy.upstream.response import (
     H1Response,
@@ -342,9 +342,7 @@ class H1Connection(asyncio.Protocol):
         if 100 <= status < 200:
             self._informational = True  # 100 Continue and friends: wait for the real response
             if self._informational_cb is not None and status != 101:
-                self._informational_cb(status, self._reason, [
-                    (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-                    for name, value in self._headers])
+                self._informational_cb(status, self._reason, decode_fields(self._headers))
             self._reason = ""
             return
         coding = self._coding
